@@ -1,0 +1,51 @@
+/**
+ * Stable codes of {@link IdempotencyError}:
+ * - `ERR_IDEMPOTENCY_OPTION`: an option is invalid (thrown at construction).
+ * - `ERR_IDEMPOTENCY_BACKEND`: the backend failed or could not be reached; `cause` holds the original error.
+ * - `ERR_IDEMPOTENCY_BODY`: the request body could not be read.
+ */
+export type IdempotencyErrorCode =
+  | 'ERR_IDEMPOTENCY_OPTION'
+  | 'ERR_IDEMPOTENCY_BACKEND'
+  | 'ERR_IDEMPOTENCY_BODY';
+
+/**
+ * The one error class of this package. Protocol outcomes (400, 409, 422, replays) are not errors; this is thrown
+ * for misconfiguration and reported (through `onEvent` and the 503 path) for backend failures.
+ *
+ * @example
+ * ```ts
+ * try {
+ *   idempotencyHeader({ backend, expiry: -1 });
+ * } catch (error) {
+ *   if (error instanceof IdempotencyError && error.code === 'ERR_IDEMPOTENCY_OPTION') console.error(error.message);
+ * }
+ * ```
+ */
+export class IdempotencyError extends Error {
+  /** A stable code to branch on; messages may change, codes do not. */
+  readonly code: IdempotencyErrorCode;
+
+  constructor(code: IdempotencyErrorCode, message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = 'IdempotencyError';
+    this.code = code;
+  }
+}
+
+/** Builds the construction-time error for an invalid option, naming it and the value it received. */
+export function invalidOption(name: string, expected: string, received: unknown): IdempotencyError {
+  return new IdempotencyError(
+    'ERR_IDEMPOTENCY_OPTION',
+    `Invalid option \`${name}\`: expected ${expected}, received ${describe(received)}.`,
+  );
+}
+
+function describe(value: unknown): string {
+  if (typeof value === 'string') return JSON.stringify(value);
+  if (typeof value === 'function') return 'a function';
+  if (Array.isArray(value)) return 'an array';
+  if (value === null) return 'null';
+  if (typeof value === 'object') return 'an object';
+  return String(value);
+}

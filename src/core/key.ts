@@ -1,0 +1,30 @@
+const UUID4_HYPHENATED = /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/i;
+const UUID4_COMPACT = /^[0-9a-f]{12}4[0-9a-f]{3}[89ab][0-9a-f]{15}$/i;
+
+/**
+ * Turns an RFC 8941 quoted string (`"abc"`, with `\"` and `\\` escapes) into its content; anything else is
+ * returned as it is.
+ */
+export function unquoteKey(value: string): string {
+  if (value.length < 2 || value.charCodeAt(0) !== 34 || value.charCodeAt(value.length - 1) !== 34)
+    return value;
+  const inner = value.slice(1, -1);
+  return inner.includes('\\') ? inner.replace(/\\(["\\])/g, '$1') : inner;
+}
+
+/** Whether the key contains a C0 control character or DEL, which no header can carry safely. */
+export function hasControlCharacter(key: string): boolean {
+  for (let i = 0; i < key.length; i++) {
+    const code = key.charCodeAt(i);
+    if (code < 0x20 || code === 0x7f) return true;
+  }
+  return false;
+}
+
+/**
+ * Whether the key is a version 4 UUID: canonical hyphenated form or the 32-hex-digit form, version nibble 4 and
+ * the RFC 4122 variant. The nil UUID, other versions and braced or URN forms are refused.
+ */
+export function isUuid4(key: string): boolean {
+  return key.length === 36 ? UUID4_HYPHENATED.test(key) : key.length === 32 && UUID4_COMPACT.test(key);
+}

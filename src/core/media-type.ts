@@ -1,0 +1,43 @@
+/**
+ * Decides which responses are stored by their `Content-Type`. Parameters (`; charset=utf-8`) are ignored and
+ * comparison is case-insensitive. Patterns: an exact media type (`text/plain`), a whole type (`text/*`), or a
+ * structured-syntax suffix (`*\/*+json`).
+ */
+export type MediaTypeMatcher = (contentType: string | undefined) => boolean;
+
+const EVENT_STREAM = 'text/event-stream';
+
+/** The default: `application/json` and every `+json` type. */
+export const JSON_MEDIA_TYPES: readonly string[] = Object.freeze(['application/json', '*/*+json']);
+
+/** Lower-cased media type without parameters, e.g. `application/json` for `Application/JSON; charset=utf-8`. */
+export function essence(contentType: string): string {
+  const semicolon = contentType.indexOf(';');
+  return (semicolon === -1 ? contentType : contentType.slice(0, semicolon)).trim().toLowerCase();
+}
+
+/** Builds the matcher for `cacheableContentTypes` once, at construction. */
+export function createMediaTypeMatcher(patterns: '*' | readonly string[]): MediaTypeMatcher {
+  if (patterns === '*') {
+    return function anyButEventStream(contentType) {
+      return contentType === undefined || essence(contentType) !== EVENT_STREAM;
+    };
+  }
+  const exact = new Set<string>();
+  const wholeTypes: string[] = [];
+  const suffixes: string[] = [];
+  for (const pattern of patterns.map(essence)) {
+    if (pattern.startsWith('*/*+')) suffixes.push(pattern.slice(3));
+    else if (pattern.endsWith('/*')) wholeTypes.push(pattern.slice(0, -1));
+    else exact.add(pattern);
+  }
+  return function matchesMediaType(contentType) {
+    if (contentType === undefined) return false;
+    const type = essence(contentType);
+    if (type === EVENT_STREAM) return false;
+    if (exact.has(type)) return true;
+    for (const prefix of wholeTypes) if (type.startsWith(prefix)) return true;
+    for (const suffix of suffixes) if (type.endsWith(suffix)) return true;
+    return false;
+  };
+}

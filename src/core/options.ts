@@ -1,0 +1,336 @@
+import { invalidOption } from './errors.js';
+import { createMediaTypeMatcher, JSON_MEDIA_TYPES, type MediaTypeMatcher } from './media-type.js';
+import type { Backend } from './types.js';
+
+/** What happened to a request the middleware handled; see {@link IdempotencyEvent}. */
+export type IdempotencyOutcome =
+  | 'executed'
+  | 'replayed'
+  | 'conflict'
+  | 'mismatch'
+  | 'invalid-key'
+  | 'missing-key'
+  | 'not-stored'
+  | 'backend-error'
+  | 'lease-lost';
+
+/** Reported once per handled request through {@link IdempotencyOptions.onEvent}: for logs and metrics. */
+export interface IdempotencyEvent {
+  /** What happened. */
+  outcome: IdempotencyOutcome;
+  /** SHA-256 (hex) of the scoped key; never the raw key. `undefined` when no usable key was sent. */
+  keyHash: string | undefined;
+  /** Request method. */
+  method: string;
+  /** Status sent to the client; `undefined` when none was sent (client went away, or fail-open). */
+  status: number | undefined;
+  /** Milliseconds from the middleware seeing the request to the outcome. */
+  durationMs: number;
+  /** The backend error, for `backend-error`. */
+  error?: unknown;
+}
+
+/**
+ * Options shared by every adapter. `Req` is the framework's request type, handed to `scope` and `fingerprint`.
+ *
+ * @example
+ * ```ts
+ * const options: IdempotencyOptions<express.Request> = {
+ *   backend: new MemoryBackend(),
+ *   scope: (req) => req.get('authorization'),
+ * };
+ * ```
+ */
+export interface IdempotencyOptions<Req = unknown> {
+  /** Where keys, locks and responses live. */
+  backend: Backend;
+  /**
+   * Request header that carries the key; matched case-insensitively.
+   * @default 'Idempotency-Key'
+   */
+  idempotencyHeaderKey?: string;
+  /**
+   * Header set to `true` on replayed responses.
+   * @default 'Idempotent-Replayed'
+   */
+  replayHeaderKey?: string;
+  /**
+   * Answer 422 to keys that are not version 4 UUIDs.
+   * @default false
+   */
+  enforceUuid4Formatting?: boolean;
+  /**
+   * Seconds a completed response is replayed for; `null` keeps it forever.
+   * @default 86400
+   */
+  expiry?: number | null;
+  /**
+   * Methods the middleware handles, compared case-insensitively; every other method passes through untouched.
+   * @default ['POST', 'PATCH']
+   */
+  applicableMethods?: readonly string[];
+  /**
+   * Answer 400 to an applicable request without the header, instead of passing it through.
+   * @default false
+   */
+  required?: boolean;
+  /**
+   * Tells a repeat from a different request under the same key (which gets 422). On by default: a SHA-256 of the
+   * method, the path with its query string and the body. `false` turns it off; a function replaces it.
+   * @default true
+   */
+  fingerprint?: boolean | ((req: Req) => string);
+  /** Namespaces keys, e.g. by tenant, user or API key id, so that two clients' keys never meet. */
+  scope?: (req: Req) => string | undefined;
+  /**
+   * Seconds of the in-flight lock's lease. It is renewed while the handler runs, so it lapses only when the
+   * process holding it died; then a retry runs.
+   * @default 60
+   */
+  lockTimeout?: number;
+  /**
+   * Longest key accepted; longer keys get 422.
+   * @default 255
+   */
+  maxKeyLength?: number;
+  /**
+   * Which responses are stored, by media type: a list of patterns (`application/json`, `text/*`,
+   * `*\/*+json`), or `'*'` for every type except `text/event-stream`.
+   * @default ['application/json', '*\/*+json']
+   */
+  cacheableContentTypes?: '*' | readonly string[];
+  /**
+   * Store 5xx responses too. Off: the key is released and a retry runs again.
+   * @default false
+   */
+  cacheServerErrors?: boolean;
+  /**
+   * Largest response body stored, in bytes. Larger responses are sent as they come, not stored, and the key is
+   * released.
+   * @default 1048576
+   */
+  maxResponseBytes?: number;
+  /**
+   * When the backend fails: `'fail-closed'` answers 503; `'fail-open'` runs the handler without idempotency.
+   * @default 'fail-closed'
+   */
+  onBackendError?: 'fail-closed' | 'fail-open';
+  /**
+   * Error bodies: `'detail'` sends `{"detail": "..."}` as `application/json`; `'problem'` sends RFC 9457
+   * `application/problem+json`.
+   * @default 'detail'
+   */
+  errorFormat?: 'detail' | 'problem';
+  /** Called once per handled request with its outcome. Exceptions it throws are swallowed. */
+  onEvent?: (event: IdempotencyEvent) => void;
+}
+
+/** Default of {@link IdempotencyOptions.idempotencyHeaderKey}. */
+export const DEFAULT_IDEMPOTENCY_HEADER_KEY = 'Idempotency-Key';
+/** Default of {@link IdempotencyOptions.replayHeaderKey}. */
+export const DEFAULT_REPLAY_HEADER_KEY = 'Idempotent-Replayed';
+/** Default of {@link IdempotencyOptions.expiry}, in seconds. */
+export const DEFAULT_EXPIRY = 86_400;
+/** Default of {@link IdempotencyOptions.applicableMethods}. */
+export const DEFAULT_APPLICABLE_METHODS: readonly string[] = Object.freeze(['POST', 'PATCH']);
+/** Default of {@link IdempotencyOptions.lockTimeout}, in seconds. */
+export const DEFAULT_LOCK_TIMEOUT = 60;
+/** Default of {@link IdempotencyOptions.maxKeyLength}. */
+export const DEFAULT_MAX_KEY_LENGTH = 255;
+/** Default of {@link IdempotencyOptions.maxResponseBytes}: 1 MiB. */
+export const DEFAULT_MAX_RESPONSE_BYTES = 1_048_576;
+
+/** Options after validation, in the units the engine works in. */
+export interface ResolvedOptions<Req> {
+  backend: Backend;
+  headerName: string;
+  /** Lower-cased, as Node.js presents incoming header names. */
+  headerNameLower: string;
+  replayHeaderKey: string;
+  enforceUuid4Formatting: boolean;
+  expiryMs: number | null;
+  applicableMethods: ReadonlySet<string>;
+  required: boolean;
+  fingerprint: boolean | ((req: Req) => string);
+  scope: ((req: Req) => string | undefined) | undefined;
+  lockTimeoutMs: number;
+  maxKeyLength: number;
+  isCacheableType: MediaTypeMatcher;
+  cacheServerErrors: boolean;
+  maxResponseBytes: number;
+  failOpen: boolean;
+  errorFormat: 'detail' | 'problem';
+  onEvent: ((event: IdempotencyEvent) => void) | undefined;
+}
+
+const KNOWN_OPTIONS = new Set([
+  'backend',
+  'idempotencyHeaderKey',
+  'replayHeaderKey',
+  'enforceUuid4Formatting',
+  'expiry',
+  'applicableMethods',
+  'required',
+  'fingerprint',
+  'scope',
+  'lockTimeout',
+  'maxKeyLength',
+  'cacheableContentTypes',
+  'cacheServerErrors',
+  'maxResponseBytes',
+  'onBackendError',
+  'errorFormat',
+  'onEvent',
+]);
+
+/** An RFC 9110 token: what a header name may consist of. */
+const HEADER_NAME = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
+const MEDIA_TYPE_PATTERN = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+\/[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
+const METHOD = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
+
+/**
+ * Validates every option once, at construction, and converts it to the engine's units. Throws
+ * `IdempotencyError` (`ERR_IDEMPOTENCY_OPTION`) naming the first invalid option and the value it got.
+ */
+export function resolveOptions<Req>(options: IdempotencyOptions<Req>): ResolvedOptions<Req> {
+  if (options === null || typeof options !== 'object') throw invalidOption('options', 'an object', options);
+  for (const name of Object.keys(options)) {
+    if (!KNOWN_OPTIONS.has(name)) throw invalidOption(name, 'no such option (check its spelling)', name);
+  }
+  const headerName = headerNameOption(
+    'idempotencyHeaderKey',
+    options.idempotencyHeaderKey,
+    DEFAULT_IDEMPOTENCY_HEADER_KEY,
+  );
+  return {
+    backend: backendOption(options.backend),
+    headerName,
+    headerNameLower: headerName.toLowerCase(),
+    replayHeaderKey: headerNameOption('replayHeaderKey', options.replayHeaderKey, DEFAULT_REPLAY_HEADER_KEY),
+    enforceUuid4Formatting: booleanOption('enforceUuid4Formatting', options.enforceUuid4Formatting, false),
+    expiryMs: expiryOption(options.expiry),
+    applicableMethods: methodsOption(options.applicableMethods),
+    required: booleanOption('required', options.required, false),
+    fingerprint: fingerprintOption(options.fingerprint),
+    scope: functionOption('scope', options.scope),
+    lockTimeoutMs: positiveSeconds('lockTimeout', options.lockTimeout, DEFAULT_LOCK_TIMEOUT) * 1000,
+    maxKeyLength: positiveInteger('maxKeyLength', options.maxKeyLength, DEFAULT_MAX_KEY_LENGTH),
+    isCacheableType: createMediaTypeMatcher(contentTypesOption(options.cacheableContentTypes)),
+    cacheServerErrors: booleanOption('cacheServerErrors', options.cacheServerErrors, false),
+    maxResponseBytes: positiveInteger(
+      'maxResponseBytes',
+      options.maxResponseBytes,
+      DEFAULT_MAX_RESPONSE_BYTES,
+    ),
+    failOpen:
+      oneOf('onBackendError', options.onBackendError, ['fail-closed', 'fail-open'] as const) === 'fail-open',
+    errorFormat: oneOf('errorFormat', options.errorFormat, ['detail', 'problem'] as const),
+    onEvent: functionOption('onEvent', options.onEvent),
+  };
+}
+
+function backendOption(backend: unknown): Backend {
+  const candidate = backend as Partial<Backend> | null | undefined;
+  if (
+    candidate === null ||
+    typeof candidate !== 'object' ||
+    typeof candidate.acquire !== 'function' ||
+    typeof candidate.complete !== 'function' ||
+    typeof candidate.release !== 'function' ||
+    typeof candidate.renew !== 'function'
+  ) {
+    throw invalidOption(
+      'backend',
+      'a Backend (an object with acquire, complete, release and renew)',
+      backend,
+    );
+  }
+  return candidate as Backend;
+}
+
+function headerNameOption(name: string, value: unknown, fallback: string): string {
+  if (value === undefined) return fallback;
+  if (typeof value !== 'string' || !HEADER_NAME.test(value))
+    throw invalidOption(name, 'a header name', value);
+  return value;
+}
+
+function booleanOption(name: string, value: unknown, fallback: boolean): boolean {
+  if (value === undefined) return fallback;
+  if (typeof value !== 'boolean') throw invalidOption(name, 'true or false', value);
+  return value;
+}
+
+function expiryOption(value: unknown): number | null {
+  if (value === null) return null;
+  return (
+    positiveSeconds('expiry', value, DEFAULT_EXPIRY, 'a positive number of seconds, or null for forever') *
+    1000
+  );
+}
+
+function positiveSeconds(
+  name: string,
+  value: unknown,
+  fallback: number,
+  expected = 'a positive number of seconds',
+) {
+  if (value === undefined) return fallback;
+  if (typeof value !== 'number' || !Number.isFinite(value) || value <= 0)
+    throw invalidOption(name, expected, value);
+  return value;
+}
+
+function positiveInteger(name: string, value: unknown, fallback: number): number {
+  if (value === undefined) return fallback;
+  if (typeof value !== 'number' || !Number.isSafeInteger(value) || value <= 0) {
+    throw invalidOption(name, 'a positive integer', value);
+  }
+  return value;
+}
+
+function methodsOption(value: unknown): ReadonlySet<string> {
+  const methods = value === undefined ? DEFAULT_APPLICABLE_METHODS : value;
+  if (
+    !Array.isArray(methods) ||
+    methods.length === 0 ||
+    !methods.every((m) => typeof m === 'string' && METHOD.test(m))
+  ) {
+    throw invalidOption('applicableMethods', 'a non-empty array of HTTP method names', value);
+  }
+  return new Set(methods.map((method: string) => method.toUpperCase()));
+}
+
+function fingerprintOption<Req>(value: unknown): boolean | ((req: Req) => string) {
+  if (value === undefined) return true;
+  if (typeof value === 'boolean' || typeof value === 'function')
+    return value as boolean | ((req: Req) => string);
+  throw invalidOption('fingerprint', 'true, false or a function (req) => string', value);
+}
+
+function functionOption<F>(name: string, value: F | undefined): F | undefined {
+  if (value === undefined || typeof value === 'function') return value;
+  throw invalidOption(name, 'a function', value);
+}
+
+function contentTypesOption(value: unknown): '*' | readonly string[] {
+  if (value === undefined) return JSON_MEDIA_TYPES;
+  if (value === '*') return value;
+  if (
+    Array.isArray(value) &&
+    value.every((t) => typeof t === 'string' && MEDIA_TYPE_PATTERN.test(t.trim()))
+  ) {
+    return value;
+  }
+  throw invalidOption(
+    'cacheableContentTypes',
+    "'*' or an array of media types such as 'application/json'",
+    value,
+  );
+}
+
+function oneOf<const T extends string>(name: string, value: unknown, allowed: readonly T[]): T {
+  if (value === undefined) return allowed[0]!;
+  if (allowed.includes(value as T)) return value as T;
+  throw invalidOption(name, allowed.map((a) => `'${a}'`).join(' or '), value);
+}

@@ -1,0 +1,83 @@
+/** A value or a promise of it: backends may answer synchronously (memory) or asynchronously (network). */
+export type Awaitable<T> = T | Promise<T>;
+
+/** A header as stored: lower-case name and its value. Repeated headers appear once per value. */
+export type HeaderPair = [name: string, value: string];
+
+/** The response the handler produced, as stored and replayed. */
+export interface StoredResponse {
+  /** HTTP status code. */
+  status: number;
+  /** Response headers without hop-by-hop headers, `set-cookie`, `date` and `content-length`. */
+  headers: HeaderPair[];
+  /** The exact body bytes that were sent. */
+  body: Uint8Array;
+}
+
+/** A completed request: what a replay needs, and what tells a repeat from a different request. */
+export interface IdempotencyRecord {
+  /** SHA-256 (hex) of the request's method, path and body, or `''` when fingerprinting is off. */
+  fingerprint: string;
+  /** The stored response. */
+  response: StoredResponse;
+  /** When the response was stored, in milliseconds since the epoch. */
+  createdAt: number;
+}
+
+/** The key was free: this request holds the lock until it completes or releases it. */
+export interface AcquiredResult {
+  readonly state: 'acquired';
+  /** Fencing token: `complete`, `release` and `renew` succeed only while it still holds the key. */
+  readonly token: string;
+}
+
+/** Another request with the same fingerprint holds the lock. */
+export interface InFlightResult {
+  readonly state: 'in-flight';
+  /** Milliseconds left on the holder's lease (used for `Retry-After`). */
+  readonly retryAfterMs: number;
+}
+
+/** A response is stored for this key and the fingerprints match. */
+export interface CompletedResult {
+  readonly state: 'completed';
+  readonly record: IdempotencyRecord;
+}
+
+/** The key is held or completed by a request with a different fingerprint. */
+export interface MismatchResult {
+  readonly state: 'mismatch';
+}
+
+/** The answer of {@link Backend.acquire}. */
+export type AcquireResult = AcquiredResult | InFlightResult | CompletedResult | MismatchResult;
+
+/**
+ * Where keys, locks and responses live. Every method is one atomic step: there is no window between reading a
+ * key's state and changing it in which another request, in this process or another, could slip in.
+ *
+ * Keys arrive already namespaced by the engine (scope and key); a backend may add its own prefix.
+ */
+export interface Backend {
+  /**
+   * Looks the key up and, if it is free (absent, expired, or its lease lapsed), takes the lock for `leaseMs`.
+   * A stored record or a live lock with a different fingerprint answers `mismatch`.
+   */
+  acquire(key: string, fingerprint: string, leaseMs: number): Awaitable<AcquireResult>;
+  /**
+   * Stores the record and ends the lock in one step, only if `token` still holds the key.
+   * `ttlMs` is how long the record lives; `null` keeps it until it is evicted or deleted.
+   * @returns `false` when the token no longer holds the key (its lease lapsed and another request took over).
+   */
+  complete(key: string, token: string, record: IdempotencyRecord, ttlMs: number | null): Awaitable<boolean>;
+  /**
+   * Frees the key, only if `token` still holds it. Calling it twice is harmless.
+   * @returns `false` when the token no longer holds the key.
+   */
+  release(key: string, token: string): Awaitable<boolean>;
+  /**
+   * Extends the lease of a running request to `leaseMs` from now, only if `token` still holds the key.
+   * @returns `false` when the token no longer holds the key.
+   */
+  renew(key: string, token: string, leaseMs: number): Awaitable<boolean>;
+}

@@ -1,0 +1,19 @@
+import { defineConfig } from 'tsdown';
+
+/** Every public subpath of the package; `test/package/exports.test.ts` checks package.json against it. */
+export const entries = {
+  index: 'src/index.ts',
+  express: 'src/adapters/express.ts',
+  node: 'src/adapters/node.ts',
+  redis: 'src/backends/redis.ts',
+};
+
+export default defineConfig({
+  entry: entries,
+  format: ['esm', 'cjs'],
+  dts: true,
+  platform: 'node',
+  target: 'node20',
+  clean: true,
+  sourcemap: false,
+});
