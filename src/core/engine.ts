@@ -38,6 +38,8 @@ export type BeginResult = EngineReply | Ticket | PassResult;
 
 const PASS: PassResult = Object.freeze({ kind: 'pass' });
 const NO_DURATION = -1;
+/** Longest delay a Node.js timer accepts; past it, `setInterval` fires every millisecond instead. */
+const MAX_TIMER_DELAY_MS = 2 ** 31 - 1;
 
 /** Whether a backend answered asynchronously; synchronous answers skip a microtask hop. */
 export function isPromise<T>(value: Awaitable<T>): value is Promise<T> {
@@ -74,6 +76,7 @@ export class IdempotencyEngine<Req = unknown> {
   readonly #notUuid4: EngineReply;
   readonly #tooLong: EngineReply;
   readonly #badCharacters: EngineReply;
+  readonly #emptyKey: EngineReply;
   readonly #unavailable: EngineReply;
   readonly #leases = new Set<Ticket>();
   #renewTimer: NodeJS.Timeout | undefined;
@@ -98,6 +101,7 @@ export class IdempotencyEngine<Req = unknown> {
       422,
       `'${name}' header value must not contain control characters`,
     );
+    this.#emptyKey = errorReply(format, 422, `'${name}' header value must not be empty`);
     this.#unavailable = errorReply(format, 503, 'Idempotency backend unavailable; retry later');
   }
 
@@ -125,11 +129,13 @@ export class IdempotencyEngine<Req = unknown> {
     const invalid =
       key.length > this.options.maxKeyLength
         ? this.#tooLong
-        : key === '' || hasControlCharacter(key)
-          ? this.#badCharacters
-          : this.options.enforceUuid4Formatting && !isUuid4(key)
-            ? this.#notUuid4
-            : undefined;
+        : key === ''
+          ? this.#emptyKey
+          : hasControlCharacter(key)
+            ? this.#badCharacters
+            : this.options.enforceUuid4Formatting && !isUuid4(key)
+              ? this.#notUuid4
+              : undefined;
     if (invalid === undefined) return key;
     this.#emit('invalid-key', undefined, method, 422, NO_DURATION);
     return invalid;
@@ -149,7 +155,8 @@ export class IdempotencyEngine<Req = unknown> {
   ): Awaitable<BeginResult> {
     const options = this.options;
     const scope = options.scope === undefined ? undefined : options.scope(req);
-    const storageKey = scope === undefined ? `-${key}` : `${scope.length}:${scope}:${key}`;
+    // Length-prefixed, so that no scope and key pair can spell another pair's storage key.
+    const storageKey = scope === undefined || scope === null ? `-${key}` : `${scope.length}:${scope}:${key}`;
     const fingerprint =
       options.fingerprint === true
         ? computeFingerprint(method, url, body)
@@ -307,7 +314,8 @@ export class IdempotencyEngine<Req = unknown> {
   #holdLease(ticket: Ticket): void {
     this.#leases.add(ticket);
     if (this.#renewTimer !== undefined) return;
-    this.#renewTimer = setInterval(() => this.#renewLeases(), this.options.lockTimeoutMs / 3);
+    const interval = Math.min(this.options.lockTimeoutMs / 3, MAX_TIMER_DELAY_MS);
+    this.#renewTimer = setInterval(() => this.#renewLeases(), interval);
     this.#renewTimer.unref();
   }
 

@@ -1,8 +1,9 @@
 import { createHash } from 'node:crypto';
 
 /**
- * A request body as an adapter sees it: the raw bytes when it read the stream itself, or the value a body
- * parser produced (`req.body`) when one ran first. `undefined` means no body.
+ * A request body as an adapter sees it: the raw bytes (a `Uint8Array`, or any `ArrayBuffer` or view of one)
+ * when it read the stream itself, or the value a body parser produced (`req.body`) when one ran first.
+ * `undefined` means no body.
  */
 export type RequestBody = Uint8Array | string | object | null | undefined;
 
@@ -14,6 +15,10 @@ export type RequestBody = Uint8Array | string | object | null | undefined;
 export function computeFingerprint(method: string, url: string, body: RequestBody): string {
   const hash = createHash('sha256').update(method).update(' ').update(url).update('\n');
   if (body instanceof Uint8Array) hash.update(body);
+  // Other byte containers are raw bodies too: as parsed values they would all serialise to `{}`.
+  else if (ArrayBuffer.isView(body))
+    hash.update(new Uint8Array(body.buffer, body.byteOffset, body.byteLength));
+  else if (body instanceof ArrayBuffer) hash.update(new Uint8Array(body));
   else if (typeof body === 'string') hash.update(body);
   else if (body !== undefined) hash.update(canonicalJson(body));
   return hash.digest('hex');

@@ -1,7 +1,7 @@
 /**
  * Decides which responses are stored by their `Content-Type`. Parameters (`; charset=utf-8`) are ignored and
- * comparison is case-insensitive. Patterns: an exact media type (`text/plain`), a whole type (`text/*`), or a
- * structured-syntax suffix (`*\/*+json`).
+ * comparison is case-insensitive. Patterns: an exact media type (`text/plain`), a whole type (`text/*`), a
+ * structured-syntax suffix (`*\/*+json`), or any type (`*\/*`). `text/event-stream` never matches.
  */
 export type MediaTypeMatcher = (contentType: string | undefined) => boolean;
 
@@ -26,8 +26,10 @@ export function createMediaTypeMatcher(patterns: '*' | readonly string[]): Media
   const exact = new Set<string>();
   const wholeTypes: string[] = [];
   const suffixes: string[] = [];
+  let anyType = false;
   for (const pattern of patterns.map(essence)) {
-    if (pattern.startsWith('*/*+')) suffixes.push(pattern.slice(3));
+    if (pattern === '*/*') anyType = true;
+    else if (pattern.startsWith('*/*+')) suffixes.push(pattern.slice(3));
     else if (pattern.endsWith('/*')) wholeTypes.push(pattern.slice(0, -1));
     else exact.add(pattern);
   }
@@ -35,7 +37,7 @@ export function createMediaTypeMatcher(patterns: '*' | readonly string[]): Media
     if (contentType === undefined) return false;
     const type = essence(contentType);
     if (type === EVENT_STREAM) return false;
-    if (exact.has(type)) return true;
+    if (anyType || exact.has(type)) return true;
     for (const prefix of wholeTypes) if (type.startsWith(prefix)) return true;
     for (const suffix of suffixes) if (type.endsWith(suffix)) return true;
     return false;

@@ -95,7 +95,7 @@ export interface IdempotencyOptions<Req = unknown> {
   maxKeyLength?: number;
   /**
    * Which responses are stored, by media type: a list of patterns (`application/json`, `text/*`,
-   * `*\/*+json`), or `'*'` for every type except `text/event-stream`.
+   * `*\/*+json`, `*\/*`), or `'*'` for every type except `text/event-stream`.
    * @default ['application/json', '*\/*+json']
    */
   cacheableContentTypes?: '*' | readonly string[];
@@ -185,7 +185,12 @@ const KNOWN_OPTIONS = new Set([
 
 /** An RFC 9110 token: what a header name may consist of. */
 const HEADER_NAME = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
-const MEDIA_TYPE_PATTERN = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+\/[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
+/**
+ * The media type patterns the matcher understands: `type/subtype`, `type/*`, `*\/*` and `*\/*+suffix`. A `*`
+ * anywhere else (`application/*+json`, `*\/json`) would be compared literally and silently match nothing.
+ */
+const MEDIA_TYPE_PATTERN =
+  /^(?:[!#$%&'+.^_`|~0-9A-Za-z-]+\/(?:[!#$%&'+.^_`|~0-9A-Za-z-]+|\*)|\*\/\*(?:\+[!#$%&'+.^_`|~0-9A-Za-z-]+)?)$/;
 const METHOD = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
 
 /**

@@ -1,0 +1,189 @@
+import { createHash } from 'node:crypto';
+import { describe, expect, it } from 'vitest';
+import { canonicalJson, computeFingerprint, hashKey } from '../../src/core/fingerprint.js';
+
+const HEX_64 = /^[0-9a-f]{64}$/;
+const bytes = (text: string) => new TextEncoder().encode(text);
+
+describe('computeFingerprint', () => {
+  it('is a 64-digit lower-case hex SHA-256', () => {
+    expect(computeFingerprint('POST', '/orders', bytes('{"a":1}'))).toMatch(HEX_64);
+    expect(computeFingerprint('POST', '/orders', undefined)).toMatch(HEX_64);
+    expect(computeFingerprint('POST', '/orders', { a: 1 })).toMatch(HEX_64);
+  });
+
+  it('gives the same hash for the same inputs', () => {
+    const a = computeFingerprint('POST', '/orders?x=1', bytes('{"amount":10}'));
+    const b = computeFingerprint('POST', '/orders?x=1', bytes('{"amount":10}'));
+    expect(a).toBe(b);
+    expect(computeFingerprint('PATCH', '/o', { a: [1, 2] })).toBe(
+      computeFingerprint('PATCH', '/o', { a: [1, 2] }),
+    );
+  });
+
+  it('is the documented SHA-256 over method, path and body', () => {
+    const expected = createHash('sha256').update('POST /orders?x=1\n{"amount":10}').digest('hex');
+    expect(computeFingerprint('POST', '/orders?x=1', bytes('{"amount":10}'))).toBe(expected);
+    expect(computeFingerprint('POST', '/orders?x=1', { amount: 10 })).toBe(expected);
+  });
+
+  describe('changes with', () => {
+    const base = computeFingerprint('POST', '/orders?x=1', bytes('{"amount":10}'));
+
+    it('the method', () => {
+      expect(computeFingerprint('PATCH', '/orders?x=1', bytes('{"amount":10}'))).not.toBe(base);
+    });
+
+    it('the path', () => {
+      expect(computeFingerprint('POST', '/refunds?x=1', bytes('{"amount":10}'))).not.toBe(base);
+    });
+
+    it('the query string', () => {
+      expect(computeFingerprint('POST', '/orders?x=2', bytes('{"amount":10}'))).not.toBe(base);
+      expect(computeFingerprint('POST', '/orders', bytes('{"amount":10}'))).not.toBe(base);
+    });
+
+    it('the body', () => {
+      expect(computeFingerprint('POST', '/orders?x=1', bytes('{"amount":11}'))).not.toBe(base);
+      expect(computeFingerprint('POST', '/orders?x=1', bytes(''))).not.toBe(base);
+      expect(computeFingerprint('POST', '/orders?x=1', { amount: 11 })).not.toBe(base);
+    });
+
+    it('the body of a parsed value, at any depth', () => {
+      expect(computeFingerprint('POST', '/o', { a: { b: [1, 2] } })).not.toBe(
+        computeFingerprint('POST', '/o', { a: { b: [1, 3] } }),
+      );
+    });
+
+    it('the order of array items', () => {
+      expect(computeFingerprint('POST', '/o', [1, 2])).not.toBe(computeFingerprint('POST', '/o', [2, 1]));
+    });
+
+    it('the split between path and body', () => {
+      expect(computeFingerprint('POST', '/ab', bytes('c'))).not.toBe(
+        computeFingerprint('POST', '/a', bytes('bc')),
+      );
+    });
+  });
+
+  describe('does not change with', () => {
+    it('the order of object keys, at every depth', () => {
+      expect(computeFingerprint('POST', '/o', { a: 1, b: { c: 2, d: 3 } })).toBe(
+        computeFingerprint('POST', '/o', { b: { d: 3, c: 2 }, a: 1 }),
+      );
+    });
+
+    it('the kind of byte container holding the same bytes', () => {
+      const expected = computeFingerprint('POST', '/o', bytes('{"a":1}'));
+      expect(computeFingerprint('POST', '/o', Buffer.from('{"a":1}'))).toBe(expected);
+      expect(computeFingerprint('POST', '/o', new Uint8Array([...bytes('{"a":1}')]))).toBe(expected);
+      const padded = Buffer.from('xx{"a":1}yy');
+      expect(computeFingerprint('POST', '/o', padded.subarray(2, -2))).toBe(expected);
+    });
+
+    it('an ArrayBuffer or DataView holding the same bytes', () => {
+      const expected = computeFingerprint('POST', '/o', bytes('{"a":1}'));
+      const buffer = bytes('{"a":1}').buffer;
+      expect(computeFingerprint('POST', '/o', buffer)).toBe(expected);
+      expect(computeFingerprint('POST', '/o', new DataView(buffer))).toBe(expected);
+      expect(computeFingerprint('POST', '/o', bytes('{"a":2}').buffer)).not.toBe(expected);
+    });
+
+    it('a string body or its UTF-8 bytes', () => {
+      const text = '{"name":"Zoë","city":"東京","emoji":"🎉"}';
+      expect(computeFingerprint('POST', '/o', text)).toBe(computeFingerprint('POST', '/o', bytes(text)));
+      expect(computeFingerprint('POST', '/o', text)).toBe(
+        computeFingerprint('POST', '/o', Buffer.from(text, 'utf8')),
+      );
+    });
+  });
+
+  it('hashes a missing body like an empty one', () => {
+    const none = computeFingerprint('POST', '/o', undefined);
+    expect(computeFingerprint('POST', '/o', new Uint8Array(0))).toBe(none);
+    expect(computeFingerprint('POST', '/o', '')).toBe(none);
+  });
+
+  it('tells a parsed null body from no body', () => {
+    expect(computeFingerprint('POST', '/o', null)).not.toBe(computeFingerprint('POST', '/o', undefined));
+  });
+
+  it('tells parsed bodies of different types apart', () => {
+    const hashes = [{}, [], null, 'x', { '0': 1 }, [1]].map((body) => computeFingerprint('POST', '/o', body));
+    expect(new Set(hashes).size).toBe(hashes.length);
+  });
+});
+
+describe('canonicalJson', () => {
+  it('sorts object keys at every depth', () => {
+    expect(canonicalJson({ b: 1, a: { d: 2, c: [{ z: 1, y: 2 }] } })).toBe(
+      '{"a":{"c":[{"y":2,"z":1}],"d":2},"b":1}',
+    );
+    expect(canonicalJson({ a: 1, b: { c: 2, d: 3 } })).toBe(canonicalJson({ b: { d: 3, c: 2 }, a: 1 }));
+  });
+
+  it('keeps the order of array items', () => {
+    expect(canonicalJson([3, 1, 2])).toBe('[3,1,2]');
+    expect(canonicalJson([{ b: 1, a: 2 }, 'x'])).toBe('[{"a":2,"b":1},"x"]');
+  });
+
+  it.each([
+    ['a flat object', { a: 1, b: 'two', c: true }],
+    ['nested arrays', { a: [1, [2, [3, []]], { b: [null] }] }],
+    ['null', null],
+    ['null members', { a: null, b: [null, null] }],
+    ['booleans', { f: false, t: true }],
+    ['numbers', { a: 0, b: -1.5, c: 1e21, d: 2 ** 53, e: -0, f: 0.1 }],
+    ['non-finite numbers', { a: Number.NaN, b: Number.POSITIVE_INFINITY, c: [Number.NEGATIVE_INFINITY] }],
+    [
+      'strings needing escapes',
+      { a: 'quote " backslash \\ newline \n tab \t', b: '\u0000\u001f', c: '東京 🎉' },
+    ],
+    ['keys needing escapes', { '\n': 3, '"': 1, '\\': 2 }],
+    ['Dates', { at: new Date(Date.UTC(2024, 0, 2, 3, 4, 5, 6)), list: [new Date(0)] }],
+    ['an object with toJSON', { a: { toJSON: () => ({ x: 1 }) } }],
+    ['an empty object and array', { a: {}, b: [] }],
+    ['a top-level array', [1, 'a', null, true, { a: 1 }]],
+    ['a top-level string', 'just a string'],
+    ['a top-level number', 42],
+    ['a top-level boolean', false],
+    ['a top-level Date', new Date(Date.UTC(2000, 0, 1))],
+  ])('matches JSON.stringify on already-sorted input: %s', (_, value) => {
+    expect(canonicalJson(value)).toBe(JSON.stringify(value));
+  });
+
+  it('drops undefined, function and symbol members of objects, as JSON.stringify does', () => {
+    const value = { a: undefined, b: 1, c: () => 1, d: Symbol('s'), e: { f: undefined } };
+    expect(canonicalJson(value)).toBe(JSON.stringify(value));
+    expect(canonicalJson(value)).toBe('{"b":1,"e":{}}');
+  });
+
+  it('writes undefined, function and symbol array items as null, as JSON.stringify does', () => {
+    const value = [undefined, () => 1, Symbol('s'), 1];
+    expect(canonicalJson(value)).toBe(JSON.stringify(value));
+    expect(canonicalJson(value)).toBe('[null,null,null,1]');
+  });
+
+  it('writes a top-level undefined as null', () => {
+    expect(canonicalJson(undefined)).toBe('null');
+  });
+
+  it('sorts keys by code unit, like Array.prototype.sort', () => {
+    expect(canonicalJson({ b: 1, B: 2, a: 3, _: 4, '10': 5, '9': 6 })).toBe(
+      '{"10":5,"9":6,"B":2,"_":4,"a":3,"b":1}',
+    );
+  });
+
+  it('is valid JSON that parses back to an equal value', () => {
+    const value = { z: [1, { y: 'x', x: null }], a: { c: true, b: 0.5 } };
+    expect(JSON.parse(canonicalJson(value))).toEqual(value);
+  });
+});
+
+describe('hashKey', () => {
+  it('is the SHA-256 hex of the scoped key', () => {
+    expect(hashKey('-abc')).toBe(createHash('sha256').update('-abc').digest('hex'));
+    expect(hashKey('-abc')).toMatch(HEX_64);
+    expect(hashKey('-abc')).not.toBe(hashKey('-abd'));
+  });
+});
