@@ -6,22 +6,43 @@ import type { AcquireResult, Backend, HeaderPair, IdempotencyRecord } from '../c
 type RedisArgument = string | Buffer;
 
 /**
- * The part of an `ioredis` client this backend uses: `Redis` and `Cluster` both have it. Commands go through
+ * The part of an `ioredis` client this backend uses; `Redis` and `Cluster` both have it. Commands go through
  * `callBuffer`, so bulk replies come back as `Buffer`s and bodies stay binary.
+ *
+ * @example
+ * ```ts
+ * import { Cluster } from 'ioredis';
+ * const redis: IoredisClientLike = new Cluster([{ host: 'redis-1', port: 6379 }]);
+ * ```
  */
 export interface IoredisClientLike {
   callBuffer(command: string, ...args: RedisArgument[]): Promise<unknown>;
 }
 
 /**
- * The part of a `redis` (node-redis v4+) client this backend uses: `createClient()` and `createClientPool()` have
- * it. Buffer replies are asked for with `typeMapping` (v5+) and `returnBuffers` (v4).
+ * The part of a `redis` (node-redis v4+) client this backend uses; `createClient()` and `createClientPool()`
+ * have it. Buffer replies are asked for per command, with `typeMapping` (v5+) and `returnBuffers` (v4).
+ *
+ * @example
+ * ```ts
+ * import { createClient } from 'redis';
+ * const redis: NodeRedisClientLike = await createClient({ url: 'redis://localhost:6379' }).connect();
+ * ```
  */
 export interface NodeRedisClientLike {
   sendCommand(args: RedisArgument[], options?: object): Promise<unknown>;
 }
 
-/** The part of a `redis` (node-redis v4+) cluster, `createCluster()`, this backend uses. */
+/**
+ * The part of a `redis` (node-redis v4+) cluster this backend uses; recognised by its `getSlotMaster`. Each
+ * command is routed by its one key.
+ *
+ * @example
+ * ```ts
+ * import { createCluster } from 'redis';
+ * const redis: NodeRedisClusterLike = await createCluster({ rootNodes: [{ url: 'redis://redis-1:6379' }] }).connect();
+ * ```
+ */
 export interface NodeRedisClusterLike {
   sendCommand(
     firstKey: RedisArgument | undefined,
@@ -32,30 +53,83 @@ export interface NodeRedisClusterLike {
   getSlotMaster(slot: number): unknown;
 }
 
-/** Any client {@link RedisBackend} accepts, recognised by its shape: this package imports neither driver. */
-export type RedisClientLike = IoredisClientLike | NodeRedisClientLike | NodeRedisClusterLike;
+/**
+ * The part of a `redis` (node-redis v5+) sentinel, `createSentinel()`, this backend uses; recognised by its
+ * `getMasterNode`. Commands go to the master.
+ *
+ * @example
+ * ```ts
+ * import { createSentinel } from 'redis';
+ * const redis: NodeRedisSentinelLike = await createSentinel({ name: 'mymaster', sentinelRootNodes }).connect();
+ * ```
+ */
+export interface NodeRedisSentinelLike {
+  sendCommand(isReadonly: boolean | undefined, args: RedisArgument[], options?: object): Promise<unknown>;
+  getMasterNode(): unknown;
+}
 
-/** Options of {@link RedisBackend}. */
+/**
+ * Any client {@link RedisBackend} accepts. It is recognised by its shape: this package imports neither driver, so
+ * users install only the one they use.
+ *
+ * @example
+ * ```ts
+ * function backendFor(redis: RedisClientLike) {
+ *   return new RedisBackend({ redis });
+ * }
+ * ```
+ */
+export type RedisClientLike =
+  | IoredisClientLike
+  | NodeRedisClientLike
+  | NodeRedisClusterLike
+  | NodeRedisSentinelLike;
+
+/**
+ * Options of {@link RedisBackend}.
+ *
+ * @example
+ * ```ts
+ * const options: RedisBackendOptions = { redis, prefix: 'billing:idempotency:' };
+ * const backend = new RedisBackend(options);
+ * ```
+ */
 export interface RedisBackendOptions {
   /**
-   * A connected client: an `ioredis` `Redis` or `Cluster`, or a `redis` (node-redis v4+) client or cluster.
+   * A connected client: an `ioredis` `Redis` or `Cluster`, or a `redis` (node-redis v4+) client, pool, cluster
+   * or sentinel. Its errors reject the backend's promises unchanged (the engine reports them as backend errors).
    *
-   * Both drivers queue commands while disconnected and retry them on reconnect, so by default a call made while
-   * Redis is down waits until it is back. For `onBackendError` to act promptly, make the client fail fast:
-   * ioredis `{ enableOfflineQueue: false, maxRetriesPerRequest: 1, commandTimeout: 2000 }`; node-redis
-   * `{ disableOfflineQueue: true, commandOptions: { timeout: 2000 } }` (v5+) and a `socket.reconnectStrategy`.
-   * Listen to the client's `'error'` event: node-redis throws unhandled `'error'` events.
+   * By default both drivers wait for Redis rather than fail: commands are queued while disconnected and resent
+   * on reconnect, and a sent command waits for its reply as long as the connection stays open. For
+   * `onBackendError` to act within seconds, make the client fail fast:
+   * - ioredis: `{ enableOfflineQueue: false, maxRetriesPerRequest: 0, autoResendUnfulfilledCommands: false,
+   *   commandTimeout: 2000 }` (`autoResendUnfulfilledCommands: false` keeps a command that already failed from
+   *   being run after a reconnect, e.g. an acquire taking a lock nobody holds).
+   * - node-redis: `{ disableOfflineQueue: true, pingInterval: 1000, socket: { socketTimeout: 3000,
+   *   reconnectStrategy: (retries) => Math.min(retries * 100, 2000) } }`. Its `commandOptions.timeout` only
+   *   bounds the wait before a command is sent; `socketTimeout` closes a connection whose server went silent (and
+   *   so fails the commands waiting on it), `pingInterval` keeps an idle connection from looking silent.
+   *
+   * Listen to the client's `'error'` event: an `'error'` event without a listener crashes the process.
    */
   redis: RedisClientLike;
   /**
-   * Prepended to every key. The Redis key of an idempotency key is exactly `prefix + key` (after ioredis's own
-   * `keyPrefix`, if the client has one).
+   * Prepended to every key: the Redis key of an idempotency key is exactly `prefix + key` (an ioredis
+   * `keyPrefix`, if the client has one, comes before it). Keys of different applications sharing a server
+   * must not share a prefix.
    * @default 'idempotency:'
    */
   prefix?: string;
 }
 
-/** Default of {@link RedisBackendOptions.prefix}. */
+/**
+ * Default of {@link RedisBackendOptions.prefix}.
+ *
+ * @example
+ * ```ts
+ * new RedisBackend({ redis, prefix: `${DEFAULT_REDIS_PREFIX}tenant-a:` });
+ * ```
+ */
 export const DEFAULT_REDIS_PREFIX = 'idempotency:';
 
 /** Sends one command about one key; `key` routes it on a cluster. */
@@ -145,9 +219,9 @@ const MISMATCH: AcquireResult = Object.freeze({ state: 'mismatch' });
  * Each method is one Lua script on one key: one round trip (EVALSHA; after a `SCRIPT FLUSH` or on a new server,
  * one more to send the script with EVAL), atomic and Cluster safe.
  *
- * Works with `ioredis` (`Redis`, `Cluster`) and `redis` (node-redis v4+ client, pool or cluster); neither is
- * imported, the client is recognised by its shape. Client errors reject the returned promise unchanged.
- * Configure the client to fail fast while Redis is unreachable (see {@link RedisBackendOptions.redis}).
+ * Works with `ioredis` (`Redis`, `Cluster`) and `redis` (node-redis v4+ client, pool, cluster or sentinel);
+ * neither is imported, the client is recognised by its shape. Client errors reject the returned promise
+ * unchanged. Configure the client to fail fast while Redis is unreachable (see {@link RedisBackendOptions.redis}).
  *
  * A lapsed lease ends with its key: the holder's `complete`, `release` and `renew` then return `false` even if
  * no other request has taken the key.
@@ -157,7 +231,13 @@ const MISMATCH: AcquireResult = Object.freeze({ state: 'mismatch' });
  * import { Redis } from 'ioredis';
  * import { RedisBackend } from 'idempotency-header/redis';
  *
- * const redis = new Redis(process.env.REDIS_URL, { enableOfflineQueue: false, commandTimeout: 2000 });
+ * const redis = new Redis(process.env.REDIS_URL, {
+ *   enableOfflineQueue: false,
+ *   maxRetriesPerRequest: 0,
+ *   autoResendUnfulfilledCommands: false,
+ *   commandTimeout: 2000,
+ * });
+ * redis.on('error', (error) => console.error(error));
  * const backend = new RedisBackend({ redis, prefix: 'myapp:idempotency:' });
  * ```
  *
@@ -166,7 +246,12 @@ const MISMATCH: AcquireResult = Object.freeze({ state: 'mismatch' });
  * import { createClient } from 'redis';
  * import { RedisBackend } from 'idempotency-header/redis';
  *
- * const redis = createClient({ url: process.env.REDIS_URL, disableOfflineQueue: true });
+ * const redis = createClient({
+ *   url: process.env.REDIS_URL,
+ *   disableOfflineQueue: true,
+ *   pingInterval: 1000,
+ *   socket: { socketTimeout: 3000, reconnectStrategy: (retries) => Math.min(retries * 100, 2000) },
+ * });
  * redis.on('error', (error) => console.error(error));
  * await redis.connect();
  * const backend = new RedisBackend({ redis });
@@ -182,7 +267,7 @@ export class RedisBackend implements Backend {
     if (send === undefined) {
       throw invalidOption(
         'redis',
-        'an ioredis client or Cluster, or a node-redis (v4+) client or cluster',
+        'an ioredis client or Cluster, or a node-redis (v4+) client, pool, cluster or sentinel',
         redis,
       );
     }
@@ -262,16 +347,23 @@ export class RedisBackend implements Backend {
 
 function senderFor(redis: unknown): Send | undefined {
   if (typeof redis !== 'object' || redis === null) return undefined;
-  const client = redis as Partial<Record<'callBuffer' | 'sendCommand' | 'getSlotMaster', unknown>>;
+  const client = redis as Partial<
+    Record<'callBuffer' | 'sendCommand' | 'getSlotMaster' | 'getMasterNode', unknown>
+  >;
   // ioredis first: its clients also have a `sendCommand`, with another signature.
   if (typeof client.callBuffer === 'function') {
     const ioredis = redis as IoredisClientLike;
     return async (_key, [command, ...args]) => ioredis.callBuffer(command as string, ...args);
   }
   if (typeof client.sendCommand !== 'function') return undefined;
+  // node-redis's cluster and sentinel take routing arguments before the command.
   if (typeof client.getSlotMaster === 'function') {
     const cluster = redis as NodeRedisClusterLike;
     return async (key, args) => cluster.sendCommand(key, false, args, BUFFER_REPLIES);
+  }
+  if (typeof client.getMasterNode === 'function') {
+    const sentinel = redis as NodeRedisSentinelLike;
+    return async (_key, args) => sentinel.sendCommand(false, args, BUFFER_REPLIES);
   }
   const nodeRedis = redis as NodeRedisClientLike;
   return async (_key, args) => nodeRedis.sendCommand(args, BUFFER_REPLIES);

@@ -4,6 +4,10 @@
  *
  * Every test works on its own random keys, so suites may share a server (and run beside other suites) without
  * seeing each other's keys. Backend methods may answer synchronously or with a promise: every call is awaited.
+ *
+ * Deliberately left open: whether a lease that lapsed but that nobody took over still lets its holder complete,
+ * release or renew. MemoryBackend says yes (the lock stays until replaced); RedisBackend says no (the lock's key
+ * expired with its lease). Both are safe; the engine must treat `false` as "lease lost" either way.
  */
 import { randomBytes, randomUUID } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';

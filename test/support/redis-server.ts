@@ -108,8 +108,16 @@ export async function startRedisServer(options: RedisServerOptions = {}): Promis
     'no',
     '--dir',
     dir,
+    // A lone node does not know its own address and reports an empty host in CLUSTER SLOTS: announce it.
     ...(options.cluster
-      ? ['--cluster-enabled', 'yes', '--cluster-config-file', join(dir, 'nodes.conf')]
+      ? [
+          '--cluster-enabled',
+          'yes',
+          '--cluster-config-file',
+          join(dir, 'nodes.conf'),
+          '--cluster-announce-ip',
+          '127.0.0.1',
+        ]
       : []),
     ...(options.args ?? []),
   ];
