@@ -1,32 +1,70 @@
+/**
+ * The example: an order endpoint made safe to retry. Runs on the in-memory backend by default; set REDIS_URL to
+ * share keys (and the order sequence) between several processes through Redis.
+ *
+ *   npm start                                   # MemoryBackend, http://127.0.0.1:3000
+ *   REDIS_URL=redis://127.0.0.1:6379 npm start  # RedisBackend
+ *
+ * Environment: PORT (3000; 0 picks a free one), HOST (127.0.0.1), REDIS_URL, IDEMPOTENCY_PREFIX ('idempotency:').
+ */
 import { randomUUID } from 'node:crypto';
+import type { AddressInfo } from 'node:net';
 import express from 'express';
-import { idempotencyHeader } from '../../src/adapters/express.js';
-import { MemoryBackend } from '../../src/index.js';
+import { type Backend, MemoryBackend } from 'idempotency-header';
+import { idempotencyHeader } from 'idempotency-header/express';
+import { RedisBackend } from 'idempotency-header/redis';
+import { Redis } from 'ioredis';
 
 const port = Number(process.env.PORT ?? 3000);
 const host = process.env.HOST ?? '127.0.0.1';
+const prefix = process.env.IDEMPOTENCY_PREFIX ?? 'idempotency:';
+const redisUrl = process.env.REDIS_URL;
+
+// Fail fast while Redis is away, so that requests get a 503 at once instead of waiting for a reconnect.
+const redis = redisUrl
+  ? new Redis(redisUrl, {
+      enableOfflineQueue: false,
+      maxRetriesPerRequest: 0,
+      autoResendUnfulfilledCommands: false,
+      commandTimeout: 2000,
+    })
+  : undefined;
+redis?.on('error', (error) => console.error('redis:', error.message));
+const backend: Backend = redis ? new RedisBackend({ redis, prefix }) : new MemoryBackend();
+
+/** Order numbers: from Redis when it is shared, so that every process counts the same orders. */
+let localSequence = 0;
+const nextOrderNumber = async () => (redis ? redis.incr(`${prefix}example:order-sequence`) : ++localSequence);
 
 const app = express();
 app.use(express.json());
-app.use(idempotencyHeader({ backend: new MemoryBackend() }));
+app.use(idempotencyHeader({ backend }));
 
-app.post('/orders', (req, res) => {
-  res
-    .status(201)
-    .json({ id: randomUUID(), item: req.body?.item ?? null, createdAt: new Date().toISOString() });
+app.post('/orders', async (req, res, next) => {
+  try {
+    const number = await nextOrderNumber();
+    res
+      .status(201)
+      .location(`/orders/${number}`)
+      .json({ number, item: req.body?.item ?? null, pid: process.pid });
+  } catch (error) {
+    next(error);
+  }
 });
 
-app.listen(port, host, () => {
-  const url = `http://${host}:${port}/orders`;
+const server = app.listen(port, host, () => {
+  const { port: actualPort } = server.address() as AddressInfo;
+  const url = `http://${host}:${actualPort}/orders`;
   const key = randomUUID();
-  console.log(`Example app listening on ${url}`);
+  const curl = `curl -i -X POST ${url} -H 'Idempotency-Key: ${key}' -H 'Content-Type: application/json' -d '{"item":"book"}'`;
+  console.log(`Listening on ${url} (${redis ? 'RedisBackend' : 'MemoryBackend'})`);
   console.log(
-    'Send this twice: the first runs, the second is a replay with the same id and Idempotent-Replayed: true',
+    'Run this twice: the first creates order 1; the second replays it, with Idempotent-Replayed: true.',
   );
-  console.log(
-    `  curl -i -X POST ${url} -H 'Idempotency-Key: ${key}' -H 'Content-Type: application/json' -d '{"item":"book"}'`,
-  );
-  console.log(
-    `  curl -i -X POST ${url} -H 'Idempotency-Key: ${key}' -H 'Content-Type: application/json' -d '{"item":"book"}'`,
-  );
+  console.log(`  ${curl}`);
+  console.log(`  ${curl}`);
 });
+
+const shutdown = () => server.close(() => redis?.disconnect());
+process.on('SIGTERM', shutdown);
+process.on('SIGINT', shutdown);
