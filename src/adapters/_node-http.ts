@@ -161,6 +161,8 @@ type WriteCallback = (error?: Error | null) => void;
 type Write = ServerResponse['write'];
 type End = ServerResponse['end'];
 type WriteHead = ServerResponse['writeHead'];
+/** A replaced method, called with whatever arguments its caller passed. */
+type Original = (this: ServerResponse, ...args: unknown[]) => unknown;
 
 interface CapturedResponse extends ServerResponse {
   [kCapture]?: ResponseCapture;
@@ -183,16 +185,26 @@ class ResponseCapture {
   constructor(
     readonly engine: IdempotencyEngine<never>,
     readonly ticket: Ticket,
-    readonly write: Write,
-    readonly end: End,
-    readonly writeHead: WriteHead,
+    readonly write: Original,
+    readonly end: Original,
+    readonly writeHead: Original,
   ) {}
 }
 
-/** Installs the capture on a response whose request holds the key's lock. */
+/**
+ * Installs the capture on a response whose request holds the key's lock. The patched methods stay in place for
+ * the rest of the response and hand every call to the methods they replaced once capturing is over: putting the
+ * old ones back would cost three stores per request and would undo any wrapper installed after ours.
+ */
 export function captureResponse(res: ServerResponse, engine: IdempotencyEngine<never>, ticket: Ticket): void {
   const captured = res as CapturedResponse;
-  captured[kCapture] = new ResponseCapture(engine, ticket, res.write, res.end, res.writeHead);
+  captured[kCapture] = new ResponseCapture(
+    engine,
+    ticket,
+    res.write as Original,
+    res.end as Original,
+    res.writeHead as Original,
+  );
   captured.write = captureWrite as Write;
   captured.end = captureEnd as End;
   captured.writeHead = captureWriteHead as WriteHead;
@@ -205,6 +217,9 @@ function captureWriteHead(
   reason?: string | OutgoingHttpHeaders | OutgoingHttpHeader[],
   headers?: OutgoingHttpHeaders | OutgoingHttpHeader[],
 ): CapturedResponse {
+  const capture = this[kCapture]!;
+  if (capture.state === DONE)
+    return capture.writeHead.call(this, statusCode, reason, headers) as CapturedResponse;
   this.statusCode = statusCode;
   if (typeof reason === 'string') this.statusMessage = reason;
   else headers = reason;
@@ -247,7 +262,7 @@ function captureWrite(
     encoding = undefined;
   }
   if (!capture.headJudged) judgeHead(this, capture);
-  if (capture.state === DONE) return capture.write.call(this, chunk, encoding as BufferEncoding, callback);
+  if (capture.state === DONE) return capture.write.call(this, chunk, encoding, callback) as boolean;
   hold(this, capture, chunk, encoding);
   if (callback !== undefined) process.nextTick(callback);
   return true;
@@ -269,7 +284,7 @@ function captureEnd(
   }
   if (!capture.headJudged) judgeHead(this, capture);
   if (capture.state === DONE) {
-    capture.end.call(this, chunk, encoding as BufferEncoding, callback);
+    capture.end.call(this, chunk, encoding, callback);
     return this;
   }
   if (chunk !== undefined && chunk !== null)
@@ -298,8 +313,7 @@ function sendHeld(
   body: Buffer,
   callback?: WriteCallback,
 ): void {
-  restore(res, capture);
-  res.end(body, callback);
+  capture.end.call(res, body, callback);
 }
 
 /** Buffers a chunk; past `maxResponseBytes` the response will not be stored, so the key is released. */
@@ -331,22 +345,15 @@ function stream(res: CapturedResponse, capture: ResponseCapture): void {
 
 function flush(res: CapturedResponse, capture: ResponseCapture): void {
   capture.state = DONE;
-  restore(res, capture);
   const { chunks, pendingEnd } = capture;
   capture.chunks = [];
   if (pendingEnd !== undefined) {
     const last = chunks.pop();
-    for (const chunk of chunks) res.write(chunk);
-    res.end(last, pendingEnd === true ? undefined : pendingEnd);
+    for (const chunk of chunks) capture.write.call(res, chunk);
+    capture.end.call(res, last, pendingEnd === true ? undefined : pendingEnd);
     return;
   }
-  for (const chunk of chunks) res.write(chunk);
-}
-
-function restore(res: CapturedResponse, capture: ResponseCapture): void {
-  res.write = capture.write;
-  res.end = capture.end;
-  res.writeHead = capture.writeHead;
+  for (const chunk of chunks) capture.write.call(res, chunk);
 }
 
 /** The client went away before the response was complete: free the key so that a retry runs. */
@@ -378,7 +385,6 @@ export function failResponse(res: ServerResponse): void {
   if (capture !== undefined && capture.state !== DONE) {
     capture.state = DONE;
     capture.chunks = [];
-    restore(res as CapturedResponse, capture);
     capture.engine.release(capture.ticket, 500);
   }
   if (res.headersSent || res.writableEnded) {
