@@ -164,6 +164,13 @@ type WriteHead = ServerResponse['writeHead'];
 /** A replaced method, called with whatever arguments its caller passed. */
 type Original = (this: ServerResponse, ...args: unknown[]) => unknown;
 
+/** The status line and headers of a response the handler ended. */
+interface HeldHead {
+  readonly status: number;
+  readonly message: string | undefined;
+  readonly headers: OutgoingHttpHeaders;
+}
+
 interface CapturedResponse extends ServerResponse {
   [kCapture]?: ResponseCapture;
 }
@@ -181,6 +188,12 @@ class ResponseCapture {
   headJudged = false;
   /** `end()` arrived while a release was pending: its callback (or `true` without one). */
   pendingEnd: WriteCallback | true | undefined;
+  /**
+   * The handler ended the response, which waits for the backend before it goes out. Until then, the status and
+   * headers it ended with are kept here, and later writes (an error handler answering a failure that came after
+   * the response) are ignored, as they would be once a response is sent.
+   */
+  endedHead: HeldHead | undefined;
 
   constructor(
     readonly engine: IdempotencyEngine<never>,
@@ -218,6 +231,7 @@ function captureWriteHead(
   headers?: OutgoingHttpHeaders | OutgoingHttpHeader[],
 ): CapturedResponse {
   const capture = this[kCapture]!;
+  if (capture.endedHead !== undefined) return this;
   if (capture.state === DONE)
     return capture.writeHead.call(this, statusCode, reason, headers) as CapturedResponse;
   this.statusCode = statusCode;
@@ -261,6 +275,10 @@ function captureWrite(
     callback = encoding;
     encoding = undefined;
   }
+  if (capture.endedHead !== undefined) {
+    if (callback !== undefined) process.nextTick(callback, writeAfterEnd());
+    return true;
+  }
   if (!capture.headJudged) judgeHead(this, capture);
   if (capture.state === DONE) return capture.write.call(this, chunk, encoding, callback) as boolean;
   hold(this, capture, chunk, encoding);
@@ -282,6 +300,10 @@ function captureEnd(
     callback = encoding;
     encoding = undefined;
   }
+  if (capture.endedHead !== undefined) {
+    if (callback !== undefined) this.once('finish', () => callback());
+    return this;
+  }
   if (!capture.headJudged) judgeHead(this, capture);
   if (capture.state === DONE) {
     capture.end.call(this, chunk, encoding, callback);
@@ -291,6 +313,7 @@ function captureEnd(
     hold(this, capture, chunk, encoding as BufferEncoding | undefined);
   if (capture.state === RELEASING) {
     capture.pendingEnd = callback ?? true;
+    holdHead(this, capture);
     return this;
   }
   // The whole response is in hand and storable so far: store it, and send it only once the store settled, so
@@ -303,8 +326,39 @@ function captureEnd(
     ? engine.commit(capture.ticket, { status, headers: storableHeaders(this.getHeaders()), body })
     : engine.release(capture.ticket, status);
   if (settled === undefined) sendHeld(this, capture, body, callback);
-  else settled.then(() => sendHeld(this, capture, body, callback));
+  else {
+    holdHead(this, capture);
+    settled.then(() => sendHeld(this, capture, body, callback));
+  }
   return this;
+}
+
+/** Keeps the status and headers the handler ended the response with, while it waits for the backend. */
+function holdHead(res: CapturedResponse, capture: ResponseCapture): void {
+  capture.endedHead = { status: res.statusCode, message: res.statusMessage, headers: res.getHeaders() };
+}
+
+/**
+ * Puts back the status and headers the handler ended with, undoing changes made after its `end()`. A
+ * `Content-Length` added since is corrected rather than removed: removing it would make Node.js send the body
+ * chunked, where the handler's own `end()` would have sent its length.
+ */
+function restoreHead(res: CapturedResponse, capture: ResponseCapture, bodyLength: number): void {
+  const head = capture.endedHead;
+  if (head === undefined) return;
+  capture.endedHead = undefined;
+  for (const name of res.getHeaderNames()) {
+    if (Object.hasOwn(head.headers, name)) continue;
+    if (name === 'content-length') res.setHeader(name, bodyLength);
+    else res.removeHeader(name);
+  }
+  for (const name in head.headers) res.setHeader(name, head.headers[name]!);
+  res.statusCode = head.status;
+  res.statusMessage = head.message as string;
+}
+
+function writeAfterEnd(): Error {
+  return Object.assign(new Error('write after end'), { code: 'ERR_STREAM_WRITE_AFTER_END' });
 }
 
 function sendHeld(
@@ -313,6 +367,7 @@ function sendHeld(
   body: Buffer,
   callback?: WriteCallback,
 ): void {
+  restoreHead(res, capture, body.length);
   capture.end.call(res, body, callback);
 }
 
@@ -348,6 +403,11 @@ function flush(res: CapturedResponse, capture: ResponseCapture): void {
   const { chunks, pendingEnd } = capture;
   capture.chunks = [];
   if (pendingEnd !== undefined) {
+    restoreHead(
+      res,
+      capture,
+      chunks.reduce((total, chunk) => total + chunk.length, 0),
+    );
     const last = chunks.pop();
     for (const chunk of chunks) capture.write.call(res, chunk);
     capture.end.call(res, last, pendingEnd === true ? undefined : pendingEnd);
@@ -382,6 +442,8 @@ const INTERNAL_ERROR = Buffer.from('{"detail":"Internal Server Error"}');
  */
 export function failResponse(res: ServerResponse): void {
   const capture = (res as CapturedResponse)[kCapture];
+  // The handler had ended its response before it failed: that response goes out once the backend settled.
+  if (capture?.endedHead !== undefined) return;
   if (capture !== undefined && capture.state !== DONE) {
     capture.state = DONE;
     capture.chunks = [];

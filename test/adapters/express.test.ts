@@ -1,0 +1,285 @@
+/**
+ * The Express adapter: the adapter contract on Express 5 and Express 4, each with the body parsers mounted before
+ * the middleware and after it, on {@link MemoryBackend}; then what only Express has (routers, `sendFile`,
+ * `redirect`, `res.json`, parsed bodies).
+ */
+import { randomUUID } from 'node:crypto';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { createServer } from 'node:http';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import express from 'express';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { idempotencyHeader } from '../../src/adapters/express.js';
+import { MemoryBackend } from '../../src/backends/memory.js';
+import {
+  createExpressServerFactory,
+  createMemoryBackend,
+  type ExpressModule,
+  express4,
+  listen,
+  send,
+  type TestServer,
+} from '../support/http.js';
+import { describeAdapterContract } from './contract.js';
+
+const VERSIONS: readonly (readonly [string, ExpressModule])[] = [
+  ['Express 5', express],
+  ['Express 4', express4],
+];
+
+for (const [version, expressModule] of VERSIONS) {
+  for (const parsers of ['before', 'after'] as const) {
+    describeAdapterContract(`${version}, body parsers ${parsers} the middleware, MemoryBackend`, {
+      createServer: createExpressServerFactory(expressModule, parsers),
+      createBackend: createMemoryBackend,
+    });
+  }
+}
+
+const REPLAYED = 'idempotent-replayed';
+
+for (const [version, expressModule] of VERSIONS) {
+  describe(`${version}: Express specifics`, () => {
+    const servers: TestServer[] = [];
+    const backends: MemoryBackend[] = [];
+    let files = '';
+
+    beforeAll(async () => {
+      files = await mkdtemp(join(tmpdir(), 'idempotency-express-'));
+      await writeFile(join(files, 'order.json'), '{ "id": 42,\n  "status": "shipped" }\n');
+      await writeFile(join(files, 'note.txt'), 'plain text, not stored\n');
+    });
+
+    afterAll(async () => {
+      await rm(files, { recursive: true, force: true });
+    });
+
+    afterEach(async () => {
+      await Promise.all(servers.splice(0).map((server) => server.close()));
+      for (const backend of backends.splice(0)) backend.close();
+    });
+
+    function newBackend(): MemoryBackend {
+      const backend = new MemoryBackend();
+      backends.push(backend);
+      return backend;
+    }
+
+    async function serve(app: express.Express): Promise<TestServer> {
+      const server = await listen(createServer(app));
+      servers.push(server);
+      return server;
+    }
+
+    it('fingerprints the originalUrl when mounted under routers', async () => {
+      const app = expressModule();
+      app.use(expressModule.json());
+      const middleware = idempotencyHeader({ backend: newBackend() });
+      let runs = 0;
+      for (const prefix of ['/a', '/b']) {
+        const router = expressModule.Router();
+        router.use(middleware);
+        router.post('/orders', (_req, res) => {
+          runs++;
+          res.status(201).json({ prefix, run: runs });
+        });
+        app.use(prefix, router);
+      }
+      const { url } = await serve(app);
+      const key = randomUUID();
+      const body = { item: 'book' };
+
+      const first = await send(`${url}/a/orders`, { key, body });
+      expect(first.status).toBe(201);
+      expect(JSON.parse(first.text)).toEqual({ prefix: '/a', run: 1 });
+      // Inside both routers `req.url` is `/orders`: only the original URL tells the two endpoints apart.
+      const other = await send(`${url}/b/orders`, { key, body });
+      expect(other.status).toBe(422);
+      expect(other.text).toMatch(/different request/);
+      const replay = await send(`${url}/a/orders`, { key, body });
+      expect(replay.headers.get(REPLAYED)).toBe('true');
+      expect(replay.text).toBe(first.text);
+      expect((await send(`${url}/a/orders?page=2`, { key, body })).status).toBe(422);
+      expect(runs).toBe(1);
+    });
+
+    it('stores a JSON file sent with res.sendFile and replays its bytes', async () => {
+      const app = expressModule();
+      app.use(idempotencyHeader({ backend: newBackend() }));
+      let runs = 0;
+      app.post('/file/:name', (req, res, next) => {
+        runs++;
+        res.sendFile(join(files, String(req.params.name)), (error) => {
+          if (error) next(error);
+        });
+      });
+      const { url } = await serve(app);
+
+      const key = randomUUID();
+      const first = await send(`${url}/file/order.json`, { key });
+      expect(first.status).toBe(200);
+      expect(first.headers.get('content-type')).toMatch(/^application\/json/);
+      expect(first.text).toBe('{ "id": 42,\n  "status": "shipped" }\n');
+      const replay = await send(`${url}/file/order.json`, { key });
+      expect(replay.headers.get(REPLAYED)).toBe('true');
+      expect(replay.body.equals(first.body)).toBe(true);
+      expect(replay.headers.get('etag')).toBe(first.headers.get('etag'));
+      expect(replay.headers.get('last-modified')).toBe(first.headers.get('last-modified'));
+      expect(runs).toBe(1);
+
+      const textKey = randomUUID();
+      const text = await send(`${url}/file/note.txt`, { key: textKey });
+      expect(text.text).toBe('plain text, not stored\n');
+      const again = await send(`${url}/file/note.txt`, { key: textKey });
+      expect(again.headers.get(REPLAYED)).toBeNull();
+      expect(again.text).toBe('plain text, not stored\n');
+      expect(runs).toBe(3);
+    });
+
+    it('sends res.redirect as it is, and replays its Location when redirects are stored', async () => {
+      for (const cacheableContentTypes of [undefined, '*'] as const) {
+        const app = expressModule();
+        app.use(
+          idempotencyHeader(
+            cacheableContentTypes === undefined
+              ? { backend: newBackend() }
+              : { backend: newBackend(), cacheableContentTypes },
+          ),
+        );
+        let runs = 0;
+        app.post('/orders', (_req, res) => {
+          runs++;
+          res.redirect(303, `/orders/${runs}`);
+        });
+        const { url } = await serve(app);
+        const key = randomUUID();
+
+        const first = await send(`${url}/orders`, { key, redirect: 'manual' });
+        expect(first.status).toBe(303);
+        expect(first.headers.get('location')).toBe('/orders/1');
+        expect(first.headers.get(REPLAYED)).toBeNull();
+        const retry = await send(`${url}/orders`, { key, redirect: 'manual' });
+        expect(retry.status).toBe(303);
+        if (cacheableContentTypes === undefined) {
+          // A text/plain redirect is not a stored type: the retry ran again.
+          expect(retry.headers.get('location')).toBe('/orders/2');
+          expect(retry.headers.get(REPLAYED)).toBeNull();
+          expect(runs).toBe(2);
+        } else {
+          expect(retry.headers.get('location')).toBe('/orders/1');
+          expect(retry.headers.get(REPLAYED)).toBe('true');
+          expect(retry.body.equals(first.body)).toBe(true);
+          expect(runs).toBe(1);
+        }
+      }
+    });
+
+    it("stores res.json's application/json; charset=utf-8 and replays its ETag", async () => {
+      const app = expressModule();
+      app.use(expressModule.json());
+      app.use(idempotencyHeader({ backend: newBackend() }));
+      let runs = 0;
+      app.post('/orders', (req, res) => {
+        runs++;
+        res
+          .status(201)
+          .location(`/orders/${runs}`)
+          .json({ run: runs, item: (req.body as { item?: string }).item });
+      });
+      const { url } = await serve(app);
+      const key = randomUUID();
+      const first = await send(`${url}/orders`, { key, body: { item: 'pen' } });
+      expect(first.status).toBe(201);
+      expect(first.headers.get('content-type')).toBe('application/json; charset=utf-8');
+      expect(first.text).toBe('{"run":1,"item":"pen"}');
+      const replay = await send(`${url}/orders`, { key, body: { item: 'pen' } });
+      expect(replay.status).toBe(201);
+      expect(replay.headers.get(REPLAYED)).toBe('true');
+      expect(replay.text).toBe(first.text);
+      expect(replay.headers.get('etag')).toBe(first.headers.get('etag'));
+      expect(replay.headers.get('location')).toBe('/orders/1');
+      expect(runs).toBe(1);
+    });
+
+    it('fingerprints a body parsed before it in canonical JSON form, and raw bytes otherwise', async () => {
+      for (const parserFirst of [true, false]) {
+        const app = expressModule();
+        if (parserFirst) app.use(expressModule.json());
+        app.use(idempotencyHeader({ backend: newBackend() }));
+        if (!parserFirst) app.use(expressModule.json());
+        let runs = 0;
+        app.post('/orders', (req, res) => {
+          runs++;
+          res.status(201).json({ run: runs, body: req.body as unknown });
+        });
+        const { url } = await serve(app);
+        const key = randomUUID();
+        const headers = { 'content-type': 'application/json' };
+        const first = await send(`${url}/orders`, { key, headers, body: '{"a":1,"b":[2,3]}' });
+        expect(JSON.parse(first.text)).toEqual({ run: 1, body: { a: 1, b: [2, 3] } });
+        const reordered = await send(`${url}/orders`, { key, headers, body: '{ "b": [2, 3], "a": 1 }' });
+        if (parserFirst) {
+          expect(reordered.headers.get(REPLAYED)).toBe('true');
+          expect(reordered.text).toBe(first.text);
+        } else {
+          expect(reordered.status).toBe(422);
+        }
+        expect(runs).toBe(1);
+      }
+    });
+
+    it('leaves the key free when a route calls next(error)', async () => {
+      const app = expressModule();
+      app.use(idempotencyHeader({ backend: newBackend() }));
+      let runs = 0;
+      app.post('/orders', (_req, res, next) => {
+        runs++;
+        if (runs === 1) return next(new Error('first attempt fails'));
+        res.status(201).json({ run: runs });
+      });
+      app.use(
+        (_error: unknown, _req: express.Request, res: express.Response, _next: express.NextFunction) => {
+          res.status(500).json({ error: 'failed' });
+        },
+      );
+      const { url } = await serve(app);
+      const key = randomUUID();
+      expect((await send(`${url}/orders`, { key })).status).toBe(500);
+      const retry = await send(`${url}/orders`, { key });
+      expect(retry.status).toBe(201);
+      expect(retry.headers.get(REPLAYED)).toBeNull();
+      expect((await send(`${url}/orders`, { key })).headers.get(REPLAYED)).toBe('true');
+      expect(runs).toBe(2);
+    });
+  });
+}
+
+describe('Express 5: async route handlers', () => {
+  it('leaves the key free when an async route rejects', async () => {
+    const backend = new MemoryBackend();
+    const app = express();
+    app.use(idempotencyHeader({ backend }));
+    let runs = 0;
+    app.post('/orders', async (_req, res) => {
+      runs++;
+      if (runs === 1) throw new Error('first attempt fails');
+      res.status(201).json({ run: runs });
+    });
+    app.use((_error: unknown, _req: express.Request, res: express.Response, _next: express.NextFunction) => {
+      res.status(500).json({ error: 'failed' });
+    });
+    const server = await listen(createServer(app));
+    try {
+      const key = randomUUID();
+      expect((await send(`${server.url}/orders`, { key })).status).toBe(500);
+      const retry = await send(`${server.url}/orders`, { key });
+      expect(retry.status).toBe(201);
+      expect(JSON.parse(retry.text)).toEqual({ run: 2 });
+      expect(runs).toBe(2);
+    } finally {
+      await server.close();
+      backend.close();
+    }
+  });
+});
