@@ -78,7 +78,10 @@ function median(values: number[]): number {
   return sorted[Math.floor(sorted.length / 2)]!;
 }
 
-async function scenario(name: string, keys: Keys): Promise<{ name: string; bare: number; idempotent: number }> {
+async function scenario(
+  name: string,
+  keys: Keys,
+): Promise<{ name: string; bare: number; idempotent: number }> {
   const bare: number[] = [];
   const idempotent: number[] = [];
   for (let round = 0; round < rounds; round++) {
@@ -95,8 +98,13 @@ async function scenario(name: string, keys: Keys): Promise<{ name: string; bare:
   return { name, bare: median(bare), idempotent: median(idempotent) };
 }
 
-const results = [await scenario('first-run (new key each request)', 'unique'), await scenario('replay', 'replay')];
-console.log(`\nExpress + express.json(), POST /orders, ${connections} connections, ${duration}s x ${rounds} rounds`);
+const results = [
+  await scenario('first-run (new key each request)', 'unique'),
+  await scenario('replay', 'replay'),
+];
+console.log(
+  `\nExpress + express.json(), POST /orders, ${connections} connections, ${duration}s x ${rounds} rounds`,
+);
 console.log('scenario                             bare req/s   idempotent req/s   ratio');
 for (const { name, bare, idempotent } of results) {
   console.log(
