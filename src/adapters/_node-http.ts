@@ -49,14 +49,27 @@ export function handleNodeRequest<Req extends IncomingMessage>(
     );
   }
   if (!hasBody(req)) return begin(engine, req, res, url, key, EMPTY_BODY, startedAt, next, fail);
-  readRequestBody(req).then(
+  const limit = engine.maxRequestBytes;
+  if (Number(req.headers['content-length']) > limit) {
+    return sendReply(res, engine.bodyTooLarge(method, startedAt), engine.replayHeaderKey);
+  }
+  readRequestBody(req, limit).then(
     (body) => begin(engine, req, res, url, key, body, startedAt, next, fail),
-    (error: unknown) =>
-      fail(
-        new IdempotencyError('ERR_IDEMPOTENCY_BODY', 'The request body could not be read', { cause: error }),
-      ),
+    (error: unknown) => {
+      if (error === BODY_TOO_LARGE)
+        sendReply(res, engine.bodyTooLarge(method, startedAt), engine.replayHeaderKey);
+      else
+        fail(
+          new IdempotencyError('ERR_IDEMPOTENCY_BODY', 'The request body could not be read', {
+            cause: error,
+          }),
+        );
+    },
   );
 }
+
+/** Rejection of {@link readRequestBody} for a body over its limit (a chunked body that announced no length). */
+const BODY_TOO_LARGE = new Error('The request body is over the limit');
 
 /** Marks that no body parser ran: the raw body is read from the request stream. */
 export const READ_STREAM: unique symbol = Symbol('idempotency-header.read-stream');
@@ -114,9 +127,10 @@ function hasBody(req: IncomingMessage): boolean {
 
 /**
  * Reads the whole request body, then puts it back at the front of the stream before the stream reports its end,
- * so that a body parser or handler that runs later reads the same bytes as if nobody had touched them.
+ * so that a body parser or handler that runs later reads the same bytes as if nobody had touched them. Rejects
+ * with {@link BODY_TOO_LARGE} past `limit` bytes, leaving the rest unread.
  */
-export function readRequestBody(req: IncomingMessage): Promise<Buffer> {
+export function readRequestBody(req: IncomingMessage, limit: number): Promise<Buffer> {
   return new Promise((resolve, reject) => {
     const chunks: Buffer[] = [];
     let size = 0;
@@ -131,6 +145,7 @@ export function readRequestBody(req: IncomingMessage): Promise<Buffer> {
       while ((chunk = req.read()) !== null) {
         chunks.push(chunk);
         size += chunk.length;
+        if (size > limit) return onError(BODY_TOO_LARGE);
       }
       // `complete` is set just before the parser pushes the end of the stream, and `read()` returning null after
       // it means every byte is in hand. 'end' is emitted a tick later unless data is unshifted now.

@@ -77,6 +77,7 @@ export class IdempotencyEngine<Req = unknown> {
   readonly #tooLong: EngineReply;
   readonly #badCharacters: EngineReply;
   readonly #emptyKey: EngineReply;
+  readonly #bodyTooLarge: EngineReply;
   readonly #unavailable: EngineReply;
   readonly #leases = new Set<Ticket>();
   #renewTimer: NodeJS.Timeout | undefined;
@@ -102,6 +103,12 @@ export class IdempotencyEngine<Req = unknown> {
       `'${name}' header value must not contain control characters`,
     );
     this.#emptyKey = errorReply(format, 422, `'${name}' header value must not be empty`);
+    this.#bodyTooLarge = errorReply(
+      format,
+      413,
+      `Request body exceeds the ${resolved.maxRequestBytes}-byte limit for requests with an '${name}' header`,
+      [['connection', 'close']],
+    );
     this.#unavailable = errorReply(format, 503, 'Idempotency backend unavailable; retry later');
   }
 
@@ -182,6 +189,20 @@ export class IdempotencyEngine<Req = unknown> {
    */
   isStorable(status: number, contentType: string | undefined): boolean {
     return (status < 500 || this.options.cacheServerErrors) && this.options.isCacheableType(contentType);
+  }
+
+  /** Largest request body an adapter reads for the fingerprint; see {@link bodyTooLarge}. */
+  get maxRequestBytes(): number {
+    return this.options.maxRequestBytes;
+  }
+
+  /**
+   * The 413 reply for a request body over `maxRequestBytes`. It closes the connection, since the rest of the
+   * body is left unread.
+   */
+  bodyTooLarge(method: string, startedAt: number): EngineReply {
+    this.#emit('body-too-large', undefined, method, 413, startedAt);
+    return this.#bodyTooLarge;
   }
 
   /** Largest body the adapter should hold back for storing; past it the response streams and is not stored. */

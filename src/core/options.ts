@@ -12,7 +12,8 @@ export type IdempotencyOutcome =
   | 'missing-key'
   | 'not-stored'
   | 'backend-error'
-  | 'lease-lost';
+  | 'lease-lost'
+  | 'body-too-large';
 
 /** Reported once per handled request through {@link IdempotencyOptions.onEvent}: for logs and metrics. */
 export interface IdempotencyEvent {
@@ -111,6 +112,13 @@ export interface IdempotencyOptions<Req = unknown> {
    */
   maxResponseBytes?: number;
   /**
+   * Largest request body read for the fingerprint, in bytes, when the middleware reads the body itself (no body
+   * parser ran before it; always for `node:http`). A larger body gets 413 before any backend call, so a huge
+   * upload cannot exhaust memory. A parser mounted before the middleware applies its own limit instead.
+   * @default 1048576
+   */
+  maxRequestBytes?: number;
+  /**
    * When the backend fails: `'fail-closed'` answers 503; `'fail-open'` runs the handler without idempotency.
    * @default 'fail-closed'
    */
@@ -137,6 +145,8 @@ export const DEFAULT_APPLICABLE_METHODS: readonly string[] = Object.freeze(['POS
 export const DEFAULT_LOCK_TIMEOUT = 60;
 /** Default of {@link IdempotencyOptions.maxKeyLength}. */
 export const DEFAULT_MAX_KEY_LENGTH = 255;
+/** Default of {@link IdempotencyOptions.maxRequestBytes}: 1 MiB. */
+export const DEFAULT_MAX_REQUEST_BYTES = 1_048_576;
 /** Default of {@link IdempotencyOptions.maxResponseBytes}: 1 MiB. */
 export const DEFAULT_MAX_RESPONSE_BYTES = 1_048_576;
 
@@ -158,6 +168,7 @@ export interface ResolvedOptions<Req> {
   isCacheableType: MediaTypeMatcher;
   cacheServerErrors: boolean;
   maxResponseBytes: number;
+  maxRequestBytes: number;
   failOpen: boolean;
   errorFormat: 'detail' | 'problem';
   onEvent: ((event: IdempotencyEvent) => void) | undefined;
@@ -178,6 +189,7 @@ const KNOWN_OPTIONS = new Set([
   'cacheableContentTypes',
   'cacheServerErrors',
   'maxResponseBytes',
+  'maxRequestBytes',
   'onBackendError',
   'errorFormat',
   'onEvent',
@@ -227,6 +239,7 @@ export function resolveOptions<Req>(options: IdempotencyOptions<Req>): ResolvedO
       options.maxResponseBytes,
       DEFAULT_MAX_RESPONSE_BYTES,
     ),
+    maxRequestBytes: positiveInteger('maxRequestBytes', options.maxRequestBytes, DEFAULT_MAX_REQUEST_BYTES),
     failOpen:
       oneOf('onBackendError', options.onBackendError, ['fail-closed', 'fail-open'] as const) === 'fail-open',
     errorFormat: oneOf('errorFormat', options.errorFormat, ['detail', 'problem'] as const),

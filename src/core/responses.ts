@@ -14,6 +14,7 @@ export interface EngineReply {
 const REASONS: Record<number, string> = {
   400: 'Bad Request',
   409: 'Conflict',
+  413: 'Content Too Large',
   422: 'Unprocessable Content',
   500: 'Internal Server Error',
   503: 'Service Unavailable',

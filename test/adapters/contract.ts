@@ -1202,7 +1202,7 @@ export function describeAdapterContract(name: string, config: AdapterContractCon
       });
 
       it('hands a 2 MB binary body to the app intact after the middleware read it', async () => {
-        const app = await start();
+        const app = await start({ maxRequestBytes: 4 * 1024 * 1024 });
         const key = randomUUID();
         const bytes = randomBytes(2 * 1024 * 1024);
         const headers = { 'content-type': 'application/octet-stream' };

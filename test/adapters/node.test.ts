@@ -3,7 +3,7 @@
  * listener that fails, and control characters that only a lenient HTTP parser lets through.
  */
 import { randomUUID } from 'node:crypto';
-import { createServer, type IncomingMessage, type ServerOptions } from 'node:http';
+import { createServer, type IncomingMessage, request, type ServerOptions } from 'node:http';
 import { afterEach, describe, expect, it } from 'vitest';
 import { type RequestListener, withIdempotency } from '../../src/adapters/node.js';
 import { MemoryBackend } from '../../src/backends/memory.js';
@@ -137,6 +137,79 @@ describe('withIdempotency', () => {
       expect(JSON.parse(result.text)).toEqual({ detail: expect.stringMatching(/control characters/) });
     }
     expect(runs).toBe(0);
+  });
+
+  describe('maxRequestBytes', () => {
+    const LIMIT = 1024;
+
+    async function serveWithLimit() {
+      let runs = 0;
+      const events: IdempotencyEvent[] = [];
+      const backend = new MemoryBackend();
+      backends.push(backend);
+      const listener = withIdempotency(
+        async (req, res) => {
+          runs++;
+          const body = await readAll(req);
+          res.writeHead(201, { 'content-type': 'application/json' });
+          res.end(JSON.stringify({ bytes: body.length }));
+        },
+        { backend, maxRequestBytes: LIMIT, onEvent: (event) => events.push(event) },
+      );
+      const server = await listen(createServer(listener));
+      servers.push(server);
+      return { url: server.url, events, runs: () => runs };
+    }
+
+    /** Sends `size` bytes in chunked transfer encoding, so that no Content-Length announces the size. */
+    function sendChunked(url: string, key: string, size: number): Promise<{ status: number; body: string }> {
+      return new Promise((resolve, reject) => {
+        const req = request(url, { method: 'POST', headers: { 'idempotency-key': key } }, (res) => {
+          readAll(res).then(
+            (body) => resolve({ status: res.statusCode ?? 0, body: body.toString() }),
+            reject,
+          );
+        });
+        // The server may answer and close before the whole body is written.
+        req.on('error', (error: NodeJS.ErrnoException) =>
+          error.code === 'EPIPE' ? undefined : reject(error),
+        );
+        for (let sent = 0; sent < size; sent += 256) req.write(Buffer.alloc(256, 7));
+        req.end();
+      });
+    }
+
+    it('answers 413 to a body over the limit without running the listener or touching the backend', async () => {
+      const app = await serveWithLimit();
+      const result = await send(`${app.url}/upload`, { key: randomUUID(), body: Buffer.alloc(LIMIT + 1, 1) });
+      expect(result.status).toBe(413);
+      expect(JSON.parse(result.text)).toEqual({
+        detail: `Request body exceeds the ${LIMIT}-byte limit for requests with an 'Idempotency-Key' header`,
+      });
+      expect(app.runs()).toBe(0);
+      expect(app.events.map((event) => [event.outcome, event.status])).toEqual([['body-too-large', 413]]);
+    });
+
+    it('answers 413 to a chunked body that grows over the limit', async () => {
+      const app = await serveWithLimit();
+      const result = await sendChunked(`${app.url}/upload`, randomUUID(), LIMIT * 4);
+      expect(result.status).toBe(413);
+      expect(result.body).toContain('byte limit');
+      expect(app.runs()).toBe(0);
+    });
+
+    it('runs a body of exactly the limit, and one without a key whatever its size', async () => {
+      const app = await serveWithLimit();
+      const atLimit = await send(`${app.url}/upload`, { key: randomUUID(), body: Buffer.alloc(LIMIT, 1) });
+      expect(atLimit.status).toBe(201);
+      expect(JSON.parse(atLimit.text)).toEqual({ bytes: LIMIT });
+      const chunked = await sendChunked(`${app.url}/upload`, randomUUID(), LIMIT);
+      expect(chunked.status).toBe(201);
+      const unkeyed = await send(`${app.url}/upload`, { body: Buffer.alloc(LIMIT * 8, 1) });
+      expect(unkeyed.status).toBe(201);
+      expect(JSON.parse(unkeyed.text)).toEqual({ bytes: LIMIT * 8 });
+      expect(app.runs()).toBe(3);
+    });
   });
 
   it('refuses a listener that is not a function', () => {

@@ -8,6 +8,7 @@ import {
   DEFAULT_IDEMPOTENCY_HEADER_KEY,
   DEFAULT_LOCK_TIMEOUT,
   DEFAULT_MAX_KEY_LENGTH,
+  DEFAULT_MAX_REQUEST_BYTES,
   DEFAULT_MAX_RESPONSE_BYTES,
   DEFAULT_REPLAY_HEADER_KEY,
   type IdempotencyOptions,
@@ -87,6 +88,9 @@ const INVALID: readonly [string, unknown][] = [
   ['maxResponseBytes', 0],
   ['maxResponseBytes', 1.5],
   ['maxResponseBytes', '1MB'],
+  ['maxRequestBytes', 0],
+  ['maxRequestBytes', -5],
+  ['maxRequestBytes', Number.POSITIVE_INFINITY],
   ['onBackendError', 'open'],
   ['onBackendError', 'fail_closed'],
   ['onBackendError', true],
@@ -120,6 +124,7 @@ describe('options', () => {
         'cacheableContentTypes',
         'cacheServerErrors',
         'maxResponseBytes',
+        'maxRequestBytes',
         'onBackendError',
         'errorFormat',
         'onEvent',
@@ -220,6 +225,8 @@ describe('options', () => {
       expect(options.cacheServerErrors).toBe(false);
       expect(options.maxResponseBytes).toBe(DEFAULT_MAX_RESPONSE_BYTES);
       expect(options.maxResponseBytes).toBe(1_048_576);
+      expect(options.maxRequestBytes).toBe(DEFAULT_MAX_REQUEST_BYTES);
+      expect(options.maxRequestBytes).toBe(1_048_576);
       expect(options.failOpen).toBe(false);
       expect(options.errorFormat).toBe('detail');
       expect(options.onEvent).toBeUndefined();
