@@ -1,11 +1,10 @@
 /**
- * The server side of the benchmark, run in its own process so that the load generator does not share its core.
- * Usage: tsx bench/server.ts <bare|idempotent>; prints the port it listens on.
+ * The server side of the benchmark, run in its own process with plain Node.js on the built package (dist/), as
+ * users run it. Usage: node bench/server.mjs <bare|idempotent>; prints the port it listens on.
  */
-import type { AddressInfo } from 'node:net';
 import express from 'express';
-import { idempotencyHeader } from '../src/adapters/express.js';
-import { MemoryBackend } from '../src/index.js';
+import { idempotencyHeader } from '../dist/express.mjs';
+import { MemoryBackend } from '../dist/index.mjs';
 
 const mode = process.argv[2] ?? 'bare';
 const app = express();
@@ -20,6 +19,6 @@ app.post('/orders', (req, res) => {
 });
 
 const server = app.listen(0, '127.0.0.1', () => {
-  process.stdout.write(`${(server.address() as AddressInfo).port}\n`);
+  process.stdout.write(`${server.address().port}\n`);
 });
 process.on('SIGTERM', () => server.close(() => process.exit(0)));
