@@ -220,23 +220,72 @@ class ResponseCapture {
 }
 
 /**
- * Installs the capture on a response whose request holds the key's lock. The patched methods stay in place for
- * the rest of the response and hand every call to the methods they replaced once capturing is over: putting the
- * old ones back would cost three stores per request and would undo any wrapper installed after ours.
+ * Installs the capture on a response whose request holds the key's lock. The capturing methods stay in place for
+ * the rest of the response and hand every call to the methods they replaced once capturing is over.
+ *
+ * The usual way in is one prototype swap: the response gets a prototype that adds the capturing `write`, `end`
+ * and `writeHead` in front of its own (one per original prototype, made once). Assigning three methods to every
+ * response costs far more: each assignment of a name its long, dictionary-mode prototype chain already has (an
+ * Express response's has five links) goes through the slow path, and measured with callgrind the swap takes
+ * about 10 % fewer instructions per request through Express. A response whose methods another middleware has
+ * already replaced on the instance (compression, on-headers) is wrapped on the instance instead, so that its
+ * wrappers keep working.
  */
 export function captureResponse(res: ServerResponse, engine: IdempotencyEngine<never>, ticket: Ticket): void {
   const captured = res as CapturedResponse;
-  captured[kCapture] = new ResponseCapture(
-    engine,
-    ticket,
-    res.write as Original,
-    res.end as Original,
-    res.writeHead as Original,
-  );
-  captured.write = captureWrite as Write;
-  captured.end = captureEnd as End;
-  captured.writeHead = captureWriteHead as WriteHead;
+  if (Object.hasOwn(res, 'write') || Object.hasOwn(res, 'end') || Object.hasOwn(res, 'writeHead')) {
+    captured[kCapture] = new ResponseCapture(
+      engine,
+      ticket,
+      res.write as Original,
+      res.end as Original,
+      res.writeHead as Original,
+    );
+    captured.write = captureWrite as Write;
+    captured.end = captureEnd as End;
+    captured.writeHead = captureWriteHead as WriteHead;
+  } else {
+    const capturing = capturingPrototypeFor(Object.getPrototypeOf(res) as object);
+    captured[kCapture] = new ResponseCapture(
+      engine,
+      ticket,
+      capturing.write,
+      capturing.end,
+      capturing.writeHead,
+    );
+    Object.setPrototypeOf(res, capturing.prototype);
+  }
   captured.on('close', onResponseClose);
+}
+
+/** A prototype that puts the capturing methods in front of `parent`'s, and the methods it puts them in front of. */
+interface CapturingPrototype {
+  readonly prototype: object;
+  readonly write: Original;
+  readonly end: Original;
+  readonly writeHead: Original;
+}
+
+const capturingPrototypes = new WeakMap<object, CapturingPrototype>();
+
+function capturingPrototypeFor(parent: object): CapturingPrototype {
+  let capturing = capturingPrototypes.get(parent);
+  if (capturing === undefined) {
+    const methods = parent as ServerResponse;
+    const method = (value: unknown): PropertyDescriptor => ({ value, writable: true, configurable: true });
+    capturing = {
+      prototype: Object.create(parent, {
+        write: method(captureWrite),
+        end: method(captureEnd),
+        writeHead: method(captureWriteHead),
+      }) as object,
+      write: methods.write as Original,
+      end: methods.end as Original,
+      writeHead: methods.writeHead as Original,
+    };
+    capturingPrototypes.set(parent, capturing);
+  }
+  return capturing;
 }
 
 function captureWriteHead(
