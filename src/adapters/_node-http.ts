@@ -368,7 +368,9 @@ function captureEnd(
     if (callback !== undefined) this.once('finish', () => callback());
     return this;
   }
-  if (!capture.headJudged) judgeHead(this, capture);
+  // Judged here and now (a single `end(body)`, the usual case): the status and type cannot have changed since.
+  const judgedNow = !capture.headJudged;
+  if (judgedNow) judgeHead(this, capture);
   if (capture.state === DONE) {
     capture.end.call(this, chunk, encoding, callback);
     return this;
@@ -386,9 +388,10 @@ function captureEnd(
   const body = capture.chunks.length === 1 ? capture.chunks[0]! : Buffer.concat(capture.chunks, capture.size);
   const status = this.statusCode;
   const engine = capture.engine;
-  const settled = engine.isStorable(status, contentTypeOf(this))
-    ? engine.commit(capture.ticket, { status, headers: storableHeaders(this.getHeaders()), body })
-    : engine.release(capture.ticket, status);
+  const settled =
+    judgedNow || engine.isStorable(status, contentTypeOf(this))
+      ? engine.commit(capture.ticket, { status, headers: storableHeaders(this.getHeaders()), body })
+      : engine.release(capture.ticket, status);
   if (settled === undefined) sendHeld(this, capture, body, callback);
   else {
     holdHead(this, capture);
