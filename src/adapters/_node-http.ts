@@ -278,6 +278,7 @@ function capturingPrototypeFor(parent: object): CapturingPrototype {
         write: method(captureWrite),
         end: method(captureEnd),
         writeHead: method(captureWriteHead),
+        headersSent: { get: capturedHeadersSent, configurable: true },
       }) as object,
       write: methods.write as Original,
       end: methods.end as Original,
@@ -286,6 +287,31 @@ function capturingPrototypeFor(parent: object): CapturingPrototype {
     capturingPrototypes.set(parent, capturing);
   }
   return capturing;
+}
+
+/**
+ * Node.js sends a response's head with its first write. While that head is held back, the response still reports
+ * it as sent, so that code which checks (Express's final handler, after a handler wrote part of a response and
+ * then failed) cuts the connection as it would without the middleware, instead of adding an error body to the
+ * held bytes. A response the handler ended reports the truth: it is sent as soon as the backend answers.
+ */
+function capturedHeadersSent(this: CapturedResponse): boolean {
+  const capture = this[kCapture];
+  if (capture?.headJudged && capture.state !== DONE && capture.endedHead === undefined) return true;
+  return realHeadersSent(this);
+}
+
+function realHeadersSent(res: ServerResponse): boolean {
+  for (
+    let proto = Object.getPrototypeOf(Object.getPrototypeOf(res));
+    proto !== null;
+    proto = Object.getPrototypeOf(proto)
+  ) {
+    const descriptor = Object.getOwnPropertyDescriptor(proto, 'headersSent');
+    if (descriptor !== undefined)
+      return Boolean(descriptor.get ? descriptor.get.call(res) : descriptor.value);
+  }
+  return false;
 }
 
 function captureWriteHead(

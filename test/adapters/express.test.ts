@@ -72,6 +72,40 @@ for (const [version, expressModule] of VERSIONS) {
       return server;
     }
 
+    it('cuts the connection, as Express does, when a handler fails after writing part of a response', async () => {
+      const app = expressModule();
+      app.use(expressModule.json());
+      app.use(idempotencyHeader({ backend: newBackend() }));
+      let runs = 0;
+      app.post('/partial', (_req, res, next) => {
+        runs++;
+        res.setHeader('content-type', 'application/json');
+        if (runs === 1) {
+          res.write('{"half":');
+          next(new Error('failed halfway'));
+          return;
+        }
+        res.status(201).end('{"whole":true}');
+      });
+      app.use((_error: unknown, _req: express.Request, res: express.Response, next: express.NextFunction) => {
+        // Express's own final handler makes the same check.
+        if (res.headersSent) return next(_error);
+        res.status(500).json({ detail: 'error page' });
+      });
+      const server = await serve(app);
+      const key = randomUUID();
+      const first = fetch(`${server.url}/partial`, {
+        method: 'POST',
+        headers: { 'idempotency-key': key, 'content-type': 'application/json' },
+        body: '{}',
+      }).then((response) => response.text());
+      await expect(first).rejects.toThrow();
+      const retry = await send(`${server.url}/partial`, { key, body: {} });
+      expect(retry.status).toBe(201);
+      expect(retry.text).toBe('{"whole":true}');
+      expect(runs).toBe(2);
+    });
+
     it('fingerprints the originalUrl when mounted under routers', async () => {
       const app = expressModule();
       app.use(expressModule.json());
