@@ -170,7 +170,11 @@ const CAPTURING = 0;
 const RELEASING = 1;
 const DONE = 2;
 
-const kCapture = Symbol('idempotency-header.capture');
+/**
+ * The capture of each response being captured. A WeakMap rather than a property: adding a property to a response
+ * goes through V8's slow path (its prototype chain is long and in dictionary mode), a WeakMap entry does not.
+ */
+const captures = new WeakMap<ServerResponse, ResponseCapture>();
 
 type WriteCallback = (error?: Error | null) => void;
 type Write = ServerResponse['write'];
@@ -186,9 +190,7 @@ interface HeldHead {
   readonly headers: OutgoingHttpHeaders;
 }
 
-interface CapturedResponse extends ServerResponse {
-  [kCapture]?: ResponseCapture;
-}
+type CapturedResponse = ServerResponse;
 
 /**
  * Holds a response back while the handler writes it: the status, the headers and every body chunk, until the
@@ -234,24 +236,24 @@ class ResponseCapture {
 export function captureResponse(res: ServerResponse, engine: IdempotencyEngine<never>, ticket: Ticket): void {
   const captured = res as CapturedResponse;
   if (Object.hasOwn(res, 'write') || Object.hasOwn(res, 'end') || Object.hasOwn(res, 'writeHead')) {
-    captured[kCapture] = new ResponseCapture(
-      engine,
-      ticket,
-      res.write as Original,
-      res.end as Original,
-      res.writeHead as Original,
+    captures.set(
+      res,
+      new ResponseCapture(
+        engine,
+        ticket,
+        res.write as Original,
+        res.end as Original,
+        res.writeHead as Original,
+      ),
     );
     captured.write = captureWrite as Write;
     captured.end = captureEnd as End;
     captured.writeHead = captureWriteHead as WriteHead;
   } else {
     const capturing = capturingPrototypeFor(Object.getPrototypeOf(res) as object);
-    captured[kCapture] = new ResponseCapture(
-      engine,
-      ticket,
-      capturing.write,
-      capturing.end,
-      capturing.writeHead,
+    captures.set(
+      res,
+      new ResponseCapture(engine, ticket, capturing.write, capturing.end, capturing.writeHead),
     );
     Object.setPrototypeOf(res, capturing.prototype);
   }
@@ -296,7 +298,7 @@ function capturingPrototypeFor(parent: object): CapturingPrototype {
  * held bytes. A response the handler ended reports the truth: it is sent as soon as the backend answers.
  */
 function capturedHeadersSent(this: CapturedResponse): boolean {
-  const capture = this[kCapture];
+  const capture = captures.get(this);
   if (capture?.headJudged && capture.state !== DONE && capture.endedHead === undefined) return true;
   return realHeadersSent(this);
 }
@@ -320,7 +322,7 @@ function captureWriteHead(
   reason?: string | OutgoingHttpHeaders | OutgoingHttpHeader[],
   headers?: OutgoingHttpHeaders | OutgoingHttpHeader[],
 ): CapturedResponse {
-  const capture = this[kCapture]!;
+  const capture = captures.get(this)!;
   if (capture.endedHead !== undefined) return this;
   if (capture.state === DONE)
     return capture.writeHead.call(this, statusCode, reason, headers) as CapturedResponse;
@@ -360,7 +362,7 @@ function captureWrite(
   encoding?: BufferEncoding | WriteCallback,
   callback?: WriteCallback,
 ): boolean {
-  const capture = this[kCapture]!;
+  const capture = captures.get(this)!;
   if (typeof encoding === 'function') {
     callback = encoding;
     encoding = undefined;
@@ -382,7 +384,7 @@ function captureEnd(
   encoding?: BufferEncoding | WriteCallback,
   callback?: WriteCallback,
 ): CapturedResponse {
-  const capture = this[kCapture]!;
+  const capture = captures.get(this)!;
   if (typeof chunk === 'function') {
     callback = chunk as WriteCallback;
     chunk = undefined;
@@ -511,7 +513,7 @@ function flush(res: CapturedResponse, capture: ResponseCapture): void {
 
 /** The client went away before the response was complete: free the key so that a retry runs. */
 function onResponseClose(this: CapturedResponse): void {
-  const capture = this[kCapture];
+  const capture = captures.get(this);
   if (capture !== undefined && capture.state !== DONE) capture.engine.release(capture.ticket, undefined);
 }
 
@@ -534,7 +536,7 @@ const INTERNAL_ERROR = Buffer.from('{"detail":"Internal Server Error"}');
  * held back, and sends a 500, or cuts the connection when part of the response already went out.
  */
 export function failResponse(res: ServerResponse): void {
-  const capture = (res as CapturedResponse)[kCapture];
+  const capture = captures.get(res);
   // The handler had ended its response before it failed: that response goes out once the backend settled.
   if (capture?.endedHead !== undefined) return;
   if (capture !== undefined && capture.state !== DONE) {
