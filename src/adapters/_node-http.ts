@@ -6,8 +6,8 @@ import { type EngineReply, storableHeaders } from '../core/responses.js';
 
 /**
  * The request/response plumbing shared by every adapter built on `node:http` objects (Express, Connect,
- * `node:http` itself). Nothing here allocates a closure on the common path: per-request state lives on one
- * object hung off the response, and the patched methods are shared functions that find it there.
+ * `node:http` itself). Nothing here allocates a closure on the common path: per-request state lives in one
+ * object per response, kept in a WeakMap, and the capturing methods are shared functions that look it up.
  */
 
 /** Continues the chain: runs the handler (or the next middleware). */
