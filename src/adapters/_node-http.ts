@@ -190,8 +190,6 @@ interface HeldHead {
   readonly headers: OutgoingHttpHeaders;
 }
 
-type CapturedResponse = ServerResponse;
-
 /**
  * Holds a response back while the handler writes it: the status, the headers and every body chunk, until the
  * handler ends it. Then the response is stored (or the key released) and only after that does the first byte go
@@ -234,38 +232,35 @@ class ResponseCapture {
  * wrappers keep working.
  */
 export function captureResponse(res: ServerResponse, engine: IdempotencyEngine<never>, ticket: Ticket): void {
-  const captured = res as CapturedResponse;
+  let originals: Originals;
   if (Object.hasOwn(res, 'write') || Object.hasOwn(res, 'end') || Object.hasOwn(res, 'writeHead')) {
-    captures.set(
-      res,
-      new ResponseCapture(
-        engine,
-        ticket,
-        res.write as Original,
-        res.end as Original,
-        res.writeHead as Original,
-      ),
-    );
-    captured.write = captureWrite as Write;
-    captured.end = captureEnd as End;
-    captured.writeHead = captureWriteHead as WriteHead;
+    originals = {
+      write: res.write as Original,
+      end: res.end as Original,
+      writeHead: res.writeHead as Original,
+    };
+    res.write = captureWrite as Write;
+    res.end = captureEnd as End;
+    res.writeHead = captureWriteHead as WriteHead;
   } else {
     const capturing = capturingPrototypeFor(Object.getPrototypeOf(res) as object);
-    captures.set(
-      res,
-      new ResponseCapture(engine, ticket, capturing.write, capturing.end, capturing.writeHead),
-    );
+    originals = capturing;
     Object.setPrototypeOf(res, capturing.prototype);
   }
-  captured.on('close', onResponseClose);
+  captures.set(res, new ResponseCapture(engine, ticket, originals.write, originals.end, originals.writeHead));
+  res.on('close', onResponseClose);
 }
 
-/** A prototype that puts the capturing methods in front of `parent`'s, and the methods it puts them in front of. */
-interface CapturingPrototype {
-  readonly prototype: object;
+/** The methods the capturing ones stand in front of. */
+interface Originals {
   readonly write: Original;
   readonly end: Original;
   readonly writeHead: Original;
+}
+
+/** A prototype that puts the capturing methods in front of `parent`'s, and the methods it puts them in front of. */
+interface CapturingPrototype extends Originals {
+  readonly prototype: object;
 }
 
 const capturingPrototypes = new WeakMap<object, CapturingPrototype>();
@@ -280,7 +275,7 @@ function capturingPrototypeFor(parent: object): CapturingPrototype {
         write: method(captureWrite),
         end: method(captureEnd),
         writeHead: method(captureWriteHead),
-        headersSent: { get: capturedHeadersSent, configurable: true },
+        headersSent: { get: capturedHeadersSentGetter(parent), configurable: true },
       }) as object,
       write: methods.write as Original,
       end: methods.end as Original,
@@ -296,36 +291,35 @@ function capturingPrototypeFor(parent: object): CapturingPrototype {
  * it as sent, so that code which checks (Express's final handler, after a handler wrote part of a response and
  * then failed) cuts the connection as it would without the middleware, instead of adding an error body to the
  * held bytes. A response the handler ended reports the truth: it is sent as soon as the backend answers.
+ * Made once per prototype: the parent's own `headersSent` is looked up here, not on every read.
  */
-function capturedHeadersSent(this: CapturedResponse): boolean {
-  const capture = captures.get(this);
-  if (capture?.headJudged && capture.state !== DONE && capture.endedHead === undefined) return true;
-  return realHeadersSent(this);
+function capturedHeadersSentGetter(parent: object): (this: ServerResponse) => boolean {
+  const parentGetter = findGetter(parent, 'headersSent');
+  return function headersSent() {
+    const capture = captures.get(this);
+    if (capture?.headJudged && capture.state !== DONE && capture.endedHead === undefined) return true;
+    return parentGetter === undefined ? false : Boolean(parentGetter.call(this));
+  };
 }
 
-function realHeadersSent(res: ServerResponse): boolean {
-  for (
-    let proto = Object.getPrototypeOf(Object.getPrototypeOf(res));
-    proto !== null;
-    proto = Object.getPrototypeOf(proto)
-  ) {
-    const descriptor = Object.getOwnPropertyDescriptor(proto, 'headersSent');
-    if (descriptor !== undefined)
-      return Boolean(descriptor.get ? descriptor.get.call(res) : descriptor.value);
+function findGetter(from: object | null, name: string): (() => unknown) | undefined {
+  for (let proto = from; proto !== null; proto = Object.getPrototypeOf(proto)) {
+    const descriptor = Object.getOwnPropertyDescriptor(proto, name);
+    if (descriptor !== undefined) return descriptor.get;
   }
-  return false;
+  return undefined;
 }
 
 function captureWriteHead(
-  this: CapturedResponse,
+  this: ServerResponse,
   statusCode: number,
   reason?: string | OutgoingHttpHeaders | OutgoingHttpHeader[],
   headers?: OutgoingHttpHeaders | OutgoingHttpHeader[],
-): CapturedResponse {
+): ServerResponse {
   const capture = captures.get(this)!;
   if (capture.endedHead !== undefined) return this;
   if (capture.state === DONE)
-    return capture.writeHead.call(this, statusCode, reason, headers) as CapturedResponse;
+    return capture.writeHead.call(this, statusCode, reason, headers) as ServerResponse;
   this.statusCode = statusCode;
   if (typeof reason === 'string') this.statusMessage = reason;
   else headers = reason;
@@ -357,7 +351,7 @@ function collectNames(list: readonly OutgoingHttpHeader[], pairs: boolean): stri
 }
 
 function captureWrite(
-  this: CapturedResponse,
+  this: ServerResponse,
   chunk: unknown,
   encoding?: BufferEncoding | WriteCallback,
   callback?: WriteCallback,
@@ -379,11 +373,11 @@ function captureWrite(
 }
 
 function captureEnd(
-  this: CapturedResponse,
+  this: ServerResponse,
   chunk?: unknown,
   encoding?: BufferEncoding | WriteCallback,
   callback?: WriteCallback,
-): CapturedResponse {
+): ServerResponse {
   const capture = captures.get(this)!;
   if (typeof chunk === 'function') {
     callback = chunk as WriteCallback;
@@ -429,7 +423,7 @@ function captureEnd(
 }
 
 /** Keeps the status and headers the handler ended the response with, while it waits for the backend. */
-function holdHead(res: CapturedResponse, capture: ResponseCapture): void {
+function holdHead(res: ServerResponse, capture: ResponseCapture): void {
   capture.endedHead = { status: res.statusCode, message: res.statusMessage, headers: res.getHeaders() };
 }
 
@@ -438,7 +432,7 @@ function holdHead(res: CapturedResponse, capture: ResponseCapture): void {
  * `Content-Length` added since is corrected rather than removed: removing it would make Node.js send the body
  * chunked, where the handler's own `end()` would have sent its length.
  */
-function restoreHead(res: CapturedResponse, capture: ResponseCapture, bodyLength: number): void {
+function restoreHead(res: ServerResponse, capture: ResponseCapture, bodyLength: number): void {
   const head = capture.endedHead;
   if (head === undefined) return;
   capture.endedHead = undefined;
@@ -457,7 +451,7 @@ function writeAfterEnd(): Error {
 }
 
 function sendHeld(
-  res: CapturedResponse,
+  res: ServerResponse,
   capture: ResponseCapture,
   body: Buffer,
   callback?: WriteCallback,
@@ -468,7 +462,7 @@ function sendHeld(
 
 /** Buffers a chunk; past `maxResponseBytes` the response will not be stored, so the key is released. */
 function hold(
-  res: CapturedResponse,
+  res: ServerResponse,
   capture: ResponseCapture,
   chunk: unknown,
   encoding?: BufferEncoding,
@@ -480,20 +474,20 @@ function hold(
 }
 
 /** Decides from the status and type, at the first write, whether holding the response back is worth it. */
-function judgeHead(res: CapturedResponse, capture: ResponseCapture): void {
+function judgeHead(res: ServerResponse, capture: ResponseCapture): void {
   capture.headJudged = true;
   if (!capture.engine.isStorable(res.statusCode, contentTypeOf(res))) stream(res, capture);
 }
 
 /** Gives up storing: releases the key, then sends what was held and lets later writes through. */
-function stream(res: CapturedResponse, capture: ResponseCapture): void {
+function stream(res: ServerResponse, capture: ResponseCapture): void {
   capture.state = RELEASING;
   const released = capture.engine.release(capture.ticket, res.statusCode);
   if (released === undefined) flush(res, capture);
   else released.then(() => flush(res, capture));
 }
 
-function flush(res: CapturedResponse, capture: ResponseCapture): void {
+function flush(res: ServerResponse, capture: ResponseCapture): void {
   capture.state = DONE;
   const { chunks, pendingEnd } = capture;
   capture.chunks = [];
@@ -512,7 +506,7 @@ function flush(res: CapturedResponse, capture: ResponseCapture): void {
 }
 
 /** The client went away before the response was complete: free the key so that a retry runs. */
-function onResponseClose(this: CapturedResponse): void {
+function onResponseClose(this: ServerResponse): void {
   const capture = captures.get(this);
   if (capture !== undefined && capture.state !== DONE) capture.engine.release(capture.ticket, undefined);
 }
