@@ -1,19 +1,30 @@
 /**
- * `idempotency-header`: the core. Backends, the engine adapters are built on, and the types and errors they
- * share. Framework adapters live in subpath exports (`idempotency-header/express`, `idempotency-header/node`).
+ * `idempotency-header`: the core. The in-memory backend, the `Backend` interface and its record types for
+ * writing other backends, the engine for writing adapters, the options and event types, and the error class.
+ * Framework adapters and the other backends live in subpath exports (`idempotency-header/express`,
+ * `idempotency-header/node`, `idempotency-header/redis`, …).
  *
  * @packageDocumentation
  */
 export {
+  DEFAULT_MAX_BYTES,
   DEFAULT_MAX_ENTRIES,
   DEFAULT_SWEEP_INTERVAL_MS,
   MemoryBackend,
   type MemoryBackendOptions,
 } from './backends/memory.js';
-export { type BeginResult, IdempotencyEngine, type PassResult, Ticket } from './core/engine.js';
+export type { Sha256 } from './core/digest.js';
+export {
+  type BeginResult,
+  type EngineRuntime,
+  type FinishedResponse,
+  IdempotencyEngine,
+  type PassResult,
+  type ResponsePlan,
+  type Ticket,
+} from './core/engine.js';
 export { IdempotencyError, type IdempotencyErrorCode } from './core/errors.js';
-export { canonicalJson, computeFingerprint, type RequestBody } from './core/fingerprint.js';
-export { isUuid4, unquoteKey } from './core/key.js';
+export type { RequestBody } from './core/fingerprint.js';
 export {
   DEFAULT_APPLICABLE_METHODS,
   DEFAULT_EXPIRY,
@@ -22,13 +33,14 @@ export {
   DEFAULT_MAX_KEY_LENGTH,
   DEFAULT_MAX_REQUEST_BYTES,
   DEFAULT_MAX_RESPONSE_BYTES,
+  DEFAULT_RELEASE_STATUSES,
   DEFAULT_REPLAY_HEADER_KEY,
   type IdempotencyEvent,
   type IdempotencyOptions,
   type IdempotencyOutcome,
-  type ResolvedOptions,
+  MIN_LOCK_TIMEOUT,
 } from './core/options.js';
-export { type EngineReply, storableHeaders } from './core/responses.js';
+export type { EngineReply } from './core/responses.js';
 export type {
   AcquiredResult,
   AcquireResult,

@@ -1,8 +1,7 @@
 import type { NextFunction, Request, Response } from 'express';
-import { IdempotencyEngine } from '../core/engine.js';
 import type { RequestBody } from '../core/fingerprint.js';
 import type { IdempotencyOptions } from '../core/options.js';
-import { handleNodeRequest, READ_STREAM } from './_node-http.js';
+import { createNodeEngine, handleNodeRequest, READ_STREAM } from './node-http/flow.js';
 
 /** Options of the Express middleware: every engine option, with `scope` and `fingerprint` given Express's request. */
 export type ExpressIdempotencyOptions = IdempotencyOptions<Request>;
@@ -16,10 +15,11 @@ export type ExpressIdempotencyMiddleware = (req: Request, res: Response, next: N
  * `Idempotent-Replayed: true`, a repeat while the first still runs gets 409, and a key reused for a different
  * request gets 422.
  *
- * Mount it before the routes it protects. It works before or after a body parser: after `express.json()` the
- * fingerprint hashes the parsed body in canonical JSON form; before it, the raw bytes, which it reads and puts
- * back for the parser. The path in the fingerprint is `req.originalUrl`, so mounting under a router does not
- * change it.
+ * Mount it after authentication and before the routes it protects. It works before or after a body parser:
+ * before it, the fingerprint hashes the raw bytes, which it reads and puts back for the parser; after Express's
+ * parsers (`express.json()`, `express.urlencoded()`, `express.text()`, `express.raw()`), the raw bytes if the
+ * parser's `verify` kept them as `req.rawBody`, or else the parsed body in canonical JSON form. The path in
+ * the fingerprint is `req.originalUrl`, so mounting under a router does not change it.
  *
  * @example
  * ```ts
@@ -34,13 +34,27 @@ export type ExpressIdempotencyMiddleware = (req: Request, res: Response, next: N
  * ```
  */
 export function idempotencyHeader(options: ExpressIdempotencyOptions): ExpressIdempotencyMiddleware {
-  const engine = new IdempotencyEngine<Request>(options);
+  const engine = createNodeEngine<Request>(options);
   return function idempotencyHeader(req, res, next) {
-    handleNodeRequest(engine, req, res, req.originalUrl ?? req.url, parsedBodyOf(req), next, next);
+    handleNodeRequest(engine, req, res, req.originalUrl ?? req.url, bodyOf(req), next, next);
   };
 }
 
-/** A body parser ran when it marked the request (`body-parser` sets `_body`) or consumed its stream. */
-function parsedBodyOf(req: Request): RequestBody | typeof READ_STREAM {
-  return (req as Request & { _body?: boolean })._body === true || req.readableEnded ? req.body : READ_STREAM;
+/**
+ * What the fingerprint hashes: raw bytes a parser kept (`req.rawBody`, from its `verify` option); the parsed body
+ * when a parser marked the request as parsed (`body-parser` 1, Express 4's, sets `req._body`) or consumed the
+ * stream and set `req.body` (`body-parser` 2, Express 5's); or else the stream itself. A multipart body consumed
+ * before the middleware is never taken from `req.body`: its files are not there, and two uploads that differ only
+ * in their files would get one fingerprint.
+ */
+function bodyOf(req: Request): RequestBody | typeof READ_STREAM {
+  const parsed = req as Request & { rawBody?: unknown; _body?: boolean };
+  if (parsed.rawBody instanceof Uint8Array) return parsed.rawBody;
+  if (parsed._body === true) return req.body;
+  if (req.readableEnded && req.body !== undefined && !isMultipart(req)) return req.body;
+  return READ_STREAM;
+}
+
+function isMultipart(req: Request): boolean {
+  return req.headers['content-type']?.trimStart().toLowerCase().startsWith('multipart/') === true;
 }

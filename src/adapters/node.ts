@@ -1,7 +1,8 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
-import { IdempotencyEngine } from '../core/engine.js';
+import type { IdempotencyEngine } from '../core/engine.js';
 import type { IdempotencyOptions } from '../core/options.js';
-import { failResponse, handleNodeRequest, READ_STREAM } from './_node-http.js';
+import { failResponse } from './node-http/fallback.js';
+import { createNodeEngine, handleNodeRequest, READ_STREAM } from './node-http/flow.js';
 
 /** A `node:http` request listener, synchronous or async. */
 export type RequestListener<
@@ -13,8 +14,9 @@ export type RequestListener<
 export interface NodeIdempotencyOptions<Req extends IncomingMessage = IncomingMessage>
   extends IdempotencyOptions<Req> {
   /**
-   * Called when the listener throws or its promise rejects, after the key was released and a 500 sent (or the
-   * connection cut, when part of the response had gone out already).
+   * Called when the listener throws or its promise rejects. The key is released (or, when the client had gone
+   * away, left to lapse with its lease), and a 500 in the configured `errorFormat` is sent, or the connection cut
+   * when part of the response had gone out already.
    * @default logs the error with `console.error`
    */
   onHandlerError?: (error: unknown, req: Req) => void;
@@ -45,9 +47,9 @@ export function withIdempotency<
   if (typeof listener !== 'function') throw new TypeError('withIdempotency: `listener` must be a function');
   const { onHandlerError = logHandlerError, ...engineOptions } =
     options ?? ({} as NodeIdempotencyOptions<Req>);
-  const engine = new IdempotencyEngine<Req>(engineOptions);
+  const engine = createNodeEngine<Req>(engineOptions);
   const handlerFailed = (error: unknown, req: Req, res: Res) => {
-    failResponse(res);
+    failResponse(res, engine as IdempotencyEngine<never>);
     try {
       onHandlerError(error, req);
     } catch {}

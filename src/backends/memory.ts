@@ -1,14 +1,21 @@
-import { invalidOption } from '../core/errors.js';
+import { IdempotencyError, invalidOption } from '../core/errors.js';
 import type { AcquireResult, Backend, IdempotencyRecord } from '../core/types.js';
 
 /** Options of {@link MemoryBackend}. */
 export interface MemoryBackendOptions {
   /**
-   * Most keys held at once. When a new key would exceed it, the least recently used completed records are
-   * evicted; in-flight locks are never evicted.
-   * @default 10000
+   * Most keys held at once, completed records and in-flight locks together. Nothing unexpired is ever evicted to
+   * make room: when full, a new key is a backend error (`onBackendError`: 503, or the handler runs without
+   * idempotency) until records expire.
+   * @default 100000
    */
   maxEntries?: number;
+  /**
+   * Most bytes held at once, counted as the stored bodies, headers, keys and fingerprints plus a fixed overhead
+   * per entry. Like `maxEntries`, a bound that refuses new keys rather than evicting records.
+   * @default 67108864 (64 MiB)
+   */
+  maxBytes?: number;
   /**
    * How often expired records and lapsed locks are swept, in milliseconds, so that memory is freed even for keys
    * that are never read again. The timer is `unref()`'d: it never keeps the process alive.
@@ -21,18 +28,27 @@ interface Lock {
   token: string;
   fingerprint: string;
   leaseEndsAt: number;
+  bytes: number;
 }
 
 interface Entry {
   record: IdempotencyRecord;
   /** `Infinity` for records stored with `expiry: null`. */
   expiresAt: number;
+  bytes: number;
 }
 
 /** Default of {@link MemoryBackendOptions.maxEntries}. */
-export const DEFAULT_MAX_ENTRIES = 10_000;
+export const DEFAULT_MAX_ENTRIES = 100_000;
+/** Default of {@link MemoryBackendOptions.maxBytes}: 64 MiB. */
+export const DEFAULT_MAX_BYTES = 64 * 1024 * 1024;
 /** Default of {@link MemoryBackendOptions.sweepIntervalMs}. */
 export const DEFAULT_SWEEP_INTERVAL_MS = 60_000;
+
+/** What an entry costs beyond its strings and body: the map slot, the objects, the numbers. */
+const ENTRY_OVERHEAD_BYTES = 160;
+/** A full store sweeps before refusing a key, but at most this often, so that a flood does not sweep per request. */
+const FULL_SWEEP_INTERVAL_MS = 1000;
 
 const MISMATCH: AcquireResult = Object.freeze({ state: 'mismatch' });
 
@@ -40,39 +56,58 @@ const MISMATCH: AcquireResult = Object.freeze({ state: 'mismatch' });
  * Keeps keys, locks and responses in this process's memory. Every operation is one synchronous step with no
  * `await` between reading and writing, so it is atomic within the process.
  *
+ * It is bounded by entries and bytes and frees expired records on a timer, but it never evicts an unexpired
+ * record or a lock: a record lives until it expires, whatever other clients send. When full, a new key is a
+ * backend error.
+ *
  * It cannot coordinate several processes: behind a load balancer or in a cluster, use a shared backend
- * (Redis, PostgreSQL, SQLite). Records are lost when the process exits.
+ * (Redis, PostgreSQL, MySQL, SQLite). Records are lost when the process exits.
  *
  * @example
  * ```ts
  * import { MemoryBackend } from 'idempotency-header';
- * const backend = new MemoryBackend({ maxEntries: 50_000 });
+ * const backend = new MemoryBackend({ maxEntries: 500_000, maxBytes: 256 * 1024 * 1024 });
  * ```
  */
 export class MemoryBackend implements Backend {
   readonly #maxEntries: number;
+  readonly #maxBytes: number;
   readonly #locks = new Map<string, Lock>();
-  /** Insertion order is recency order: a replay moves its record to the end. */
   readonly #records = new Map<string, Entry>();
-  readonly #sweeper: NodeJS.Timeout;
+  readonly #sweeper: ReturnType<typeof setInterval>;
+  #bytes = 0;
   #tokenSequence = 0;
+  #lastFullSweep = 0;
 
   constructor(options: MemoryBackendOptions = {}) {
-    const { maxEntries = DEFAULT_MAX_ENTRIES, sweepIntervalMs = DEFAULT_SWEEP_INTERVAL_MS } = options;
-    if (!Number.isInteger(maxEntries) || maxEntries < 1) {
+    const {
+      maxEntries = DEFAULT_MAX_ENTRIES,
+      maxBytes = DEFAULT_MAX_BYTES,
+      sweepIntervalMs = DEFAULT_SWEEP_INTERVAL_MS,
+    } = options;
+    if (!Number.isSafeInteger(maxEntries) || maxEntries < 1) {
       throw invalidOption('maxEntries', 'a positive integer', maxEntries);
+    }
+    if (!Number.isSafeInteger(maxBytes) || maxBytes < 1) {
+      throw invalidOption('maxBytes', 'a positive integer', maxBytes);
     }
     if (!Number.isFinite(sweepIntervalMs) || sweepIntervalMs <= 0) {
       throw invalidOption('sweepIntervalMs', 'a positive number of milliseconds', sweepIntervalMs);
     }
     this.#maxEntries = maxEntries;
+    this.#maxBytes = maxBytes;
     this.#sweeper = setInterval(() => this.sweep(), sweepIntervalMs);
-    this.#sweeper.unref();
+    (this.#sweeper as { unref?: () => void }).unref?.();
   }
 
   /** Number of keys held: completed records plus in-flight locks. */
   get size(): number {
     return this.#records.size + this.#locks.size;
+  }
+
+  /** Bytes held, as counted against `maxBytes`. */
+  get bytes(): number {
+    return this.#bytes;
   }
 
   acquire(key: string, fingerprint: string, leaseMs: number): AcquireResult {
@@ -81,36 +116,42 @@ export class MemoryBackend implements Backend {
     if (entry !== undefined) {
       if (entry.expiresAt > now) {
         if (entry.record.fingerprint !== fingerprint) return MISMATCH;
-        this.#records.delete(key);
-        this.#records.set(key, entry);
         return { state: 'completed', record: entry.record };
       }
-      this.#records.delete(key);
+      this.#deleteRecord(key, entry);
     }
     const lock = this.#locks.get(key);
     if (lock !== undefined && lock.leaseEndsAt > now) {
       if (lock.fingerprint !== fingerprint) return MISMATCH;
       return { state: 'in-flight', retryAfterMs: lock.leaseEndsAt - now };
     }
+    const bytes = ENTRY_OVERHEAD_BYTES + 2 * (key.length + fingerprint.length);
+    if (lock !== undefined) this.#deleteLock(key, lock);
+    else this.#makeRoom(bytes, now);
     const token = String(++this.#tokenSequence);
-    this.#locks.set(key, { token, fingerprint, leaseEndsAt: now + leaseMs });
-    if (lock === undefined) this.#evictBeyondLimit();
+    this.#locks.set(key, { token, fingerprint, leaseEndsAt: now + leaseMs, bytes });
+    this.#bytes += bytes;
     return { state: 'acquired', token };
   }
 
   complete(key: string, token: string, record: IdempotencyRecord, ttlMs: number | null): boolean {
-    if (!this.#holds(key, token)) return false;
-    this.#locks.delete(key);
+    const lock = this.#locks.get(key);
+    if (lock?.token !== token) return false;
+    this.#deleteLock(key, lock);
+    const bytes = recordBytes(key, record);
     this.#records.set(key, {
       record,
       expiresAt: ttlMs === null ? Number.POSITIVE_INFINITY : Date.now() + ttlMs,
+      bytes,
     });
+    this.#bytes += bytes;
     return true;
   }
 
   release(key: string, token: string): boolean {
-    if (!this.#holds(key, token)) return false;
-    this.#locks.delete(key);
+    const lock = this.#locks.get(key);
+    if (lock?.token !== token) return false;
+    this.#deleteLock(key, lock);
     return true;
   }
 
@@ -124,8 +165,8 @@ export class MemoryBackend implements Backend {
   /** Drops expired records and lapsed locks. Runs on a timer; call it directly to free memory at once. */
   sweep(): void {
     const now = Date.now();
-    for (const [key, entry] of this.#records) if (entry.expiresAt <= now) this.#records.delete(key);
-    for (const [key, lock] of this.#locks) if (lock.leaseEndsAt <= now) this.#locks.delete(key);
+    for (const [key, entry] of this.#records) if (entry.expiresAt <= now) this.#deleteRecord(key, entry);
+    for (const [key, lock] of this.#locks) if (lock.leaseEndsAt <= now) this.#deleteLock(key, lock);
   }
 
   /** Deletes every key and stops the sweep timer. */
@@ -133,19 +174,47 @@ export class MemoryBackend implements Backend {
     clearInterval(this.#sweeper);
     this.#records.clear();
     this.#locks.clear();
+    this.#bytes = 0;
   }
 
-  /** A lapsed lease still holds its key until someone else takes it over: its holder may yet complete. */
-  #holds(key: string, token: string): boolean {
-    return this.#locks.get(key)?.token === token;
-  }
-
-  #evictBeyondLimit(): void {
-    let excess = this.size - this.#maxEntries;
-    if (excess <= 0) return;
-    for (const key of this.#records.keys()) {
-      this.#records.delete(key);
-      if (--excess === 0) return;
+  /**
+   * Refuses a new key when the store is full, after sweeping what has expired. A completed record's size is only
+   * known when it is stored, so `maxBytes` is checked here, where a key comes in: a store can overshoot it by one
+   * response at most (`maxResponseBytes`).
+   */
+  #makeRoom(bytes: number, now: number): void {
+    if (this.#fits(bytes)) return;
+    if (now - this.#lastFullSweep >= FULL_SWEEP_INTERVAL_MS) {
+      this.#lastFullSweep = now;
+      this.sweep();
+      if (this.#fits(bytes)) return;
     }
+    throw new IdempotencyError(
+      'ERR_IDEMPOTENCY_BACKEND_FULL',
+      `MemoryBackend is full (${this.size} of ${this.#maxEntries} entries, ${this.#bytes} of ${this.#maxBytes} bytes); unexpired records are never evicted`,
+    );
   }
+
+  #fits(bytes: number): boolean {
+    return this.size < this.#maxEntries && this.#bytes + bytes <= this.#maxBytes;
+  }
+
+  #deleteRecord(key: string, entry: Entry): void {
+    this.#records.delete(key);
+    this.#bytes -= entry.bytes;
+  }
+
+  #deleteLock(key: string, lock: Lock): void {
+    this.#locks.delete(key);
+    this.#bytes -= lock.bytes;
+  }
+}
+
+function recordBytes(key: string, record: IdempotencyRecord): number {
+  let bytes = ENTRY_OVERHEAD_BYTES + 2 * (key.length + record.fingerprint.length);
+  const response = record.response;
+  if (response === null) return bytes;
+  bytes += response.body.byteLength;
+  for (const [name, value] of response.headers) bytes += 2 * (name.length + value.length) + 32;
+  return bytes;
 }

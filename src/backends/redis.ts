@@ -178,14 +178,19 @@ return {'completed', record[1], record[2], record[3], record[4]}`);
 // taken over by another token) cannot overwrite anything. DEL + HSET replace the lock by the record and drop the
 // lease's TTL in the same step; PEXPIRE then sets the record's expiry (none when ARGV[2] is empty), so the record
 // never exists without its expiry and never outlives it.
-// KEYS[1] = the key; ARGV = token, ttl ms or '', fingerprint, status, headers, body, createdAt.
+// KEYS[1] = the key; ARGV = token, ttl ms or '', fingerprint, createdAt, then status, headers, body (absent for a
+// request remembered without its response).
 const COMPLETE = script(`local key = KEYS[1]
 if redis.call('HGET', key, 'token') ~= ARGV[1] then
   return 0
 end
 redis.call('DEL', key)
-redis.call('HSET', key, 'state', 'done', 'fingerprint', ARGV[3], 'status', ARGV[4], 'headers', ARGV[5],
-  'body', ARGV[6], 'createdAt', ARGV[7])
+if ARGV[5] then
+  redis.call('HSET', key, 'state', 'done', 'fingerprint', ARGV[3], 'createdAt', ARGV[4], 'status', ARGV[5],
+    'headers', ARGV[6], 'body', ARGV[7])
+else
+  redis.call('HSET', key, 'state', 'done', 'fingerprint', ARGV[3], 'createdAt', ARGV[4])
+end
 if ARGV[2] ~= '' then
   redis.call('PEXPIRE', key, ARGV[2])
 end
@@ -289,18 +294,7 @@ export class RedisBackend implements Backend {
       case 'mismatch':
         return MISMATCH;
       case 'completed':
-        return {
-          state,
-          record: {
-            fingerprint,
-            createdAt: Number(text(fields[4])),
-            response: {
-              status: Number(text(fields[1])),
-              headers: parseHeaders(text(fields[2])),
-              body: bytes(fields[3]),
-            },
-          },
-        };
+        return { state, record: recordFrom(fingerprint, fields) };
       default:
         throw unexpectedReply('acquire', reply);
     }
@@ -312,15 +306,20 @@ export class RedisBackend implements Backend {
     record: IdempotencyRecord,
     ttlMs: number | null,
   ): Promise<boolean> {
-    const { body, headers, status } = record.response;
+    const response = record.response;
     const reply = await this.#run(COMPLETE, key, [
       token,
       ttlMs === null ? '' : milliseconds(ttlMs),
       record.fingerprint,
-      String(status),
-      JSON.stringify(headers),
-      Buffer.from(body.buffer, body.byteOffset, body.byteLength),
       String(record.createdAt),
+      // A request remembered without its response stores no status, headers or body.
+      ...(response === null
+        ? []
+        : [
+            String(response.status),
+            JSON.stringify(response.headers),
+            Buffer.from(response.body.buffer, response.body.byteOffset, response.body.byteLength),
+          ]),
     ]);
     return flag('complete', reply);
   }
@@ -343,6 +342,19 @@ export class RedisBackend implements Backend {
       return await this.#send(redisKey, ['EVAL', script.lua, '1', redisKey, ...args]);
     }
   }
+}
+
+/** The record in an acquire reply: `completed`, status, headers, body, createdAt (status absent: no response). */
+function recordFrom(fingerprint: string, fields: unknown[]): IdempotencyRecord {
+  const status = fields[1];
+  return {
+    fingerprint,
+    createdAt: Number(text(fields[4])),
+    response:
+      status === null || status === undefined
+        ? null
+        : { status: Number(text(status)), headers: parseHeaders(text(fields[2])), body: bytes(fields[3]) },
+  };
 }
 
 function senderFor(redis: unknown): Send | undefined {

@@ -1,6 +1,8 @@
+import { type Sha256, webSha256 } from './digest.js';
 import { IdempotencyError } from './errors.js';
-import { computeFingerprint, hashKey, type RequestBody } from './fingerprint.js';
-import { hasControlCharacter, isUuid4, unquoteKey } from './key.js';
+import { computeFingerprint, type RequestBody, requestTarget } from './fingerprint.js';
+import { hasControlCharacter, hasSeveralValues, isUuid4, unquoteKey } from './key.js';
+import { essence } from './media-type.js';
 import {
   type IdempotencyEvent,
   type IdempotencyOptions,
@@ -8,19 +10,30 @@ import {
   type ResolvedOptions,
   resolveOptions,
 } from './options.js';
-import { type EngineReply, errorReply } from './responses.js';
-import type { AcquireResult, Awaitable, StoredResponse } from './types.js';
+import { type EngineReply, errorReply, headerValue, storedHeaders } from './responses.js';
+import type { AcquireResult, Awaitable, HeaderPair, IdempotencyRecord, StoredResponse } from './types.js';
 
 /** The request passes through untouched: fail-open after a backend error. */
 export interface PassResult {
   readonly kind: 'pass';
 }
 
-/** The request should run: this request holds the key's lock until {@link IdempotencyEngine.commit} or release. */
+/**
+ * A request that holds its key's lock and may run. The adapter runs the handler and hands its outcome to the
+ * engine: {@link IdempotencyEngine.finish} with the response, {@link IdempotencyEngine.fail} when the handler
+ * threw, {@link IdempotencyEngine.clientLeft} when the client went away meanwhile.
+ */
 export class Ticket {
   readonly kind = 'proceed';
-  /** Set once the ticket is committed or released; both are idempotent. */
+  /** Set once the ticket is finished or failed; both happen once. */
   settled = false;
+  /** When the client went away (`Date.now()`), if it did before its response was complete. */
+  clientGoneAt: number | undefined;
+  /** The lease was lost (another request took the key over) or could not be confirmed for a whole lease. */
+  leaseLost = false;
+  /** When the lease was last taken or renewed (`Date.now()`). */
+  renewedAt = Date.now();
+  #controller: AbortController | undefined;
 
   constructor(
     /** The namespaced key handed to the backend. */
@@ -29,17 +42,75 @@ export class Ticket {
     readonly token: string,
     readonly fingerprint: string,
     readonly method: string,
+    /** `performance.now()` when the middleware saw the request. */
     readonly startedAt: number,
   ) {}
+
+  /**
+   * Aborted when this request's lease is lost: another request may now run with the same key, so a handler that
+   * is still working (after a long backend outage, say) should stop. Made on first use.
+   */
+  get signal(): AbortSignal {
+    this.#controller ??= new AbortController();
+    if (this.leaseLost && !this.#controller.signal.aborted) this.#abort();
+    return this.#controller.signal;
+  }
+
+  /** Marks the lease lost and aborts {@link signal}. */
+  loseLease(): void {
+    if (this.leaseLost) return;
+    this.leaseLost = true;
+    if (this.#controller !== undefined) this.#abort();
+  }
+
+  #abort(): void {
+    this.#controller!.abort(
+      new IdempotencyError('ERR_IDEMPOTENCY_LEASE_LOST', 'The idempotency lease of this request was lost'),
+    );
+  }
 }
 
 /** What {@link IdempotencyEngine.begin} decides: send a reply, run the handler, or pass through. */
 export type BeginResult = EngineReply | Ticket | PassResult;
 
+/**
+ * A response as the handler finished it, handed to {@link IdempotencyEngine.finish}.
+ */
+export interface FinishedResponse {
+  readonly status: number;
+  /** The headers the handler (and middleware after this one) set; lower-case names, repeated names repeated. */
+  readonly headers: readonly HeaderPair[];
+  /**
+   * The whole body, or `undefined` when the adapter did not keep it: {@link IdempotencyEngine.plan} said
+   * `'stream'`, or it grew past {@link IdempotencyEngine.maxResponseBytes}.
+   */
+  readonly body: Uint8Array | undefined;
+}
+
+/**
+ * What an adapter does with a response body once its status and type are known: `'store'` keeps the body (up to
+ * `maxResponseBytes`) and holds the response back until {@link IdempotencyEngine.finish} settles; `'stream'`
+ * sends it as it comes, holding back only its end until `finish` settles.
+ */
+export type ResponsePlan = 'store' | 'stream';
+
+/** Adapter-level settings of the engine, not user options. */
+export interface EngineRuntime {
+  /** SHA-256 for fingerprints and event key hashes. @default Web Crypto's, asynchronous */
+  sha256?: Sha256;
+}
+
 const PASS: PassResult = Object.freeze({ kind: 'pass' });
 const NO_DURATION = -1;
-/** Longest delay a Node.js timer accepts; past it, `setInterval` fires every millisecond instead. */
+/** Longest delay a timer accepts; past it, Node.js fires `setInterval` every millisecond instead. */
 const MAX_TIMER_DELAY_MS = 2 ** 31 - 1;
+/**
+ * Waits before each new attempt of a store or release that failed: about 1.3 s in all, while the lease is still
+ * renewed. A response waits for them, so that a client that retries after receiving it finds the outcome.
+ */
+const RETRY_DELAYS_MS: readonly number[] = [50, 250, 1000];
+/** Weight of the newest duration in the running estimate behind `Retry-After`. */
+const DURATION_WEIGHT = 0.2;
 
 /** Whether a backend answered asynchronously; synchronous answers skip a microtask hop. */
 export function isPromise<T>(value: Awaitable<T>): value is Promise<T> {
@@ -50,14 +121,16 @@ export function isPromise<T>(value: Awaitable<T>): value is Promise<T> {
  * The framework-agnostic core: every rule of the request flow lives here, and adapters only translate.
  *
  * An adapter calls, in order: {@link handles} (method), {@link readKey} (header), then reads the body and calls
- * {@link begin}. It sends an {@link EngineReply}, runs the handler for a {@link Ticket} and hands the captured
- * response to {@link commit} (storable) or {@link release} (anything else), and passes a `pass` result through.
+ * {@link begin}. It sends an {@link EngineReply} as it is, passes a `pass` result through, and for a
+ * {@link Ticket} runs the handler, asks {@link plan} once the status and type are known, and hands the finished
+ * response to {@link finish} (or reports {@link fail} / {@link clientLeft}). It sends the response's last byte
+ * only after `finish` settles.
  *
  * @example
  * ```ts
  * const engine = new IdempotencyEngine({ backend: new MemoryBackend() });
- * if (engine.handles(req.method)) {
- *   const key = engine.readKey(req.method, req.headers[engine.headerName]);
+ * if (engine.handles(request.method)) {
+ *   const key = engine.readKey(request.method, request.headers.get(engine.headerName));
  *   // string: a valid key; EngineReply: send it (400/422); undefined: pass through
  * }
  * ```
@@ -72,25 +145,36 @@ export class IdempotencyEngine<Req = unknown> {
   /** Whether {@link begin} needs the request body: only when the built-in fingerprint is on. */
   readonly needsBody: boolean;
 
+  readonly #sha256: Sha256;
   readonly #missingKey: EngineReply;
+  readonly #severalKeys: EngineReply;
   readonly #notUuid4: EngineReply;
   readonly #tooLong: EngineReply;
   readonly #badCharacters: EngineReply;
   readonly #emptyKey: EngineReply;
   readonly #bodyTooLarge: EngineReply;
   readonly #unavailable: EngineReply;
+  readonly #internalError: EngineReply;
   readonly #leases = new Set<Ticket>();
-  #renewTimer: NodeJS.Timeout | undefined;
+  #renewTimer: ReturnType<typeof setInterval> | undefined;
+  /** Running estimate of how long a first run takes here, in ms: the `Retry-After` hint while one runs. */
+  #typicalRunMs: number | undefined;
 
-  constructor(options: IdempotencyOptions<Req>) {
+  constructor(options: IdempotencyOptions<Req>, runtime: EngineRuntime = {}) {
     const resolved = resolveOptions(options);
     this.options = resolved;
+    this.#sha256 = runtime.sha256 ?? webSha256;
     this.headerName = resolved.headerNameLower;
     this.replayHeaderKey = resolved.replayHeaderKey;
     this.needsBody = resolved.fingerprint === true;
     const name = resolved.headerName;
     const format = resolved.errorFormat;
     this.#missingKey = errorReply(format, 400, `'${name}' header is required`);
+    this.#severalKeys = errorReply(
+      format,
+      400,
+      `'${name}' header must be sent once, with one key (a key containing a comma must be a quoted string)`,
+    );
     this.#notUuid4 = errorReply(format, 422, `'${name}' header value must be formatted as a v4 UUID`);
     this.#tooLong = errorReply(
       format,
@@ -110,6 +194,7 @@ export class IdempotencyEngine<Req = unknown> {
       [['connection', 'close']],
     );
     this.#unavailable = errorReply(format, 503, 'Idempotency backend unavailable; retry later');
+    this.#internalError = errorReply(format, 500, 'Internal Server Error');
   }
 
   /** Whether the method is one the middleware handles; any other request passes through untouched. */
@@ -120,18 +205,24 @@ export class IdempotencyEngine<Req = unknown> {
 
   /**
    * Reads the key header's value. Returns the key (unquoted from RFC 8941 form), a 400/422 reply for a missing
-   * (when `required`) or invalid key, or `undefined` when there is no key and the request passes through.
+   * (when `required`), repeated or invalid key, or `undefined` when there is no key and the request passes
+   * through. Several header lines arrive as an array, or joined with commas (Node.js and the Fetch API both
+   * join them): either is refused, since no one key can be picked from them safely.
    */
   readKey(
     method: string,
     header: string | readonly string[] | null | undefined,
   ): string | EngineReply | undefined {
-    const raw = typeof header === 'string' ? header : header?.[0];
+    let raw: string | null | undefined;
+    if (typeof header === 'string' || header === null || header === undefined) raw = header;
+    else if (header.length > 1) return this.#invalidKey(method, this.#severalKeys);
+    else raw = header[0];
     if (raw === undefined || raw === null || raw === '') {
       if (!this.options.required) return undefined;
       this.#emit('missing-key', undefined, method, 400, NO_DURATION);
       return this.#missingKey;
     }
+    if (hasSeveralValues(raw)) return this.#invalidKey(method, this.#severalKeys);
     const key = unquoteKey(raw);
     const invalid =
       key.length > this.options.maxKeyLength
@@ -143,14 +234,17 @@ export class IdempotencyEngine<Req = unknown> {
             : this.options.enforceUuid4Formatting && !isUuid4(key)
               ? this.#notUuid4
               : undefined;
-    if (invalid === undefined) return key;
-    this.#emit('invalid-key', undefined, method, 422, NO_DURATION);
-    return invalid;
+    return invalid === undefined ? key : this.#invalidKey(method, invalid);
   }
 
   /**
    * Looks the key up and takes its lock in one backend call (SPEC §2 step 4). `url` is the path with its query
-   * string; `body` is what {@link computeFingerprint} hashes. `startedAt` (from `performance.now()`) times events.
+   * string (an absolute URL is cut down to that); `body` is what the fingerprint hashes. `startedAt` (from
+   * `performance.now()`) times events.
+   *
+   * Throws, before any backend call, when `scope` or a `fingerprint` function throws or `scope` returns
+   * something other than a string or `undefined`: the adapter answers 500, and the key is never looked up in
+   * another namespace than the one intended.
    */
   begin(
     req: Req,
@@ -160,40 +254,30 @@ export class IdempotencyEngine<Req = unknown> {
     body: RequestBody,
     startedAt: number,
   ): Awaitable<BeginResult> {
-    const options = this.options;
-    const scope = options.scope === undefined ? undefined : options.scope(req);
-    // Length-prefixed, so that no scope and key pair can spell another pair's storage key.
-    const storageKey = scope === undefined || scope === null ? `-${key}` : `${scope.length}:${scope}:${key}`;
-    const fingerprint =
-      options.fingerprint === true
-        ? computeFingerprint(method, url, body)
-        : options.fingerprint === false
-          ? ''
-          : String(options.fingerprint(req));
-    let answer: Awaitable<AcquireResult>;
-    try {
-      answer = options.backend.acquire(storageKey, fingerprint, options.lockTimeoutMs);
-    } catch (error) {
-      return this.#acquireFailed(error, storageKey, method, startedAt);
+    const storageKey = this.#storageKey(req, key);
+    const fingerprint = this.#fingerprint(req, method, url, body);
+    if (isPromise(fingerprint)) {
+      return fingerprint.then((value) => this.#acquire(key, storageKey, value, method, startedAt));
     }
-    if (!isPromise(answer)) return this.#decide(answer, key, storageKey, fingerprint, method, startedAt);
-    return answer.then(
-      (result) => this.#decide(result, key, storageKey, fingerprint, method, startedAt),
-      (error) => this.#acquireFailed(error, storageKey, method, startedAt),
-    );
+    return this.#acquire(key, storageKey, fingerprint, method, startedAt);
   }
 
   /**
-   * Whether a response with this status and `Content-Type` may be stored. Adapters ask as soon as the headers
-   * are known, to stream responses that will not be stored instead of holding them back.
+   * Whether to keep a response's body for storing (`'store'`) or send it as it comes (`'stream'`), from its
+   * status and `Content-Type`. Adapters ask as soon as the head is known.
    */
-  isStorable(status: number, contentType: string | undefined): boolean {
-    return (status < 500 || this.options.cacheServerErrors) && this.options.isCacheableType(contentType);
+  plan(status: number, contentType: string | undefined): ResponsePlan {
+    return this.#storable(status, contentType) ? 'store' : 'stream';
   }
 
   /** Largest request body an adapter reads for the fingerprint; see {@link bodyTooLarge}. */
   get maxRequestBytes(): number {
     return this.options.maxRequestBytes;
+  }
+
+  /** Largest body an adapter keeps for storing; past it, the response streams and its body is not stored. */
+  get maxResponseBytes(): number {
+    return this.options.maxResponseBytes;
   }
 
   /**
@@ -205,47 +289,103 @@ export class IdempotencyEngine<Req = unknown> {
     return this.#bodyTooLarge;
   }
 
-  /** Largest body the adapter should hold back for storing; past it the response streams and is not stored. */
-  get maxResponseBytes(): number {
-    return this.options.maxResponseBytes;
+  /** The 500 an adapter sends when the handler failed before it started its response, in `errorFormat`. */
+  get internalError(): EngineReply {
+    return this.#internalError;
   }
 
   /**
-   * Stores the response and ends the lock in one fenced backend call. Never throws: a failed or refused store
-   * is reported through `onEvent`, and the caller sends the response either way. Send only after it settles.
+   * The handler finished its response: stores it and ends the lock in one fenced call, or releases the key, or
+   * keeps it as completed without a body, by SPEC §2 step 5. Never throws or rejects. A store that fails is
+   * retried a few times while the lease is still renewed; if it never succeeds the key is not released (a
+   * request that ran is never forgotten) and its lease lapses after `lockTimeout`.
+   *
+   * Send the response's last byte only after the returned promise (if any) settles, so that a client that
+   * received it and retries finds the outcome, never a 409.
    */
-  commit(ticket: Ticket, response: StoredResponse): Awaitable<void> {
+  finish(ticket: Ticket, response: FinishedResponse): Awaitable<void> {
     if (!this.#settle(ticket)) return;
-    const record = { fingerprint: ticket.fingerprint, response, createdAt: Date.now() };
-    let stored: Awaitable<boolean>;
-    try {
-      stored = this.options.backend.complete(ticket.storageKey, ticket.token, record, this.options.expiryMs);
-    } catch (error) {
-      return this.#commitFailed(ticket, error, response.status);
+    const { status, body } = response;
+    const headers = storedHeaders(response.headers);
+    const contentType = headerValue(headers, 'content-type');
+    if (!this.#storable(status, contentType) && !isEventStream(contentType)) {
+      // A server error after the client left may be the handler giving up because of the disconnect: its
+      // outcome is unknown, so the key waits out its lease rather than inviting a second run.
+      if (status >= 500 && ticket.clientGoneAt !== undefined) return this.#abandon(ticket, status);
+      return this.#release(ticket, status);
     }
-    if (!isPromise(stored)) return this.#committed(ticket, stored, response.status);
-    return stored.then(
-      (ok) => this.#committed(ticket, ok, response.status),
-      (error) => this.#commitFailed(ticket, error, response.status),
-    );
+    this.#learnDuration(ticket);
+    if (body === undefined || body.byteLength > this.options.maxResponseBytes || isEventStream(contentType)) {
+      if (!this.options.rememberUnstored) return this.#release(ticket, status);
+      return this.#complete(ticket, null, status, 'remembered');
+    }
+    return this.#complete(ticket, { status, headers, body }, status, 'executed');
   }
 
   /**
-   * Frees the key so that a retry runs again: the response is not storable, the handler threw, or the client
-   * went away. Never throws; idempotent. For a response that is sent, send its last byte only after it settles.
+   * The handler threw (or its promise rejected) before it finished its response. While its client is there the
+   * key is released, so that a retry runs again; once its client has gone away, the failure may be the handler
+   * reacting to the disconnect, so the key is left to lapse with its lease instead. Never throws or rejects.
    */
-  release(ticket: Ticket, status: number | undefined): Awaitable<void> {
+  fail(ticket: Ticket): Awaitable<void> {
     if (!this.#settle(ticket)) return;
-    let released: Awaitable<boolean>;
-    try {
-      released = this.options.backend.release(ticket.storageKey, ticket.token);
-    } catch (error) {
-      return this.#releaseFailed(ticket, error, status);
+    if (ticket.clientGoneAt !== undefined) return this.#abandon(ticket, undefined);
+    return this.#release(ticket, 500);
+  }
+
+  /**
+   * The client went away before its response was complete. Nothing changes for the request: it keeps its lock,
+   * the lease is renewed, and its response is stored when the handler finishes. Only a handler that has not
+   * finished within `lockTimeout` of the client leaving stops being renewed, so that its key is freed one lease
+   * later at most.
+   */
+  clientLeft(ticket: Ticket): void {
+    ticket.clientGoneAt ??= Date.now();
+  }
+
+  #invalidKey(method: string, reply: EngineReply): EngineReply {
+    this.#emit('invalid-key', undefined, method, reply.status, NO_DURATION);
+    return reply;
+  }
+
+  #storageKey(req: Req, key: string): string {
+    const scopeOf = this.options.scope;
+    const scope = scopeOf === undefined ? undefined : scopeOf(req);
+    if (scope === undefined) return `-${key}`;
+    if (typeof scope !== 'string') {
+      throw new IdempotencyError(
+        'ERR_IDEMPOTENCY_SCOPE',
+        `The \`scope\` function must return a string or undefined, but returned ${scope === null ? 'null' : typeof scope}`,
+      );
     }
-    if (!isPromise(released)) return this.#emitFor(ticket, 'not-stored', status);
-    return released.then(
-      () => this.#emitFor(ticket, 'not-stored', status),
-      (error) => this.#releaseFailed(ticket, error, status),
+    // Length-prefixed, so that no scope and key pair can spell another pair's storage key.
+    return `${scope.length}:${scope}:${key}`;
+  }
+
+  #fingerprint(req: Req, method: string, url: string, body: RequestBody): Awaitable<string> {
+    const fingerprint = this.options.fingerprint;
+    if (fingerprint === true) return computeFingerprint(method, requestTarget(url), body, this.#sha256);
+    if (fingerprint === false) return '';
+    return String(fingerprint(req));
+  }
+
+  #acquire(
+    key: string,
+    storageKey: string,
+    fingerprint: string,
+    method: string,
+    startedAt: number,
+  ): Awaitable<BeginResult> {
+    let answer: Awaitable<AcquireResult>;
+    try {
+      answer = this.options.backend.acquire(storageKey, fingerprint, this.options.lockTimeoutMs);
+    } catch (error) {
+      return this.#acquireFailed(error, storageKey, method, startedAt);
+    }
+    if (!isPromise(answer)) return this.#decide(answer, key, storageKey, fingerprint, method, startedAt);
+    return answer.then(
+      (result) => this.#decide(result, key, storageKey, fingerprint, method, startedAt),
+      (error) => this.#acquireFailed(error, storageKey, method, startedAt),
     );
   }
 
@@ -263,27 +403,16 @@ export class IdempotencyEngine<Req = unknown> {
         this.#holdLease(ticket);
         return ticket;
       }
-      case 'completed': {
-        const response = result.record.response;
-        this.#emit('replayed', storageKey, method, response.status, startedAt);
-        return {
-          kind: 'reply',
-          status: response.status,
-          headers: response.headers,
-          body: response.body,
-          replayed: true,
-        };
-      }
-      case 'in-flight': {
+      case 'completed':
+        return this.#replay(result.record.response, key, storageKey, method, startedAt);
+      case 'in-flight':
         this.#emit('conflict', storageKey, method, 409, startedAt);
-        const retryAfter = String(Math.max(1, Math.ceil(result.retryAfterMs / 1000)));
         return errorReply(
           this.options.errorFormat,
           409,
           `Request already pending for idempotency key '${key}'`,
-          [['retry-after', retryAfter]],
+          [['retry-after', String(this.#retryAfterSeconds(result.retryAfterMs))]],
         );
-      }
       case 'mismatch':
         this.#emit('mismatch', storageKey, method, 422, startedAt);
         return errorReply(
@@ -292,6 +421,52 @@ export class IdempotencyEngine<Req = unknown> {
           `Idempotency key '${key}' was already used for a different request`,
         );
     }
+  }
+
+  #replay(
+    response: StoredResponse | null,
+    key: string,
+    storageKey: string,
+    method: string,
+    startedAt: number,
+  ): EngineReply {
+    if (response === null) {
+      this.#emit('not-replayable', storageKey, method, 410, startedAt);
+      return errorReply(
+        this.options.errorFormat,
+        410,
+        `The request with idempotency key '${key}' already ran, but its response was too large to store or a stream; it cannot be replayed`,
+      );
+    }
+    this.#emit('replayed', storageKey, method, response.status, startedAt);
+    return {
+      kind: 'reply',
+      status: response.status,
+      headers: [...response.headers, [this.replayHeaderKey, 'true']],
+      body: response.body,
+      replayed: true,
+    };
+  }
+
+  /**
+   * `Retry-After` for a 409. While the holder is alive (its lease was renewed within the last third of
+   * `lockTimeout`, so more than half of it is left) the lease always reads close to `lockTimeout` and says
+   * nothing about when the response comes; a retry is invited after about as long as first runs take here (at
+   * least 1 s). A lock whose holder stopped renewing advertises its lease's time left, when it lapses.
+   */
+  #retryAfterSeconds(leaseLeftMs: number): number {
+    const leaseLeft = Math.max(1, Math.ceil(leaseLeftMs / 1000));
+    if (leaseLeftMs <= this.options.lockTimeoutMs / 2) return leaseLeft;
+    const typical = Math.max(1, Math.ceil((this.#typicalRunMs ?? 0) / 1000));
+    return Math.min(typical, leaseLeft);
+  }
+
+  #learnDuration(ticket: Ticket): void {
+    const duration = performance.now() - ticket.startedAt;
+    this.#typicalRunMs =
+      this.#typicalRunMs === undefined
+        ? duration
+        : this.#typicalRunMs + DURATION_WEIGHT * (duration - this.#typicalRunMs);
   }
 
   #acquireFailed(error: unknown, storageKey: string, method: string, startedAt: number): BeginResult {
@@ -307,27 +482,83 @@ export class IdempotencyEngine<Req = unknown> {
     return failOpen ? PASS : this.#unavailable;
   }
 
-  #committed(ticket: Ticket, stored: boolean, status: number): void {
-    this.#emitFor(ticket, stored ? 'executed' : 'lease-lost', status);
+  #storable(status: number, contentType: string | undefined): boolean {
+    return (
+      (status < 500 || this.options.cacheServerErrors) &&
+      !this.options.releaseStatuses.has(status) &&
+      this.options.isCacheableType(contentType)
+    );
   }
 
-  #commitFailed(ticket: Ticket, error: unknown, status: number): Awaitable<void> {
-    this.#emitFor(ticket, 'backend-error', status, backendError(error));
-    // The store failed, so the lock may still be held: free it so that the key does not wait out its lease.
-    try {
-      const released = this.options.backend.release(ticket.storageKey, ticket.token);
-      if (isPromise(released)) return released.then(noop, noop);
-    } catch {}
+  #complete(
+    ticket: Ticket,
+    response: StoredResponse | null,
+    status: number,
+    outcome: 'executed' | 'remembered',
+  ): Awaitable<void> {
+    const record: IdempotencyRecord = { fingerprint: ticket.fingerprint, response, createdAt: Date.now() };
+    const { backend, expiryMs } = this.options;
+    return this.#persist(
+      ticket,
+      () => backend.complete(ticket.storageKey, ticket.token, record, expiryMs),
+      (stored) => this.#emitFor(ticket, stored ? outcome : 'lease-lost', status),
+      (error) => this.#emitFor(ticket, 'store-failed', status, error),
+    );
   }
 
-  #releaseFailed(ticket: Ticket, error: unknown, status: number | undefined): void {
-    this.#emitFor(ticket, 'backend-error', status, backendError(error));
+  #release(ticket: Ticket, status: number): Awaitable<void> {
+    const backend = this.options.backend;
+    return this.#persist(
+      ticket,
+      () => backend.release(ticket.storageKey, ticket.token),
+      () => this.#emitFor(ticket, 'not-stored', status),
+      (error) => this.#emitFor(ticket, 'backend-error', status, error),
+    );
+  }
+
+  #abandon(ticket: Ticket, status: number | undefined): void {
+    this.#leases.delete(ticket);
+    this.#emitFor(ticket, 'abandoned', status);
+  }
+
+  /**
+   * Runs a fenced write (store or release), retrying a failed one after {@link RETRY_DELAYS_MS} while the lease is
+   * still renewed; after the last failure the lease is left to lapse. Synchronous when the backend is and the
+   * first attempt succeeds. Never throws or rejects.
+   */
+  #persist(
+    ticket: Ticket,
+    write: () => Awaitable<boolean>,
+    succeeded: (held: boolean) => void,
+    gaveUp: (error: IdempotencyError) => void,
+  ): Awaitable<void> {
+    const done = (held: boolean) => {
+      this.#leases.delete(ticket);
+      succeeded(held);
+    };
+    const attempt = (retry: number): Awaitable<void> => {
+      const failed = (error: unknown): Awaitable<void> => {
+        if (retry >= RETRY_DELAYS_MS.length) {
+          this.#leases.delete(ticket);
+          return gaveUp(backendError(error));
+        }
+        return delay(RETRY_DELAYS_MS[retry]!).then(() => attempt(retry + 1));
+      };
+      let result: Awaitable<boolean>;
+      try {
+        result = write();
+      } catch (error) {
+        return failed(error);
+      }
+      if (!isPromise(result)) return done(result);
+      return result.then(done, failed);
+    };
+    return attempt(0);
   }
 
   #settle(ticket: Ticket): boolean {
     if (ticket.settled) return false;
     ticket.settled = true;
-    this.#leases.delete(ticket);
     return true;
   }
 
@@ -336,8 +567,9 @@ export class IdempotencyEngine<Req = unknown> {
     this.#leases.add(ticket);
     if (this.#renewTimer !== undefined) return;
     const interval = Math.min(this.options.lockTimeoutMs / 3, MAX_TIMER_DELAY_MS);
-    this.#renewTimer = setInterval(() => this.#renewLeases(), interval);
-    this.#renewTimer.unref();
+    const timer = setInterval(() => this.#renewLeases(), interval);
+    (timer as { unref?: () => void }).unref?.();
+    this.#renewTimer = timer;
   }
 
   #renewLeases(): void {
@@ -347,17 +579,43 @@ export class IdempotencyEngine<Req = unknown> {
       return;
     }
     const { backend, lockTimeoutMs } = this.options;
+    const now = Date.now();
     for (const ticket of this.#leases) {
+      // The bound on a handler whose client left: it had a whole lease to finish; now its lease may lapse.
+      if (
+        !ticket.settled &&
+        ticket.clientGoneAt !== undefined &&
+        now - ticket.clientGoneAt >= lockTimeoutMs
+      ) {
+        this.#leases.delete(ticket);
+        continue;
+      }
+      if (now - ticket.renewedAt > lockTimeoutMs) ticket.loseLease();
+      const renewed = (held: boolean) => {
+        if (held) ticket.renewedAt = Date.now();
+        else if (!ticket.settled) {
+          ticket.loseLease();
+          this.#leases.delete(ticket);
+        }
+      };
       try {
-        const renewed = backend.renew(ticket.storageKey, ticket.token, lockTimeoutMs);
-        // A lost lease needs no action here: the fenced commit will refuse and report `lease-lost`.
-        if (isPromise(renewed)) renewed.catch(noop);
+        const result = backend.renew(ticket.storageKey, ticket.token, lockTimeoutMs);
+        if (isPromise(result)) result.then(renewed, noop);
+        else renewed(result);
       } catch {}
     }
   }
 
   #emitFor(ticket: Ticket, outcome: IdempotencyOutcome, status: number | undefined, error?: unknown): void {
-    this.#emit(outcome, ticket.storageKey, ticket.method, status, ticket.startedAt, error);
+    this.#emit(
+      outcome,
+      ticket.storageKey,
+      ticket.method,
+      status,
+      ticket.startedAt,
+      error,
+      ticket.clientGoneAt !== undefined,
+    );
   }
 
   #emit(
@@ -367,27 +625,49 @@ export class IdempotencyEngine<Req = unknown> {
     status: number | undefined,
     startedAt: number,
     error?: unknown,
+    clientGone?: boolean,
   ): void {
     const onEvent = this.options.onEvent;
     if (onEvent === undefined) return;
     const event: IdempotencyEvent = {
       outcome,
-      keyHash: storageKey === undefined ? undefined : hashKey(storageKey),
+      keyHash: undefined,
       method,
       status,
       durationMs: startedAt === NO_DURATION ? 0 : performance.now() - startedAt,
     };
     if (error !== undefined) event.error = error;
-    try {
-      onEvent(event);
-    } catch {}
+    if (clientGone) event.clientGone = true;
+    const report = () => {
+      try {
+        onEvent(event);
+      } catch {}
+    };
+    if (storageKey === undefined) return report();
+    const keyHash = this.#sha256([storageKey]);
+    if (!isPromise(keyHash)) {
+      event.keyHash = keyHash;
+      return report();
+    }
+    keyHash.then((hash) => {
+      event.keyHash = hash;
+      report();
+    }, report);
   }
+}
+
+function isEventStream(contentType: string | undefined): boolean {
+  return contentType !== undefined && essence(contentType) === 'text/event-stream';
 }
 
 function backendError(error: unknown): IdempotencyError {
   return error instanceof IdempotencyError
     ? error
     : new IdempotencyError('ERR_IDEMPOTENCY_BACKEND', 'The idempotency backend failed', { cause: error });
+}
+
+function delay(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
 function noop(): void {}

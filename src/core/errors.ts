@@ -2,12 +2,19 @@
  * Stable codes of {@link IdempotencyError}:
  * - `ERR_IDEMPOTENCY_OPTION`: an option is invalid (thrown at construction).
  * - `ERR_IDEMPOTENCY_BACKEND`: the backend failed or could not be reached; `cause` holds the original error.
+ * - `ERR_IDEMPOTENCY_BACKEND_FULL`: `MemoryBackend` holds as many keys or bytes as it may; handled like any
+ *   backend failure (`onBackendError`).
  * - `ERR_IDEMPOTENCY_BODY`: the request body could not be read.
+ * - `ERR_IDEMPOTENCY_SCOPE`: the `scope` function returned something other than a string or `undefined`.
+ * - `ERR_IDEMPOTENCY_LEASE_LOST`: the reason of a request's lease signal once its lease is lost.
  */
 export type IdempotencyErrorCode =
   | 'ERR_IDEMPOTENCY_OPTION'
   | 'ERR_IDEMPOTENCY_BACKEND'
-  | 'ERR_IDEMPOTENCY_BODY';
+  | 'ERR_IDEMPOTENCY_BACKEND_FULL'
+  | 'ERR_IDEMPOTENCY_BODY'
+  | 'ERR_IDEMPOTENCY_SCOPE'
+  | 'ERR_IDEMPOTENCY_LEASE_LOST';
 
 /**
  * The one error class of this package. Protocol outcomes (400, 409, 422, replays) are not errors; this is thrown

@@ -1,12 +1,5 @@
-import * as crypto from 'node:crypto';
-
-const { createHash } = crypto;
-
-/** `crypto.hash` (Node.js 20.12+), with the equivalent Hash object on older 20.x releases. */
-const oneShotHash: (algorithm: string, data: string, encoding: 'hex') => string =
-  typeof crypto.hash === 'function'
-    ? crypto.hash
-    : (algorithm, data, encoding) => createHash(algorithm).update(data).digest(encoding);
+import type { Sha256 } from './digest.js';
+import type { Awaitable } from './types.js';
 
 /**
  * A request body as an adapter sees it: the raw bytes (a `Uint8Array`, or any `ArrayBuffer` or view of one)
@@ -16,19 +9,41 @@ const oneShotHash: (algorithm: string, data: string, encoding: 'hex') => string 
 export type RequestBody = Uint8Array | string | object | null | undefined;
 
 /**
- * SHA-256 (hex) over the method, the path with its query string, and the body. Raw bytes are hashed as they
- * are; a string as UTF-8; a parsed value in a canonical JSON form with object keys sorted, so that the same
- * document always gives the same fingerprint whatever the order its keys arrived in.
+ * SHA-256 (hex) over the method, the request target (path with its query string, see {@link requestTarget}),
+ * and the body. Raw bytes are hashed as they are; a string as UTF-8; a parsed value in a canonical JSON form
+ * with object keys sorted, so that the same document always gives the same fingerprint whatever the order its
+ * keys arrived in. A raw body that is already canonical JSON hashes like its parsed value.
  */
-export function computeFingerprint(method: string, url: string, body: RequestBody): string {
-  const head = `${method} ${url}\n`;
-  // One-shot hashing of a string is less than half the cost of a Hash object fed piece by piece: this runs on
-  // every request that carries a key, and most bodies are parsed JSON.
-  if (body === undefined) return oneShotHash('sha256', head, 'hex');
-  if (typeof body === 'string') return oneShotHash('sha256', head + body, 'hex');
+export function computeFingerprint(
+  method: string,
+  target: string,
+  body: RequestBody,
+  sha256: Sha256,
+): Awaitable<string> {
+  const head = `${method} ${target}\n`;
+  if (body === undefined) return sha256([head]);
+  if (typeof body === 'string') return sha256([head + body]);
   const bytes = rawBytes(body);
-  if (bytes === undefined) return oneShotHash('sha256', head + canonicalJson(body), 'hex');
-  return createHash('sha256').update(head).update(bytes).digest('hex');
+  if (bytes === undefined) return sha256([head + canonicalJson(body)]);
+  return sha256([head, bytes]);
+}
+
+/**
+ * The request target as every adapter hashes it: the path with its query string, exactly as sent. An absolute
+ * URL (what `Request.url` holds on fetch-style runtimes) is cut down to that form, so that a service on Express
+ * and one on Hono that share a backend compute the same fingerprint for the same request.
+ */
+export function requestTarget(url: string): string {
+  if (url.charCodeAt(0) === 47 /* / */) return url;
+  const scheme = url.indexOf('://');
+  if (scheme === -1) return url;
+  const path = url.indexOf('/', scheme + 3);
+  if (path === -1) {
+    const query = url.indexOf('?', scheme + 3);
+    return query === -1 ? '/' : `/${url.slice(query)}`;
+  }
+  const hash = url.indexOf('#', path);
+  return hash === -1 ? url.slice(path) : url.slice(path, hash);
 }
 
 /** The bytes of a raw body; other byte containers count too, as parsed values they would all serialise to `{}`. */
@@ -65,9 +80,4 @@ function canonicalJsonMember(value: unknown): string {
   return value === undefined || typeof value === 'function' || typeof value === 'symbol'
     ? 'null'
     : canonicalJson(value);
-}
-
-/** SHA-256 (hex) of a scoped key: what events carry instead of the raw key. */
-export function hashKey(storageKey: string): string {
-  return oneShotHash('sha256', storageKey, 'hex');
 }

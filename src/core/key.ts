@@ -12,6 +12,22 @@ export function unquoteKey(value: string): string {
   return inner.includes('\\') ? inner.replace(/\\(["\\])/g, '$1') : inner;
 }
 
+/**
+ * Whether a header value holds several values: a comma outside an RFC 8941 quoted string. Node.js and the Fetch
+ * API join repeated header lines with `, `, so this is how two `Idempotency-Key` lines arrive.
+ */
+export function hasSeveralValues(value: string): boolean {
+  if (!value.includes(',')) return false;
+  let quoted = false;
+  for (let i = 0; i < value.length; i++) {
+    const code = value.charCodeAt(i);
+    if (quoted && code === 92 /* \ */) i++;
+    else if (code === 34 /* " */) quoted = !quoted;
+    else if (code === 44 /* , */ && !quoted) return true;
+  }
+  return false;
+}
+
 /** Whether the key contains a C0 control character or DEL, which no header can carry safely. */
 export function hasControlCharacter(key: string): boolean {
   for (let i = 0; i < key.length; i++) {

@@ -2,7 +2,29 @@ import { invalidOption } from './errors.js';
 import { createMediaTypeMatcher, JSON_MEDIA_TYPES, type MediaTypeMatcher } from './media-type.js';
 import type { Backend } from './types.js';
 
-/** What happened to a request the middleware handled; see {@link IdempotencyEvent}. */
+/**
+ * What happened to a request the middleware handled; see {@link IdempotencyEvent}.
+ *
+ * - `executed`: the handler ran and its response is stored.
+ * - `replayed`: a stored response was sent again (the handler did not run).
+ * - `conflict`: 409, the first request with this key is still running.
+ * - `mismatch`: 422, the key was used for a different request.
+ * - `invalid-key`: 400 or 422, a malformed key (or several key headers).
+ * - `missing-key`: 400, no key and `required` is on.
+ * - `body-too-large`: 413, a request body over `maxRequestBytes`.
+ * - `not-stored`: the handler ran, its response was not stored and the key was released (a type outside
+ *   `cacheableContentTypes`, a 5xx, a status in `releaseStatuses`, or the handler threw), so a retry runs again.
+ * - `remembered`: the handler ran to completion, its response was too large to store or an event stream; the
+ *   key is kept as completed and a retry gets 410.
+ * - `not-replayable`: 410, a retry of a `remembered` key.
+ * - `store-failed`: the handler ran but its response could not be stored after several attempts; the key is not
+ *   released, so retries get 409 until the lease lapses (`lockTimeout`).
+ * - `abandoned`: the handler failed (threw, or answered 5xx) after its client had gone away; the key is not
+ *   released, its lease lapses after `lockTimeout`.
+ * - `backend-error`: the backend failed on lookup (503 or fail-open) or on release.
+ * - `lease-lost`: the handler ran, but its lease had lapsed and another request took the key over, so its store
+ *   was refused.
+ */
 export type IdempotencyOutcome =
   | 'executed'
   | 'replayed'
@@ -13,7 +35,11 @@ export type IdempotencyOutcome =
   | 'not-stored'
   | 'backend-error'
   | 'lease-lost'
-  | 'body-too-large';
+  | 'body-too-large'
+  | 'remembered'
+  | 'not-replayable'
+  | 'store-failed'
+  | 'abandoned';
 
 /** Reported once per handled request through {@link IdempotencyOptions.onEvent}: for logs and metrics. */
 export interface IdempotencyEvent {
@@ -27,8 +53,13 @@ export interface IdempotencyEvent {
   status: number | undefined;
   /** Milliseconds from the middleware seeing the request to the outcome. */
   durationMs: number;
-  /** The backend error, for `backend-error`. */
+  /** The backend error, for `backend-error` and `store-failed`. */
   error?: unknown;
+  /**
+   * `true` when the client had gone away (timed out, disconnected) before its response was complete. The
+   * request still ran to the end and its outcome stands: a retry gets 409 meanwhile and the replay after.
+   */
+  clientGone?: boolean;
 }
 
 /**
@@ -84,8 +115,9 @@ export interface IdempotencyOptions<Req = unknown> {
   /** Namespaces keys, e.g. by tenant, user or API key id, so that two clients' keys never meet. */
   scope?: (req: Req) => string | undefined;
   /**
-   * Seconds of the in-flight lock's lease. It is renewed while the handler runs, so it lapses only when the
-   * process holding it died; then a retry runs.
+   * Seconds of the in-flight lock's lease, at least 1. It is renewed every third of it while the handler runs,
+   * so it lapses only when the process holding it died (or, once the client has gone away, when the handler has
+   * not finished within another `lockTimeout`); then a retry runs.
    * @default 60
    */
   lockTimeout?: number;
@@ -106,11 +138,24 @@ export interface IdempotencyOptions<Req = unknown> {
    */
   cacheServerErrors?: boolean;
   /**
-   * Largest response body stored, in bytes. Larger responses are sent as they come, not stored, and the key is
-   * released.
+   * Statuses that mean "not executed, try again": such a response is not stored and the key is released, so a
+   * rate limiter or an authentication check mounted after the middleware cannot pin a stale refusal on the key.
+   * @default [401, 403, 407, 408, 425, 429]
+   */
+  releaseStatuses?: readonly number[];
+  /**
+   * Largest response body stored, in bytes. A larger response is sent as it comes and its body is not stored;
+   * what happens to its key is `unstoredResponses`.
    * @default 1048576
    */
   maxResponseBytes?: number;
+  /**
+   * A response that ran to completion but whose body cannot be stored (over `maxResponseBytes`, or
+   * `text/event-stream`): `'remember'` keeps the key as completed, so a retry gets 410 and the handler does not
+   * run twice; `'release'` frees the key, so a retry runs the handler again.
+   * @default 'remember'
+   */
+  unstoredResponses?: 'remember' | 'release';
   /**
    * Largest request body read for the fingerprint, in bytes, when the middleware reads the body itself (no body
    * parser ran before it; always for `node:http`). A larger body gets 413 before any backend call, so a huge
@@ -149,6 +194,10 @@ export const DEFAULT_MAX_KEY_LENGTH = 255;
 export const DEFAULT_MAX_REQUEST_BYTES = 1_048_576;
 /** Default of {@link IdempotencyOptions.maxResponseBytes}: 1 MiB. */
 export const DEFAULT_MAX_RESPONSE_BYTES = 1_048_576;
+/** Default of {@link IdempotencyOptions.releaseStatuses}. */
+export const DEFAULT_RELEASE_STATUSES: readonly number[] = Object.freeze([401, 403, 407, 408, 425, 429]);
+/** Shortest `lockTimeout` accepted, in seconds: the lease is renewed every third of it, which must be reliable. */
+export const MIN_LOCK_TIMEOUT = 1;
 
 /** Options after validation, in the units the engine works in. */
 export interface ResolvedOptions<Req> {
@@ -167,33 +216,44 @@ export interface ResolvedOptions<Req> {
   maxKeyLength: number;
   isCacheableType: MediaTypeMatcher;
   cacheServerErrors: boolean;
+  releaseStatuses: ReadonlySet<number>;
   maxResponseBytes: number;
+  rememberUnstored: boolean;
   maxRequestBytes: number;
   failOpen: boolean;
   errorFormat: 'detail' | 'problem';
   onEvent: ((event: IdempotencyEvent) => void) | undefined;
 }
 
-const KNOWN_OPTIONS = new Set([
-  'backend',
-  'idempotencyHeaderKey',
-  'replayHeaderKey',
-  'enforceUuid4Formatting',
-  'expiry',
-  'applicableMethods',
-  'required',
-  'fingerprint',
-  'scope',
-  'lockTimeout',
-  'maxKeyLength',
-  'cacheableContentTypes',
-  'cacheServerErrors',
-  'maxResponseBytes',
-  'maxRequestBytes',
-  'onBackendError',
-  'errorFormat',
-  'onEvent',
-]);
+/**
+ * Every option name, from one typed source: adding an option to {@link IdempotencyOptions} without listing it
+ * here (or listing one that does not exist) fails the type check.
+ */
+const OPTION_NAMES: Record<keyof IdempotencyOptions, true> = {
+  backend: true,
+  idempotencyHeaderKey: true,
+  replayHeaderKey: true,
+  enforceUuid4Formatting: true,
+  expiry: true,
+  applicableMethods: true,
+  required: true,
+  fingerprint: true,
+  scope: true,
+  lockTimeout: true,
+  maxKeyLength: true,
+  cacheableContentTypes: true,
+  cacheServerErrors: true,
+  releaseStatuses: true,
+  maxResponseBytes: true,
+  unstoredResponses: true,
+  maxRequestBytes: true,
+  onBackendError: true,
+  errorFormat: true,
+  onEvent: true,
+};
+
+/** The option names, for adapters that take options of their own beside these. */
+export const KNOWN_OPTIONS: ReadonlySet<string> = new Set(Object.keys(OPTION_NAMES));
 
 /** An RFC 9110 token: what a header name may consist of. */
 const HEADER_NAME = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
@@ -230,15 +290,18 @@ export function resolveOptions<Req>(options: IdempotencyOptions<Req>): ResolvedO
     required: booleanOption('required', options.required, false),
     fingerprint: fingerprintOption(options.fingerprint),
     scope: functionOption('scope', options.scope),
-    lockTimeoutMs: positiveSeconds('lockTimeout', options.lockTimeout, DEFAULT_LOCK_TIMEOUT) * 1000,
+    lockTimeoutMs: lockTimeoutOption(options.lockTimeout),
     maxKeyLength: positiveInteger('maxKeyLength', options.maxKeyLength, DEFAULT_MAX_KEY_LENGTH),
     isCacheableType: createMediaTypeMatcher(contentTypesOption(options.cacheableContentTypes)),
     cacheServerErrors: booleanOption('cacheServerErrors', options.cacheServerErrors, false),
+    releaseStatuses: statusesOption(options.releaseStatuses),
     maxResponseBytes: positiveInteger(
       'maxResponseBytes',
       options.maxResponseBytes,
       DEFAULT_MAX_RESPONSE_BYTES,
     ),
+    rememberUnstored:
+      oneOf('unstoredResponses', options.unstoredResponses, ['remember', 'release'] as const) === 'remember',
     maxRequestBytes: positiveInteger('maxRequestBytes', options.maxRequestBytes, DEFAULT_MAX_REQUEST_BYTES),
     failOpen:
       oneOf('onBackendError', options.onBackendError, ['fail-closed', 'fail-open'] as const) === 'fail-open',
@@ -285,6 +348,30 @@ function expiryOption(value: unknown): number | null {
     positiveSeconds('expiry', value, DEFAULT_EXPIRY, 'a positive number of seconds, or null for forever') *
     1000
   );
+}
+
+function lockTimeoutOption(value: unknown): number {
+  const seconds = positiveSeconds(
+    'lockTimeout',
+    value,
+    DEFAULT_LOCK_TIMEOUT,
+    `a number of seconds, at least ${MIN_LOCK_TIMEOUT}`,
+  );
+  if (seconds < MIN_LOCK_TIMEOUT) {
+    throw invalidOption('lockTimeout', `a number of seconds, at least ${MIN_LOCK_TIMEOUT}`, value);
+  }
+  return seconds * 1000;
+}
+
+function statusesOption(value: unknown): ReadonlySet<number> {
+  if (value === undefined) return new Set(DEFAULT_RELEASE_STATUSES);
+  if (
+    !Array.isArray(value) ||
+    !value.every((status) => Number.isInteger(status) && status >= 100 && status <= 999)
+  ) {
+    throw invalidOption('releaseStatuses', 'an array of HTTP status codes (100-999)', value);
+  }
+  return new Set(value as number[]);
 }
 
 function positiveSeconds(

@@ -1,19 +1,24 @@
 import type { HeaderPair } from './types.js';
 
-/** A response the engine tells an adapter to send instead of running the handler. */
+/**
+ * A response the engine tells an adapter to send instead of running the handler: an error, a conflict, or a
+ * replay. The adapter sends `status`, every header of `headers` as it is (the replay header is already among
+ * them), a `content-length` of `body`, and `body`.
+ */
 export interface EngineReply {
   readonly kind: 'reply';
   readonly status: number;
-  /** Headers to send, without `content-length` (the adapter sets it from `body`). */
+  /** Headers to send, lower-case names, without `content-length`. */
   readonly headers: readonly HeaderPair[];
   readonly body: Uint8Array;
-  /** A stored response: the adapter adds the replay header with value `true`. */
+  /** A stored response being replayed (its headers include the replay header). */
   readonly replayed: boolean;
 }
 
 const REASONS: Record<number, string> = {
   400: 'Bad Request',
   409: 'Conflict',
+  410: 'Gone',
   413: 'Content Too Large',
   422: 'Unprocessable Content',
   500: 'Internal Server Error',
@@ -22,6 +27,7 @@ const REASONS: Record<number, string> = {
 
 const JSON_HEADERS: readonly HeaderPair[] = Object.freeze([['content-type', 'application/json']]);
 const PROBLEM_HEADERS: readonly HeaderPair[] = Object.freeze([['content-type', 'application/problem+json']]);
+const encoder = new TextEncoder();
 
 /** Builds an error reply in the configured format: `{"detail": ...}` JSON, or RFC 9457 problem details. */
 export function errorReply(
@@ -39,7 +45,7 @@ export function errorReply(
     kind: 'reply',
     status,
     headers: extraHeaders === undefined ? base : [...base, ...extraHeaders],
-    body: Buffer.from(JSON.stringify(payload)),
+    body: encoder.encode(JSON.stringify(payload)),
     replayed: false,
   });
 }
@@ -60,26 +66,18 @@ const UNSTORED_HEADERS = new Set([
   'content-length',
 ]);
 
-/**
- * Converts response headers as Node.js holds them (`res.getHeaders()`: lower-case names, values that are
- * strings, numbers or arrays) into the stored form, leaving out the headers a replay must not repeat.
- */
-export function storableHeaders(
-  headers: Record<string, number | string | readonly string[] | undefined>,
-): HeaderPair[] {
+/** The headers of a response as stored: lower-case names, without those a replay must not repeat. */
+export function storedHeaders(headers: readonly HeaderPair[]): HeaderPair[] {
   const pairs: HeaderPair[] = [];
-  for (const name in headers) {
-    const value = headers[name];
-    if (value === undefined) continue;
+  for (const [name, value] of headers) {
     const lower = name.toLowerCase();
-    if (UNSTORED_HEADERS.has(lower)) continue;
-    if (typeof value === 'object') for (const item of value) pairs.push([lower, item]);
-    else pairs.push([lower, typeof value === 'string' ? value : String(value)]);
+    if (!UNSTORED_HEADERS.has(lower)) pairs.push([lower, value]);
   }
   return pairs;
 }
 
-/** Whether a header (lower-case name) may be stored; for adapters that iterate headers themselves. */
-export function isStorableHeader(lowerName: string): boolean {
-  return !UNSTORED_HEADERS.has(lowerName);
+/** The value of a header (lower-case name) in a list of pairs; the first, when it repeats. */
+export function headerValue(headers: readonly HeaderPair[], lowerName: string): string | undefined {
+  for (const [name, value] of headers) if (name === lowerName) return value;
+  return undefined;
 }

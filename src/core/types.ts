@@ -18,8 +18,11 @@ export interface StoredResponse {
 export interface IdempotencyRecord {
   /** SHA-256 (hex) of the request's method, path and body, or `''` when fingerprinting is off. */
   fingerprint: string;
-  /** The stored response. */
-  response: StoredResponse;
+  /**
+   * The stored response, or `null` for a request that ran to completion but whose response could not be kept
+   * (larger than `maxResponseBytes`, or an event stream): a retry is told so and does not run again.
+   */
+  response: StoredResponse | null;
   /** When the response was stored, in milliseconds since the epoch. */
   createdAt: number;
 }

@@ -1,0 +1,127 @@
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import { type BeginResult, IdempotencyEngine, isPromise } from '../../core/engine.js';
+import { IdempotencyError } from '../../core/errors.js';
+import type { RequestBody } from '../../core/fingerprint.js';
+import type { IdempotencyOptions } from '../../core/options.js';
+import type { EngineReply } from '../../core/responses.js';
+import { nodeSha256 } from '../../runtime/node-sha256.js';
+import { BODY_TOO_LARGE, hasBody, readRequestBody } from './body.js';
+import { captureResponse } from './capture.js';
+
+/**
+ * The request flow shared by every adapter built on `node:http` objects (Express, Connect, `node:http` itself):
+ * method and key checks, the body for the fingerprint, the engine's decision, and then either its reply or the
+ * handler with its response captured.
+ */
+
+/** Continues the chain: runs the handler (or the next middleware). */
+export type Continue = () => void;
+/** Reports an error the middleware cannot answer itself (a failing `scope` function, an unreadable body). */
+export type Fail = (error: unknown) => void;
+
+/** Marks that no body parser ran: the raw body is read from the request stream (and put back). */
+export const READ_STREAM: unique symbol = Symbol('idempotency-header.read-stream');
+
+const EMPTY_BODY = new Uint8Array(0);
+
+/** The engine as adapters on `node:http` objects use it: hashing with `node:crypto`, synchronously. */
+export function createNodeEngine<Req>(options: IdempotencyOptions<Req>): IdempotencyEngine<Req> {
+  return new IdempotencyEngine<Req>(options, { sha256: nodeSha256 });
+}
+
+/**
+ * Runs the idempotency flow for one request. `url` is the path with its query string as the application sees
+ * it; `body` is what a body parser produced, or {@link READ_STREAM} to read the raw bytes from `req`.
+ */
+export function handleNodeRequest<Req extends IncomingMessage>(
+  engine: IdempotencyEngine<Req>,
+  req: Req,
+  res: ServerResponse,
+  url: string,
+  body: RequestBody | typeof READ_STREAM,
+  next: Continue,
+  fail: Fail,
+): void {
+  const method = req.method ?? 'GET';
+  if (!engine.handles(method)) return next();
+  const startedAt = performance.now();
+  const key = engine.readKey(method, req.headers[engine.headerName]);
+  if (key === undefined) return next();
+  if (typeof key !== 'string') return sendReply(res, key);
+  if (body !== READ_STREAM || !engine.needsBody) {
+    const seen = body === READ_STREAM ? undefined : body;
+    return begin(engine, req, res, url, key, seen, startedAt, next, fail);
+  }
+  if (!hasBody(req)) return begin(engine, req, res, url, key, EMPTY_BODY, startedAt, next, fail);
+  if (req.readableEnded) return fail(unseenBody());
+  const limit = engine.maxRequestBytes;
+  if (Number(req.headers['content-length']) > limit) {
+    return sendReply(res, engine.bodyTooLarge(method, startedAt));
+  }
+  readRequestBody(req, limit).then(
+    (bytes) => begin(engine, req, res, url, key, bytes, startedAt, next, fail),
+    (error: unknown) => {
+      if (error === BODY_TOO_LARGE) return sendReply(res, engine.bodyTooLarge(method, startedAt));
+      fail(
+        new IdempotencyError('ERR_IDEMPOTENCY_BODY', 'The request body could not be read', { cause: error }),
+      );
+    },
+  );
+}
+
+/**
+ * A parser consumed the body without marking the request (as `body-parser` does with `req._body`), so the
+ * middleware can see neither the bytes nor a value it may trust to stand for them: two different requests could
+ * get one fingerprint. Refused rather than guessed.
+ */
+function unseenBody(): IdempotencyError {
+  return new IdempotencyError(
+    'ERR_IDEMPOTENCY_BODY',
+    'The request body was consumed by a parser that did not mark the request, so it cannot be fingerprinted: mount the idempotency middleware before that parser, or pass a `fingerprint` function',
+  );
+}
+
+function begin<Req extends IncomingMessage>(
+  engine: IdempotencyEngine<Req>,
+  req: Req,
+  res: ServerResponse,
+  url: string,
+  key: string,
+  body: RequestBody,
+  startedAt: number,
+  next: Continue,
+  fail: Fail,
+): void {
+  let result: BeginResult | Promise<BeginResult>;
+  try {
+    result = engine.begin(req, req.method ?? 'GET', url, key, body, startedAt);
+  } catch (error) {
+    return fail(error);
+  }
+  if (isPromise(result)) result.then((settled) => dispatch(engine, res, settled, next), fail);
+  else dispatch(engine, res, result, next);
+}
+
+function dispatch(
+  engine: IdempotencyEngine<never>,
+  res: ServerResponse,
+  result: BeginResult,
+  next: Continue,
+): void {
+  if (result.kind === 'pass') return next();
+  if (result.kind === 'reply') return sendReply(res, result);
+  captureResponse(res, engine, result);
+  next();
+}
+
+/**
+ * Writes an engine reply (error, conflict or replay) with its exact body bytes. Its headers replace any of the
+ * same name set before (by middleware mounted earlier); the others stay.
+ */
+export function sendReply(res: ServerResponse, reply: EngineReply): void {
+  const headers: string[] = [];
+  for (const [name, value] of reply.headers) headers.push(name, value);
+  headers.push('content-length', String(reply.body.byteLength));
+  res.writeHead(reply.status, headers);
+  res.end(reply.body);
+}
