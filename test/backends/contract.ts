@@ -19,6 +19,7 @@ import type {
   CompletedResult,
   IdempotencyRecord,
   InFlightResult,
+  StoredResponse,
 } from '../../src/core/types.js';
 
 /** What a contract run needs: the backend under test and how to dispose of it. */
@@ -50,7 +51,7 @@ function newKey(label = 'key'): string {
 function makeRecord(
   body: Uint8Array = Buffer.from('{"id":1}'),
   fingerprint = FINGERPRINT,
-): IdempotencyRecord {
+): IdempotencyRecord & { response: StoredResponse } {
   return {
     fingerprint,
     createdAt: Date.now(),
@@ -88,6 +89,12 @@ function expectCompletedWith(result: AcquireResult, expected: IdempotencyRecord)
   const { record } = result as CompletedResult;
   expect(record.fingerprint).toBe(expected.fingerprint);
   expect(record.createdAt).toBe(expected.createdAt);
+  if (expected.response === null) {
+    expect(record.response).toBeNull();
+    return;
+  }
+  expect(record.response).not.toBeNull();
+  if (record.response === null) return;
   expect(record.response.status).toBe(expected.response.status);
   expect(record.response.headers).toEqual(expected.response.headers);
   expect(record.response.body).toBeInstanceOf(Uint8Array);
@@ -133,7 +140,7 @@ export function describeBackendContract(name: string, setup: () => Promise<Backe
     }
 
     /** Acquires, completes and returns a fresh key with its record. */
-    async function completedKey(record = makeRecord(), ttlMs: number | null = 60_000) {
+    async function completedKey(record: IdempotencyRecord = makeRecord(), ttlMs: number | null = 60_000) {
       const { key, token } = await lockedKey();
       expect(await backend.complete(key, token, record, ttlMs)).toBe(true);
       return { key, record };
@@ -349,7 +356,7 @@ export function describeBackendContract(name: string, setup: () => Promise<Backe
         const { key } = await completedKey(makeRecord(body));
         const result = await backend.acquire(key, FINGERPRINT, LONG_LEASE_MS);
         expect(result.state).toBe('completed');
-        expect(asBuffer((result as CompletedResult).record.response.body).toString()).toBe('{"inner":true}');
+        expect(asBuffer((result as CompletedResult).record.response!.body).toString()).toBe('{"inner":true}');
       });
 
       it('round-trips an empty body', async () => {
@@ -384,6 +391,13 @@ export function describeBackendContract(name: string, setup: () => Promise<Backe
         record.response.status = 204;
         const { key } = await completedKey(record);
         expectCompletedWith(await backend.acquire(key, FINGERPRINT, LONG_LEASE_MS), record);
+      });
+
+      it('round-trips a record remembered without its response (response: null)', async () => {
+        const record: IdempotencyRecord = { fingerprint: FINGERPRINT, createdAt: Date.now(), response: null };
+        const { key } = await completedKey(record);
+        expectCompletedWith(await backend.acquire(key, FINGERPRINT, LONG_LEASE_MS), record);
+        expect((await backend.acquire(key, OTHER_FINGERPRINT, LONG_LEASE_MS)).state).toBe('mismatch');
       });
 
       it('frees the key once a short ttl has passed, so acquire wins again', async () => {

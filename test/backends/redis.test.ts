@@ -159,9 +159,9 @@ describe.runIf(redisUp)('RedisBackend', () => {
           'status',
         ]);
         expect(stored.state?.toString()).toBe('done');
-        expect(stored.body?.equals(Buffer.from(record.response.body))).toBe(true);
+        expect(stored.body?.equals(Buffer.from(record.response!.body))).toBe(true);
         expect(stored.status?.toString()).toBe('201');
-        expect(JSON.parse(stored.headers!.toString())).toEqual(record.response.headers);
+        expect(JSON.parse(stored.headers!.toString())).toEqual(record.response!.headers);
         expect(Number(stored.createdAt?.toString())).toBe(record.createdAt);
         const ttl = await admin.pttl(prefix + key);
         expect(ttl).toBeGreaterThan(LEASE_MS);

@@ -2,7 +2,7 @@ import { spawn } from 'node:child_process';
 import { createHash, randomUUID } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
-import { afterEach, describe, expect, it } from 'vitest';
+import { afterEach, describe, expect, it, vi } from 'vitest';
 import { MemoryBackend } from '../../src/backends/memory.js';
 import { type BeginResult, IdempotencyEngine, Ticket } from '../../src/core/engine.js';
 import { IdempotencyError } from '../../src/core/errors.js';
@@ -10,6 +10,7 @@ import { computeFingerprint } from '../../src/core/fingerprint.js';
 import type { IdempotencyEvent, IdempotencyOptions } from '../../src/core/options.js';
 import type { EngineReply } from '../../src/core/responses.js';
 import type { Backend, IdempotencyRecord, StoredResponse } from '../../src/core/types.js';
+import { nodeSha256 } from '../../src/runtime/node-sha256.js';
 
 const REPO_ROOT = fileURLToPath(new URL('../..', import.meta.url));
 
@@ -57,6 +58,7 @@ class SpyBackend implements Backend {
 const backends: MemoryBackend[] = [];
 
 afterEach(() => {
+  vi.useRealTimers();
   for (const backend of backends.splice(0)) backend.close();
 });
 
@@ -78,11 +80,10 @@ function setup(
 ): Harness {
   const events: IdempotencyEvent[] = [];
   const spy = new SpyBackend(memory(), overrides);
-  const engine = new IdempotencyEngine<FakeRequest>({
-    backend: spy,
-    onEvent: (event) => events.push(event),
-    ...options,
-  });
+  const engine = new IdempotencyEngine<FakeRequest>(
+    { backend: spy, onEvent: (event) => events.push(event), ...options },
+    { sha256: nodeSha256 },
+  );
   return { engine, events, spy };
 }
 
@@ -121,6 +122,7 @@ async function beginReply(
   return result as EngineReply;
 }
 
+/** A finished JSON response; `body: undefined` stands for one whose body was not kept. */
 function response(status = 201, body = '{"id":"ord_1"}', contentType = 'application/json'): StoredResponse {
   return {
     status,
@@ -135,6 +137,14 @@ function response(status = 201, body = '{"id":"ord_1"}', contentType = 'applicat
 }
 
 const text = (reply: EngineReply) => Buffer.from(reply.body).toString('utf8');
+/** A response of `contentType` whose body the adapter did not keep (streamed, or over maxResponseBytes). */
+const unkept = (status = 200, contentType = 'application/json') => ({
+  status,
+  headers: [['content-type', contentType]] as [string, string][],
+  body: undefined,
+});
+/** Lets fake timers (and the renewals and retries they fire) run for `ms`. */
+const elapse = (ms: number) => vi.advanceTimersByTimeAsync(ms);
 const sha256 = (value: string) => createHash('sha256').update(value).digest('hex');
 
 describe('IdempotencyEngine', () => {
@@ -146,27 +156,45 @@ describe('IdempotencyEngine', () => {
       expect(ticket.settled).toBe(false);
       expect(ticket.token).toEqual(expect.any(String));
       expect(ticket.method).toBe('POST');
-      expect(ticket.fingerprint).toBe(computeFingerprint('POST', '/orders', BODY));
+      expect(ticket.fingerprint).toBe(computeFingerprint('POST', '/orders', BODY, nodeSha256));
       expect(spy.calls.acquire).toBe(1);
       expect(spy.leases).toEqual([60_000]);
-      engine.release(ticket, undefined);
+      engine.fail(ticket);
     });
 
-    it('answers synchronously with a synchronous backend', () => {
+    it('answers synchronously with a synchronous backend and hash', () => {
       const { engine } = setup();
       const result = engine.begin({}, 'POST', '/orders', 'sync', BODY, performance.now());
       expect(result).toBeInstanceOf(Ticket);
-      engine.release(result as Ticket, undefined);
+      engine.fail(result as Ticket);
+    });
+
+    it('hashes with Web Crypto, asynchronously, when no hash is given, to the same fingerprint', async () => {
+      const web = new IdempotencyEngine({ backend: memory() });
+      const result = web.begin({}, 'POST', '/orders', 'web', BODY, performance.now());
+      expect(result).toBeInstanceOf(Promise);
+      const ticket = (await result) as Ticket;
+      expect(ticket.fingerprint).toBe(computeFingerprint('POST', '/orders', BODY, nodeSha256));
+      web.fail(ticket);
+    });
+
+    it('fingerprints an absolute URL as its path and query, as the Node.js adapters see it', async () => {
+      const { engine } = setup();
+      const a = await beginTicket(engine, 'abs');
+      engine.fail(a);
+      const absolute = (await begin(engine, 'abs', { url: 'https://api.example.com/orders' })) as Ticket;
+      expect(absolute.fingerprint).toBe(a.fingerprint);
+      engine.fail(absolute);
     });
 
     it('passes the lease in milliseconds to the backend', async () => {
       const { engine, spy } = setup({ lockTimeout: 2.5 });
       const ticket = await beginTicket(engine, 'lease');
       expect(spy.leases).toEqual([2500]);
-      engine.release(ticket, undefined);
+      engine.fail(ticket);
     });
 
-    it('answers 409 with retry-after and the exact body while the first request is in flight', async () => {
+    it('answers 409 with the exact body while the first request is in flight', async () => {
       const { engine, events } = setup();
       const ticket = await beginTicket(engine, 'order-7');
       const reply = await beginReply(engine, 'order-7');
@@ -174,25 +202,40 @@ describe('IdempotencyEngine', () => {
       expect(reply.replayed).toBe(false);
       expect(reply.headers).toEqual([
         ['content-type', 'application/json'],
-        ['retry-after', '60'],
+        ['retry-after', '1'],
       ]);
       expect(text(reply)).toBe(`{"detail":"Request already pending for idempotency key 'order-7'"}`);
       expect(events.map((event) => event.outcome)).toEqual(['conflict']);
       expect(events[0]!.status).toBe(409);
-      engine.release(ticket, undefined);
+      engine.fail(ticket);
     });
 
-    it('rounds retry-after up to whole seconds, at least 1', async () => {
-      const { engine } = setup({ lockTimeout: 0.05 });
-      const ticket = await beginTicket(engine, 'short');
-      const reply = await beginReply(engine, 'short');
-      expect(reply.headers).toContainEqual(['retry-after', '1']);
-      engine.release(ticket, undefined);
+    describe('Retry-After', () => {
+      const inFlight = (retryAfterMs: number) => ({
+        acquire: () => ({ state: 'in-flight' as const, retryAfterMs }),
+      });
 
-      const { engine: other } = setup({ lockTimeout: 2.2 });
-      const held = await beginTicket(other, 'fractional');
-      expect((await beginReply(other, 'fractional')).headers).toContainEqual(['retry-after', '3']);
-      other.release(held, undefined);
+      it('invites a retry after about 1 s while the holder renews its lease, not after the lease', async () => {
+        const { engine } = setup({}, inFlight(59_500));
+        expect((await beginReply(engine, 'k')).headers).toContainEqual(['retry-after', '1']);
+      });
+
+      it('invites a retry after about as long as first runs take here, while the holder is alive', async () => {
+        vi.useFakeTimers();
+        const slow = setup();
+        const first = await beginTicket(slow.engine, 'slow');
+        await elapse(4200);
+        await slow.engine.finish(first, response());
+        slow.spy.overrides.acquire = () => ({ state: 'in-flight', retryAfterMs: 58_000 });
+        expect((await beginReply(slow.engine, 'other')).headers).toContainEqual(['retry-after', '5']);
+      });
+
+      it("advertises the lease's time left, in whole seconds rounded up, once the holder stopped renewing", async () => {
+        const { engine } = setup({}, inFlight(12_300));
+        expect((await beginReply(engine, 'k')).headers).toContainEqual(['retry-after', '13']);
+        const { engine: late } = setup({}, inFlight(40));
+        expect((await beginReply(late, 'k')).headers).toContainEqual(['retry-after', '1']);
+      });
     });
 
     it('JSON-escapes the key in the 409 body', async () => {
@@ -203,7 +246,7 @@ describe('IdempotencyEngine', () => {
       expect(JSON.parse(text(reply))).toEqual({
         detail: `Request already pending for idempotency key '${key}'`,
       });
-      engine.release(ticket, undefined);
+      engine.fail(ticket);
     });
 
     it('answers 409 as problem details when errorFormat is problem', async () => {
@@ -212,7 +255,7 @@ describe('IdempotencyEngine', () => {
       const reply = await beginReply(engine, 'p');
       expect(reply.headers).toEqual([
         ['content-type', 'application/problem+json'],
-        ['retry-after', '60'],
+        ['retry-after', '1'],
       ]);
       expect(JSON.parse(text(reply))).toEqual({
         type: 'about:blank',
@@ -220,27 +263,33 @@ describe('IdempotencyEngine', () => {
         status: 409,
         detail: "Request already pending for idempotency key 'p'",
       });
-      engine.release(ticket, undefined);
+      engine.fail(ticket);
     });
 
-    it('replays a committed response with its status, headers and exact body bytes', async () => {
+    it('replays a stored response with its status, headers, exact body bytes and the replay header', async () => {
       const { engine, events } = setup();
       const ticket = await beginTicket(engine, 'replay-me');
       const stored = response(201, '{ "id" : "ord_1",\n  "note": "kept as sent" }');
-      await engine.commit(ticket, stored);
+      await engine.finish(ticket, stored);
       const reply = await beginReply(engine, 'replay-me');
       expect(reply.replayed).toBe(true);
       expect(reply.status).toBe(201);
-      expect(reply.headers).toEqual(stored.headers);
+      expect(reply.headers).toEqual([...stored.headers, ['Idempotent-Replayed', 'true']]);
       expect(Buffer.from(reply.body).equals(Buffer.from(stored.body))).toBe(true);
       expect(events.map((event) => event.outcome)).toEqual(['executed', 'replayed']);
       expect(events[1]!.status).toBe(201);
     });
 
+    it('names the configured replay header', async () => {
+      const { engine } = setup({ replayHeaderKey: 'X-Replayed' });
+      await engine.finish(await beginTicket(engine, 'named'), response());
+      expect((await beginReply(engine, 'named')).headers).toContainEqual(['X-Replayed', 'true']);
+    });
+
     it('replays again and again', async () => {
       const { engine } = setup();
       const ticket = await beginTicket(engine, 'many');
-      await engine.commit(ticket, response());
+      await engine.finish(ticket, response());
       for (let i = 0; i < 3; i++) expect((await beginReply(engine, 'many')).replayed).toBe(true);
     });
 
@@ -254,7 +303,7 @@ describe('IdempotencyEngine', () => {
 
       it.each(variants)('%s, while the first is completed', async (_, request) => {
         const { engine, events } = setup();
-        await engine.commit(await beginTicket(engine, 'used'), response());
+        await engine.finish(await beginTicket(engine, 'used'), response());
         const reply = await beginReply(engine, 'used', request);
         expect(reply.status).toBe(422);
         expect(reply.replayed).toBe(false);
@@ -272,7 +321,7 @@ describe('IdempotencyEngine', () => {
         expect(text(reply)).toBe(
           `{"detail":"Idempotency key 'busy' was already used for a different request"}`,
         );
-        engine.release(ticket, undefined);
+        engine.fail(ticket);
       });
     });
 
@@ -280,7 +329,7 @@ describe('IdempotencyEngine', () => {
       const { engine, spy } = setup({ fingerprint: false });
       const ticket = await beginTicket(engine, 'nofp');
       expect(ticket.fingerprint).toBe('');
-      await engine.commit(ticket, response());
+      await engine.finish(ticket, response());
       const reply = await beginReply(engine, 'nofp', {
         method: 'PATCH',
         url: '/elsewhere',
@@ -294,7 +343,7 @@ describe('IdempotencyEngine', () => {
       const { engine } = setup({ fingerprint: (req) => req.signature ?? 'none' });
       const ticket = await beginTicket(engine, 'custom', { signature: 'sig-1' });
       expect(ticket.fingerprint).toBe('sig-1');
-      await engine.commit(ticket, response());
+      await engine.finish(ticket, response());
       expect(
         (await beginReply(engine, 'custom', { req: { signature: 'sig-1' }, url: '/other' })).replayed,
       ).toBe(true);
@@ -302,162 +351,361 @@ describe('IdempotencyEngine', () => {
     });
   });
 
-  describe('commit', () => {
+  describe('finish', () => {
     it('stores the record with the expiry in milliseconds and the fingerprint', async () => {
       const { engine, spy } = setup({ expiry: 10 });
       const ticket = await beginTicket(engine, 'ttl');
       const before = Date.now();
       const stored = response();
-      await engine.commit(ticket, stored);
+      await engine.finish(ticket, stored);
       expect(spy.completions).toHaveLength(1);
       const { key, token, record, ttlMs } = spy.completions[0]!;
       expect(key).toBe(ticket.storageKey);
       expect(token).toBe(ticket.token);
       expect(ttlMs).toBe(10_000);
       expect(record.fingerprint).toBe(ticket.fingerprint);
-      expect(record.response).toBe(stored);
+      expect(record.response).toEqual(stored);
       expect(record.createdAt).toBeGreaterThanOrEqual(before);
       expect(record.createdAt).toBeLessThanOrEqual(Date.now());
     });
 
+    it('stores headers with lower-case names, without those a replay must not repeat', async () => {
+      const { engine, spy } = setup();
+      await engine.finish(await beginTicket(engine, 'headers'), {
+        status: 201,
+        headers: [
+          ['Content-Type', 'application/json'],
+          ['Set-Cookie', 'a=1'],
+          ['Content-Length', '2'],
+          ['Date', 'Tue, 01 Dec 2026 00:00:00 GMT'],
+          ['Connection', 'keep-alive'],
+          ['Transfer-Encoding', 'chunked'],
+          ['Location', '/orders/1'],
+        ],
+        body: Buffer.from('{}'),
+      });
+      expect(spy.completions[0]!.record.response!.headers).toEqual([
+        ['content-type', 'application/json'],
+        ['location', '/orders/1'],
+      ]);
+    });
+
     it('stores forever with expiry: null', async () => {
       const { engine, spy } = setup({ expiry: null });
-      await engine.commit(await beginTicket(engine, 'forever'), response());
+      await engine.finish(await beginTicket(engine, 'forever'), response());
       expect(spy.completions[0]!.ttlMs).toBeNull();
     });
 
     it('reports executed once with the status', async () => {
       const { engine, events } = setup();
-      await engine.commit(await beginTicket(engine, 'exec'), response(201));
+      await engine.finish(await beginTicket(engine, 'exec'), response(201));
       expect(events).toHaveLength(1);
       expect(events[0]).toMatchObject({ outcome: 'executed', method: 'POST', status: 201 });
       expect(events[0]!.durationMs).toBeGreaterThanOrEqual(0);
+      expect(events[0]!.clientGone).toBeUndefined();
     });
 
-    it('is idempotent: a second commit or a later release does nothing', async () => {
+    it('is idempotent: a second finish or a later fail does nothing', async () => {
       const { engine, events, spy } = setup();
       const ticket = await beginTicket(engine, 'twice');
-      await engine.commit(ticket, response(201, '{"first":true}'));
+      await engine.finish(ticket, response(201, '{"first":true}'));
       expect(ticket.settled).toBe(true);
-      await engine.commit(ticket, response(200, '{"second":true}'));
-      await engine.release(ticket, 500);
+      await engine.finish(ticket, response(200, '{"second":true}'));
+      await engine.fail(ticket);
       expect(spy.calls.complete).toBe(1);
       expect(spy.calls.release).toBe(0);
       expect(events.map((event) => event.outcome)).toEqual(['executed']);
       expect(text(await beginReply(engine, 'twice'))).toBe('{"first":true}');
     });
 
-    it('resolves, reports backend-error and frees the key when the backend rejects the write', async () => {
-      const failure = new Error('connection reset');
-      const { engine, events, spy } = setup({}, { complete: () => Promise.reject(failure) });
-      const ticket = await beginTicket(engine, 'store-fails');
-      await expect(Promise.resolve(engine.commit(ticket, response()))).resolves.toBeUndefined();
-      expect(events).toHaveLength(1);
-      expect(events[0]!.outcome).toBe('backend-error');
-      expect(events[0]!.status).toBe(201);
-      const error = events[0]!.error as IdempotencyError;
-      expect(error).toBeInstanceOf(IdempotencyError);
-      expect(error.code).toBe('ERR_IDEMPOTENCY_BACKEND');
-      expect(error.cause).toBe(failure);
-      expect(spy.calls.release).toBe(1);
-      expect(await begin(engine, 'store-fails')).toBeInstanceOf(Ticket);
+    describe('releases the key, so that a retry runs again, for a response that is not kept', () => {
+      const cases: [string, Partial<IdempotencyOptions<FakeRequest>>, ReturnType<typeof response>][] = [
+        ['a 5xx', {}, response(500)],
+        ['a 503', {}, response(503)],
+        ['a type outside cacheableContentTypes', {}, response(200, 'plain', 'text/plain')],
+        ['a response without a type', {}, { status: 200, headers: [], body: Buffer.from('x') }],
+        ...([401, 403, 407, 408, 425, 429].map((status) => [`a ${status} refusal`, {}, response(status)]) as [
+          string,
+          Partial<IdempotencyOptions<FakeRequest>>,
+          ReturnType<typeof response>,
+        ][]),
+        ['a status listed in releaseStatuses', { releaseStatuses: [409] }, response(409)],
+      ];
+
+      it.each(cases)('%s', async (_, options, finished) => {
+        const { engine, events, spy } = setup(options);
+        const ticket = await beginTicket(engine, 'free-me');
+        await engine.finish(ticket, finished);
+        expect(spy.calls.release).toBe(1);
+        expect(spy.calls.complete).toBe(0);
+        expect(events).toEqual([expect.objectContaining({ outcome: 'not-stored', status: finished.status })]);
+        const retry = await begin(engine, 'free-me');
+        expect(retry).toBeInstanceOf(Ticket);
+        engine.fail(retry as Ticket);
+      });
     });
 
-    it('does not throw and frees the key when the backend throws synchronously', async () => {
-      const failure = new Error('sync failure');
-      const { engine, events } = setup(
-        {},
-        {
-          complete: () => {
-            throw failure;
+    it('stores a 5xx with cacheServerErrors, and a refusal once releaseStatuses is emptied', async () => {
+      const { engine } = setup({ cacheServerErrors: true, releaseStatuses: [] });
+      await engine.finish(await beginTicket(engine, 'five'), response(502));
+      expect((await beginReply(engine, 'five')).status).toBe(502);
+      await engine.finish(await beginTicket(engine, 'four'), response(429));
+      expect((await beginReply(engine, 'four')).status).toBe(429);
+    });
+
+    describe('remembers a completed request whose response cannot be stored, so it never runs twice', () => {
+      const cases: [
+        string,
+        Partial<IdempotencyOptions<FakeRequest>>,
+        Parameters<IdempotencyEngine['finish']>[1],
+      ][] = [
+        ['a body the adapter did not keep (past maxResponseBytes)', {}, unkept()],
+        ['a body over maxResponseBytes', { maxResponseBytes: 4 }, response(201, '{"too":"long"}')],
+        ['an event stream', {}, unkept(200, 'text/event-stream')],
+        [
+          'an event stream, with every type cacheable',
+          { cacheableContentTypes: '*' },
+          unkept(200, 'text/event-stream; charset=utf-8'),
+        ],
+      ];
+
+      it.each(cases)('%s', async (_, options, finished) => {
+        const { engine, events, spy } = setup(options);
+        await engine.finish(await beginTicket(engine, 'big'), finished);
+        expect(spy.completions[0]!.record.response).toBeNull();
+        expect(events.map((event) => event.outcome)).toEqual(['remembered']);
+        const retry = await beginReply(engine, 'big');
+        expect(retry.status).toBe(410);
+        expect(retry.replayed).toBe(false);
+        expect(JSON.parse(text(retry))).toEqual({
+          detail:
+            "The request with idempotency key 'big' already ran, but its response was too large to store or a stream; it cannot be replayed",
+        });
+        expect(events.map((event) => event.outcome)).toEqual(['remembered', 'not-replayable']);
+        expect(events[1]!.status).toBe(410);
+      });
+
+      it("releases instead with unstoredResponses: 'release'", async () => {
+        const { engine, events } = setup({ unstoredResponses: 'release' });
+        await engine.finish(await beginTicket(engine, 'big'), unkept());
+        expect(events.map((event) => event.outcome)).toEqual(['not-stored']);
+        expect(await begin(engine, 'big')).toBeInstanceOf(Ticket);
+      });
+
+      it('still answers 422 to a different request with the key', async () => {
+        const { engine } = setup();
+        await engine.finish(await beginTicket(engine, 'big'), unkept());
+        expect((await beginReply(engine, 'big', { url: '/elsewhere' })).status).toBe(422);
+      });
+    });
+
+    describe('a store that fails', () => {
+      it('is retried, and the response stored, when the backend recovers', async () => {
+        vi.useFakeTimers();
+        let failures = 1;
+        const { engine, events, spy } = setup(
+          {},
+          {
+            complete: (key, token, record, ttl) =>
+              failures-- > 0
+                ? Promise.reject(new Error('connection reset'))
+                : spy.inner.complete(key, token, record, ttl),
           },
-        },
-      );
-      const ticket = await beginTicket(engine, 'store-throws');
-      expect(() => engine.commit(ticket, response())).not.toThrow();
-      await sleep(0);
-      expect(events.map((event) => event.outcome)).toEqual(['backend-error']);
-      expect((events[0]!.error as IdempotencyError).cause).toBe(failure);
-      expect(await begin(engine, 'store-throws')).toBeInstanceOf(Ticket);
-    });
+        );
+        const ticket = await beginTicket(engine, 'blip');
+        const settled = Promise.resolve(engine.finish(ticket, response()));
+        await elapse(100);
+        await settled;
+        expect(spy.calls.complete).toBe(2);
+        expect(spy.calls.release).toBe(0);
+        expect(events.map((event) => event.outcome)).toEqual(['executed']);
+        expect((await beginReply(engine, 'blip')).replayed).toBe(true);
+      });
 
-    it('resolves even when freeing the key after a failed write fails too', async () => {
-      const { engine, events } = setup(
-        {},
-        {
-          complete: () => Promise.reject(new Error('write')),
-          release: () => Promise.reject(new Error('release')),
-        },
-      );
-      const ticket = await beginTicket(engine, 'both-fail');
-      await expect(Promise.resolve(engine.commit(ticket, response()))).resolves.toBeUndefined();
-      expect(events.map((event) => event.outcome)).toEqual(['backend-error']);
+      it('never releases the key: it reports store-failed and lets the lease lapse, renewed meanwhile', async () => {
+        vi.useFakeTimers();
+        const failure = new Error('connection reset');
+        const { engine, events, spy } = setup(
+          { lockTimeout: 3 },
+          { complete: () => Promise.reject(failure) },
+        );
+        const ticket = await beginTicket(engine, 'store-fails');
+        const settled = Promise.resolve(engine.finish(ticket, response()));
+        await elapse(1400);
+        await expect(settled).resolves.toBeUndefined();
+        expect(spy.calls.complete).toBe(4);
+        expect(spy.calls.release).toBe(0);
+        expect(spy.calls.renew).toBeGreaterThanOrEqual(1);
+        expect(events).toHaveLength(1);
+        expect(events[0]).toMatchObject({ outcome: 'store-failed', status: 201 });
+        const error = events[0]!.error as IdempotencyError;
+        expect(error).toBeInstanceOf(IdempotencyError);
+        expect(error.code).toBe('ERR_IDEMPOTENCY_BACKEND');
+        expect(error.cause).toBe(failure);
+        // A retry meets the lock, not a second run; once the lease lapses (no more renewals) it runs.
+        expect((await beginReply(engine, 'store-fails')).status).toBe(409);
+        const renewals = spy.calls.renew;
+        await elapse(3100);
+        expect(spy.calls.renew).toBe(renewals);
+        const retry = await begin(engine, 'store-fails');
+        expect(retry).toBeInstanceOf(Ticket);
+        engine.fail(retry as Ticket);
+      });
+
+      it('does not throw when the backend throws synchronously', async () => {
+        vi.useFakeTimers();
+        const { engine, events } = setup(
+          {},
+          {
+            complete: () => {
+              throw new Error('sync failure');
+            },
+          },
+        );
+        const ticket = await beginTicket(engine, 'store-throws');
+        let settled: unknown;
+        expect(() => {
+          settled = engine.finish(ticket, response());
+        }).not.toThrow();
+        await elapse(1400);
+        await settled;
+        expect(events.map((event) => event.outcome)).toEqual(['store-failed']);
+        expect((await beginReply(engine, 'store-throws')).status).toBe(409);
+      });
     });
 
     it('reports lease-lost when the backend refuses the fenced write', async () => {
       const { engine, events } = setup({}, { complete: () => false });
       const ticket = await beginTicket(engine, 'lost');
-      await engine.commit(ticket, response(200));
+      await engine.finish(ticket, response(200));
       expect(events).toHaveLength(1);
       expect(events[0]).toMatchObject({ outcome: 'lease-lost', status: 200 });
       expect(events[0]!.error).toBeUndefined();
     });
 
     it('reports lease-lost when another request took over a lapsed lease', async () => {
-      const { engine, events } = setup({ lockTimeout: 0.05 }, { renew: () => false });
+      vi.useFakeTimers();
+      const { engine, events } = setup({ lockTimeout: 1 }, { renew: () => false });
       const first = await beginTicket(engine, 'lapsed');
-      await sleep(80);
+      await elapse(1100);
       const second = await beginTicket(engine, 'lapsed');
-      await engine.commit(first, response(201, '{"first":true}'));
-      await engine.commit(second, response(201, '{"second":true}'));
+      await engine.finish(first, response(201, '{"first":true}'));
+      await engine.finish(second, response(201, '{"second":true}'));
       expect(events.map((event) => event.outcome)).toEqual(['lease-lost', 'executed']);
       expect(text(await beginReply(engine, 'lapsed'))).toBe('{"second":true}');
     });
   });
 
-  describe('release', () => {
-    it('frees the key so that a retry runs again', async () => {
+  describe('a client that went away', () => {
+    it('changes nothing: the lock is held and the response stored when the handler finishes', async () => {
+      const { engine, events } = setup();
+      const ticket = await beginTicket(engine, 'gone');
+      engine.clientLeft(ticket);
+      expect((await beginReply(engine, 'gone')).status).toBe(409);
+      await engine.finish(ticket, response(201));
+      expect(events.map((event) => event.outcome)).toEqual(['conflict', 'executed']);
+      expect(events[1]!.clientGone).toBe(true);
+      expect((await beginReply(engine, 'gone')).replayed).toBe(true);
+    });
+
+    it('keeps the lease renewed for one more lockTimeout, then stops, so a handler that never ends frees the key', async () => {
+      vi.useFakeTimers();
+      const { engine, spy } = setup({ lockTimeout: 3 });
+      const ticket = await beginTicket(engine, 'never-ends');
+      engine.clientLeft(ticket);
+      await elapse(2900);
+      expect(spy.calls.renew).toBeGreaterThanOrEqual(2);
+      expect((await beginReply(engine, 'never-ends')).status).toBe(409);
+      await elapse(1100);
+      const renewals = spy.calls.renew;
+      await elapse(2000);
+      expect(spy.calls.renew).toBe(renewals);
+      // The last renewal was at most a third of a lease before renewing stopped: the lease lapses within one more.
+      await elapse(1100);
+      const retry = await begin(engine, 'never-ends');
+      expect(retry).toBeInstanceOf(Ticket);
+      engine.fail(retry as Ticket);
+    });
+
+    it('lets the lease lapse instead of releasing when the handler then fails (throws)', async () => {
+      vi.useFakeTimers();
+      const { engine, events, spy } = setup({ lockTimeout: 1 });
+      const ticket = await beginTicket(engine, 'threw');
+      engine.clientLeft(ticket);
+      await engine.fail(ticket);
+      expect(spy.calls.release).toBe(0);
+      expect(events).toEqual([
+        expect.objectContaining({ outcome: 'abandoned', status: undefined, clientGone: true }),
+      ]);
+      expect((await beginReply(engine, 'threw')).status).toBe(409);
+      await elapse(1100);
+      const retry = await begin(engine, 'threw');
+      expect(retry).toBeInstanceOf(Ticket);
+      engine.fail(retry as Ticket);
+    });
+
+    it('lets the lease lapse instead of releasing when the handler then answers 5xx', async () => {
+      const { engine, events, spy } = setup();
+      const ticket = await beginTicket(engine, 'five');
+      engine.clientLeft(ticket);
+      await engine.finish(ticket, response(500));
+      expect(spy.calls.release).toBe(0);
+      expect(events.map((event) => event.outcome)).toEqual(['abandoned']);
+      expect((await beginReply(engine, 'five')).status).toBe(409);
+    });
+
+    it('still releases a response that was never going to be stored, such as a refusal', async () => {
+      const { engine, events } = setup();
+      const ticket = await beginTicket(engine, 'refused');
+      engine.clientLeft(ticket);
+      await engine.finish(ticket, response(429));
+      expect(events.map((event) => event.outcome)).toEqual(['not-stored']);
+      expect(await begin(engine, 'refused')).toBeInstanceOf(Ticket);
+    });
+  });
+
+  describe('fail', () => {
+    it('releases the key so that a retry runs again', async () => {
       const { engine, events } = setup();
       const ticket = await beginTicket(engine, 'free-me');
-      await engine.release(ticket, 500);
+      await engine.fail(ticket);
       expect(ticket.settled).toBe(true);
       const retry = await begin(engine, 'free-me');
       expect(retry).toBeInstanceOf(Ticket);
       expect(events[0]).toMatchObject({ outcome: 'not-stored', status: 500 });
-      engine.release(retry as Ticket, undefined);
+      engine.fail(retry as Ticket);
     });
 
-    it('reports not-stored with no status when no response was sent', async () => {
-      const { engine, events } = setup();
-      await engine.release(await beginTicket(engine, 'gone'), undefined);
-      expect(events).toEqual([expect.objectContaining({ outcome: 'not-stored', status: undefined })]);
-    });
-
-    it('is idempotent: a second release or a later commit does nothing', async () => {
+    it('is idempotent: a second fail or a later finish does nothing', async () => {
       const { engine, events, spy } = setup();
       const ticket = await beginTicket(engine, 'release-twice');
-      await engine.release(ticket, 500);
+      await engine.fail(ticket);
       const next = await beginTicket(engine, 'release-twice');
-      await engine.release(ticket, 500);
-      await engine.commit(ticket, response());
+      await engine.fail(ticket);
+      await engine.finish(ticket, response());
       expect(spy.calls.release).toBe(1);
       expect(spy.calls.complete).toBe(0);
       expect(events.map((event) => event.outcome)).toEqual(['not-stored']);
       expect((await beginReply(engine, 'release-twice')).status).toBe(409);
-      engine.release(next, undefined);
+      engine.fail(next);
     });
 
-    it('resolves and reports backend-error when the backend fails', async () => {
+    it('retries a release that fails, then reports backend-error and leaves the lease to lapse', async () => {
+      vi.useFakeTimers();
       const failure = new Error('gone');
-      const { engine, events } = setup({}, { release: () => Promise.reject(failure) });
+      const { engine, events, spy } = setup({}, { release: () => Promise.reject(failure) });
       const ticket = await beginTicket(engine, 'release-fails');
-      await expect(Promise.resolve(engine.release(ticket, 500))).resolves.toBeUndefined();
+      const settled = Promise.resolve(engine.fail(ticket));
+      await elapse(1400);
+      await expect(settled).resolves.toBeUndefined();
+      expect(spy.calls.release).toBe(4);
       expect(events).toHaveLength(1);
       expect(events[0]!.outcome).toBe('backend-error');
       expect((events[0]!.error as IdempotencyError).cause).toBe(failure);
     });
 
     it('does not throw when the backend throws synchronously', async () => {
+      vi.useFakeTimers();
       const { engine, events } = setup(
         {},
         {
@@ -467,42 +715,64 @@ describe('IdempotencyEngine', () => {
         },
       );
       const ticket = await beginTicket(engine, 'release-throws');
-      expect(() => engine.release(ticket, 500)).not.toThrow();
+      let settled: unknown;
+      expect(() => {
+        settled = engine.fail(ticket);
+      }).not.toThrow();
+      await elapse(1400);
+      await settled;
       expect(events.map((event) => event.outcome)).toEqual(['backend-error']);
     });
   });
 
-  describe('isStorable', () => {
-    it('stores JSON responses below 500', () => {
+  describe('plan', () => {
+    it('keeps JSON responses below 500 for storing', () => {
       const { engine } = setup();
       for (const status of [200, 201, 204, 301, 400, 404, 409, 422, 499]) {
-        expect(engine.isStorable(status, 'application/json'), String(status)).toBe(true);
+        expect(engine.plan(status, 'application/json'), String(status)).toBe('store');
       }
     });
 
-    it('does not store 5xx responses unless cacheServerErrors', () => {
+    it('streams 5xx responses unless cacheServerErrors', () => {
       const { engine } = setup();
       for (const status of [500, 502, 503, 599])
-        expect(engine.isStorable(status, 'application/json')).toBe(false);
+        expect(engine.plan(status, 'application/json')).toBe('stream');
       const { engine: caching } = setup({ cacheServerErrors: true });
       for (const status of [500, 502, 503, 599])
-        expect(caching.isStorable(status, 'application/json')).toBe(true);
+        expect(caching.plan(status, 'application/json')).toBe('store');
     });
 
-    it('respects cacheableContentTypes', () => {
+    it('streams the refusals of releaseStatuses', () => {
       const { engine } = setup();
-      expect(engine.isStorable(200, 'text/plain')).toBe(false);
-      expect(engine.isStorable(200, undefined)).toBe(false);
-      expect(engine.isStorable(200, 'application/problem+json')).toBe(true);
-      const { engine: any } = setup({ cacheableContentTypes: '*' });
-      expect(any.isStorable(200, 'text/plain')).toBe(true);
-      expect(any.isStorable(200, 'text/event-stream')).toBe(false);
-      expect(any.isStorable(500, 'text/plain')).toBe(false);
+      for (const status of [401, 403, 407, 408, 425, 429])
+        expect(engine.plan(status, 'application/json')).toBe('stream');
+      const { engine: custom } = setup({ releaseStatuses: [418] });
+      expect(custom.plan(418, 'application/json')).toBe('stream');
+      expect(custom.plan(429, 'application/json')).toBe('store');
     });
 
-    it('exposes maxResponseBytes', () => {
+    it('respects cacheableContentTypes, and always streams event streams', () => {
+      const { engine } = setup();
+      expect(engine.plan(200, 'text/plain')).toBe('stream');
+      expect(engine.plan(200, undefined)).toBe('stream');
+      expect(engine.plan(200, 'application/problem+json')).toBe('store');
+      const { engine: any } = setup({ cacheableContentTypes: '*' });
+      expect(any.plan(200, 'text/plain')).toBe('store');
+      expect(any.plan(200, 'text/event-stream')).toBe('stream');
+      expect(any.plan(500, 'text/plain')).toBe('stream');
+    });
+
+    it('exposes maxResponseBytes and maxRequestBytes', () => {
       expect(setup().engine.maxResponseBytes).toBe(1_048_576);
       expect(setup({ maxResponseBytes: 10 }).engine.maxResponseBytes).toBe(10);
+      expect(setup({ maxRequestBytes: 20 }).engine.maxRequestBytes).toBe(20);
+    });
+
+    it('offers the 500 for a failed handler in the configured errorFormat', () => {
+      expect(text(setup().engine.internalError)).toBe('{"detail":"Internal Server Error"}');
+      const problem = setup({ errorFormat: 'problem' }).engine.internalError;
+      expect(problem.headers).toEqual([['content-type', 'application/problem+json']]);
+      expect(JSON.parse(text(problem))).toMatchObject({ status: 500, title: 'Internal Server Error' });
     });
   });
 
@@ -561,41 +831,43 @@ describe('IdempotencyEngine', () => {
   });
 
   describe('lease renewal', () => {
-    it('renews the lease while a ticket is open, and stops after commit', async () => {
-      const { engine, spy } = setup({ lockTimeout: 0.15 });
+    it('renews the lease every third of lockTimeout while a ticket is open, and stops after finish', async () => {
+      vi.useFakeTimers();
+      const { engine, spy } = setup({ lockTimeout: 3 });
       const ticket = await beginTicket(engine, 'long-running');
-      await sleep(500);
-      expect(spy.calls.renew).toBeGreaterThanOrEqual(2);
-      await engine.commit(ticket, response());
-      const renewed = spy.calls.renew;
-      await sleep(250);
-      expect(spy.calls.renew).toBe(renewed);
+      await elapse(3100);
+      expect(spy.calls.renew).toBe(3);
+      await engine.finish(ticket, response());
+      await elapse(3000);
+      expect(spy.calls.renew).toBe(3);
       expect((await beginReply(engine, 'long-running')).replayed).toBe(true);
     });
 
     it('keeps the key locked long past lockTimeout while the ticket is open', async () => {
-      const { engine } = setup({ lockTimeout: 0.3 });
+      vi.useFakeTimers();
+      const { engine } = setup({ lockTimeout: 1 });
       const ticket = await beginTicket(engine, 'outlives');
-      await sleep(900);
+      await elapse(3000);
       // Three leases' worth: without renewal the key would be free again.
       expect((await beginReply(engine, 'outlives')).status).toBe(409);
-      await engine.release(ticket, undefined);
+      await engine.fail(ticket);
       expect(await begin(engine, 'outlives')).toBeInstanceOf(Ticket);
     });
 
-    it('stops renewing after release', async () => {
-      const { engine, spy } = setup({ lockTimeout: 0.15 });
+    it('stops renewing after fail', async () => {
+      vi.useFakeTimers();
+      const { engine, spy } = setup({ lockTimeout: 1 });
       const ticket = await beginTicket(engine, 'released');
-      await sleep(150);
-      await engine.release(ticket, undefined);
-      const renewed = spy.calls.renew;
-      expect(renewed).toBeGreaterThanOrEqual(1);
-      await sleep(200);
-      expect(spy.calls.renew).toBe(renewed);
+      await elapse(400);
+      await engine.fail(ticket);
+      expect(spy.calls.renew).toBe(1);
+      await elapse(2000);
+      expect(spy.calls.renew).toBe(1);
     });
 
     it('renews every open ticket with its own key and token, for the full lease', async () => {
-      const { engine, spy } = setup({ lockTimeout: 0.15 });
+      vi.useFakeTimers();
+      const { engine, spy } = setup({ lockTimeout: 1.5 });
       const renewals: [string, string, number][] = [];
       spy.overrides.renew = (key, token, leaseMs) => {
         renewals.push([key, token, leaseMs]);
@@ -603,17 +875,18 @@ describe('IdempotencyEngine', () => {
       };
       const a = await beginTicket(engine, 'a');
       const b = await beginTicket(engine, 'b');
-      await sleep(200);
-      expect(renewals).toContainEqual([a.storageKey, a.token, 150]);
-      expect(renewals).toContainEqual([b.storageKey, b.token, 150]);
-      await engine.commit(a, response());
-      await engine.commit(b, response());
+      await elapse(600);
+      expect(renewals).toContainEqual([a.storageKey, a.token, 1500]);
+      expect(renewals).toContainEqual([b.storageKey, b.token, 1500]);
+      await engine.finish(a, response());
+      await engine.finish(b, response());
     });
 
     it('survives a renew that throws or rejects', async () => {
+      vi.useFakeTimers();
       let calls = 0;
       const { engine } = setup(
-        { lockTimeout: 0.06 },
+        { lockTimeout: 1 },
         {
           renew: () => {
             calls++;
@@ -623,9 +896,9 @@ describe('IdempotencyEngine', () => {
         },
       );
       const ticket = await beginTicket(engine, 'renew-fails');
-      await sleep(150);
+      await elapse(1000);
       expect(calls).toBeGreaterThanOrEqual(2);
-      await engine.commit(ticket, response());
+      await engine.finish(ticket, response());
     });
 
     it('does not renew in a tight loop when the lease is longer than a timer can wait', async () => {
@@ -634,7 +907,50 @@ describe('IdempotencyEngine', () => {
       const ticket = await beginTicket(engine, 'very-long');
       await sleep(100);
       expect(spy.calls.renew).toBe(0);
-      await engine.release(ticket, undefined);
+      await engine.fail(ticket);
+    });
+
+    describe("the ticket's signal", () => {
+      it('stays quiet while the lease is held', async () => {
+        vi.useFakeTimers();
+        const { engine } = setup({ lockTimeout: 1 });
+        const ticket = await beginTicket(engine, 'held');
+        const signal = ticket.signal;
+        await elapse(2000);
+        expect(signal.aborted).toBe(false);
+        await engine.finish(ticket, response());
+        expect(signal.aborted).toBe(false);
+      });
+
+      it('aborts when a renewal finds the lease taken over, so that the handler can stop', async () => {
+        vi.useFakeTimers();
+        const { engine } = setup({ lockTimeout: 1 }, { renew: () => false });
+        const ticket = await beginTicket(engine, 'taken');
+        const signal = ticket.signal;
+        await elapse(400);
+        expect(signal.aborted).toBe(true);
+        expect((signal.reason as IdempotencyError).code).toBe('ERR_IDEMPOTENCY_LEASE_LOST');
+        expect(ticket.leaseLost).toBe(true);
+      });
+
+      it('aborts once no renewal succeeded for a whole lease (a long backend outage)', async () => {
+        vi.useFakeTimers();
+        const { engine } = setup({ lockTimeout: 1 }, { renew: () => Promise.reject(new Error('down')) });
+        const ticket = await beginTicket(engine, 'outage');
+        await elapse(700);
+        expect(ticket.signal.aborted).toBe(false);
+        await elapse(700);
+        expect(ticket.signal.aborted).toBe(true);
+        engine.fail(ticket);
+      });
+
+      it('is aborted from the start when asked for after the lease was lost', async () => {
+        vi.useFakeTimers();
+        const { engine } = setup({ lockTimeout: 1 }, { renew: () => false });
+        const ticket = await beginTicket(engine, 'late');
+        await elapse(400);
+        expect(ticket.signal.aborted).toBe(true);
+      });
     });
 
     it('does not keep the process alive', async () => {
@@ -649,10 +965,10 @@ describe('IdempotencyEngine', () => {
           release: (...args) => memory.release(...args),
           renew: (...args) => { renewed++; return memory.renew(...args); },
         };
-        const engine = new IdempotencyEngine({ backend, lockTimeout: 0.15 });
+        const engine = new IdempotencyEngine({ backend, lockTimeout: 1 });
         const ticket = await engine.begin({}, 'POST', '/orders', 'never-finishes', undefined, performance.now());
         console.log('began ' + ticket.kind);
-        setTimeout(() => console.log('renewed ' + (renewed > 0)), 300);
+        setTimeout(() => console.log('renewed ' + (renewed > 0)), 500);
       `;
       const started = performance.now();
       const child = spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], {
@@ -685,8 +1001,8 @@ describe('IdempotencyEngine', () => {
       const a = await beginTicket(engine, 'shared', { tenant: 'acme' });
       const b = await beginTicket(engine, 'shared', { tenant: 'globex' });
       expect(a.storageKey).not.toBe(b.storageKey);
-      await engine.commit(a, response(201, '{"tenant":"acme"}'));
-      await engine.commit(b, response(201, '{"tenant":"globex"}'));
+      await engine.finish(a, response(201, '{"tenant":"acme"}'));
+      await engine.finish(b, response(201, '{"tenant":"globex"}'));
       expect(text(await beginReply(engine, 'shared', { req: { tenant: 'acme' } }))).toBe('{"tenant":"acme"}');
       expect(text(await beginReply(engine, 'shared', { req: { tenant: 'globex' } }))).toBe(
         '{"tenant":"globex"}',
@@ -698,8 +1014,8 @@ describe('IdempotencyEngine', () => {
       const scoped = await beginTicket(engine, 'k', { tenant: 'acme' });
       const unscoped = await beginTicket(engine, 'k', {});
       expect(scoped.storageKey).not.toBe(unscoped.storageKey);
-      engine.release(scoped, undefined);
-      engine.release(unscoped, undefined);
+      engine.fail(scoped);
+      engine.fail(unscoped);
     });
 
     it('cannot be confused by separators in the scope or the key', async () => {
@@ -716,20 +1032,48 @@ describe('IdempotencyEngine', () => {
       tickets.push(await beginTicket(engine, '-a:b:c'));
       tickets.push(await beginTicket(engine, '1:a:b'));
       expect(new Set(tickets.map((ticket) => ticket.storageKey)).size).toBe(tickets.length);
-      for (const ticket of tickets) engine.release(ticket, undefined);
+      for (const ticket of tickets) engine.fail(ticket);
     });
 
     it('meets its own key within one scope', async () => {
       const { engine } = setup({ scope: (req) => req.tenant });
       const ticket = await beginTicket(engine, 'k', { tenant: 'acme' });
       expect((await beginReply(engine, 'k', { req: { tenant: 'acme' } })).status).toBe(409);
-      engine.release(ticket, undefined);
+      engine.fail(ticket);
+    });
+
+    it('answers a scope function that throws by throwing, before any backend call', async () => {
+      const failure = new Error('no tenant');
+      const { engine, spy } = setup({
+        scope: () => {
+          throw failure;
+        },
+      });
+      expect(() => engine.begin({}, 'POST', '/orders', 'k', BODY, performance.now())).toThrow(failure);
+      expect(spy.calls.acquire).toBe(0);
+    });
+
+    it.each([
+      ['null', null],
+      ['a number', 42],
+      ['an object', {}],
+    ])('refuses a scope of %s rather than mixing it into another namespace', (_, value) => {
+      const { engine, spy } = setup({ scope: () => value as unknown as string });
+      let error: unknown;
+      try {
+        engine.begin({}, 'POST', '/orders', 'k', BODY, performance.now());
+      } catch (thrown) {
+        error = thrown;
+      }
+      expect(error).toBeInstanceOf(IdempotencyError);
+      expect((error as IdempotencyError).code).toBe('ERR_IDEMPOTENCY_SCOPE');
+      expect(spy.calls.acquire).toBe(0);
     });
 
     it('hashes the scoped key into events, so that two scopes report different hashes', async () => {
       const { engine, events } = setup({ scope: (req) => req.tenant });
-      await engine.commit(await beginTicket(engine, 'k', { tenant: 'acme' }), response());
-      await engine.commit(await beginTicket(engine, 'k', { tenant: 'globex' }), response());
+      await engine.finish(await beginTicket(engine, 'k', { tenant: 'acme' }), response());
+      await engine.finish(await beginTicket(engine, 'k', { tenant: 'globex' }), response());
       expect(events[0]!.keyHash).not.toBe(events[1]!.keyHash);
     });
   });
@@ -739,7 +1083,7 @@ describe('IdempotencyEngine', () => {
       const { engine, events } = setup();
       const ticket = await beginTicket(engine, 'k');
       await sleep(5);
-      await engine.commit(ticket, response(201));
+      await engine.finish(ticket, response(201));
       expect(events).toHaveLength(1);
       const [event] = events;
       expect(event).toEqual({
@@ -763,10 +1107,10 @@ describe('IdempotencyEngine', () => {
       expect(() => engine.readKey('POST', undefined)).not.toThrow();
       const ticket = await beginTicket(engine, 'k');
       expect(await beginReply(engine, 'k')).toMatchObject({ status: 409 });
-      await expect(Promise.resolve(engine.commit(ticket, response()))).resolves.toBeUndefined();
+      await expect(Promise.resolve(engine.finish(ticket, response()))).resolves.toBeUndefined();
       expect(await beginReply(engine, 'k')).toMatchObject({ replayed: true });
       const other = await beginTicket(engine, 'other');
-      await expect(Promise.resolve(engine.release(other, 500))).resolves.toBeUndefined();
+      await expect(Promise.resolve(engine.fail(other))).resolves.toBeUndefined();
     });
 
     it('never carries the raw key, whatever the outcome', async () => {
@@ -777,13 +1121,19 @@ describe('IdempotencyEngine', () => {
       const ticket = await beginTicket(engine, key, { tenant: 'acme' });
       await beginReply(engine, key, { req: { tenant: 'acme' } }); // conflict
       await beginReply(engine, key, { req: { tenant: 'acme' }, url: '/other' }); // mismatch
-      await engine.commit(ticket, response()); // executed
+      await engine.finish(ticket, response()); // executed
       await beginReply(engine, key, { req: { tenant: 'acme' } }); // replayed
-      await engine.release(await beginTicket(engine, key, { tenant: 'globex' }), 500); // not-stored
+      await engine.finish(await beginTicket(engine, key, { tenant: 'globex' }), response(500)); // not-stored
       const failing = setup({ onEvent }, { acquire: () => Promise.reject(new Error('down')) });
       await beginReply(failing.engine, key); // backend-error
       const lost = setup({ onEvent }, { complete: () => false });
-      await lost.engine.commit(await beginTicket(lost.engine, key), response()); // lease-lost
+      await lost.engine.finish(await beginTicket(lost.engine, key), response()); // lease-lost
+      const gone = await beginTicket(engine, key, { tenant: 'initech' });
+      engine.clientLeft(gone);
+      await engine.fail(gone); // abandoned
+      const big = await beginTicket(engine, key, { tenant: 'umbrella' });
+      await engine.finish(big, unkept()); // remembered
+      await beginReply(engine, key, { req: { tenant: 'umbrella' } }); // not-replayable
       const strict = new IdempotencyEngine({ backend: memory(), onEvent, enforceUuid4Formatting: true });
       strict.readKey('POST', key); // invalid-key
 
@@ -797,6 +1147,9 @@ describe('IdempotencyEngine', () => {
           'backend-error',
           'lease-lost',
           'invalid-key',
+          'abandoned',
+          'remembered',
+          'not-replayable',
         ]),
       );
       for (const event of events) {

@@ -1,9 +1,19 @@
 import { createHash } from 'node:crypto';
 import { describe, expect, it } from 'vitest';
-import { canonicalJson, computeFingerprint, hashKey } from '../../src/core/fingerprint.js';
+import { webSha256 } from '../../src/core/digest.js';
+import {
+  canonicalJson,
+  computeFingerprint as fingerprintWith,
+  type RequestBody,
+  requestTarget,
+} from '../../src/core/fingerprint.js';
+import { nodeSha256 } from '../../src/runtime/node-sha256.js';
 
 const HEX_64 = /^[0-9a-f]{64}$/;
 const bytes = (text: string) => new TextEncoder().encode(text);
+/** The fingerprint as the Node.js adapters compute it (synchronously). */
+const computeFingerprint = (method: string, url: string, body: RequestBody) =>
+  fingerprintWith(method, url, body, nodeSha256) as string;
 
 describe('computeFingerprint', () => {
   it('is a 64-digit lower-case hex SHA-256', () => {
@@ -180,10 +190,39 @@ describe('canonicalJson', () => {
   });
 });
 
-describe('hashKey', () => {
-  it('is the SHA-256 hex of the scoped key', () => {
-    expect(hashKey('-abc')).toBe(createHash('sha256').update('-abc').digest('hex'));
-    expect(hashKey('-abc')).toMatch(HEX_64);
-    expect(hashKey('-abc')).not.toBe(hashKey('-abd'));
+describe('the SHA-256 implementations', () => {
+  const inputs: (string | Uint8Array)[][] = [
+    ['-abc'],
+    ['POST /orders\n', bytes('{"a":1}')],
+    ['café ☕'],
+    [''],
+    ['x', new Uint8Array(0), 'y'],
+  ];
+
+  it.each(inputs)('agree with node:crypto on %j', async (...parts) => {
+    const expected = createHash('sha256');
+    for (const part of parts) expected.update(part);
+    const hex = expected.digest('hex');
+    expect(nodeSha256(parts)).toBe(hex);
+    expect(await webSha256(parts)).toBe(hex);
+  });
+});
+
+describe('requestTarget', () => {
+  it('keeps a path with its query string as it is', () => {
+    expect(requestTarget('/orders?x=1&y=%20')).toBe('/orders?x=1&y=%20');
+    expect(requestTarget('/')).toBe('/');
+  });
+
+  it('cuts an absolute URL down to its path and query string, without the fragment', () => {
+    expect(requestTarget('https://api.example.com/orders?x=1')).toBe('/orders?x=1');
+    expect(requestTarget('http://127.0.0.1:3000/a/b#frag')).toBe('/a/b');
+    expect(requestTarget('http://example.com')).toBe('/');
+    expect(requestTarget('http://example.com?q=1')).toBe('/?q=1');
+  });
+
+  it('leaves anything else alone', () => {
+    expect(requestTarget('*')).toBe('*');
+    expect(requestTarget('orders')).toBe('orders');
   });
 });
