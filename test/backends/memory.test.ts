@@ -16,12 +16,25 @@ describeBackendContract('MemoryBackend', async () => {
 const FINGERPRINT = 'f'.repeat(64);
 const LEASE_MS = 30_000;
 
-function record(body: string): IdempotencyRecord {
+function record(body: string | Uint8Array): IdempotencyRecord {
   return {
     fingerprint: FINGERPRINT,
     createdAt: Date.now(),
-    response: { status: 200, headers: [['content-type', 'application/json']], body: Buffer.from(body) },
+    response: {
+      status: 200,
+      headers: [['content-type', 'application/json']],
+      body: typeof body === 'string' ? Buffer.from(body) : body,
+    },
   };
+}
+
+function captureError(run: () => unknown): unknown {
+  try {
+    run();
+  } catch (error) {
+    return error;
+  }
+  throw new Error('expected it to throw');
 }
 
 describe('MemoryBackend', () => {
@@ -35,60 +48,93 @@ describe('MemoryBackend', () => {
     for (const backend of backends.splice(0)) backend.close();
   });
 
-  /** Acquires and completes `key`; the record never expires on its own. */
-  function store(backend: MemoryBackend, key: string, ttlMs: number | null = null): void {
+  /** Acquires and completes `key` (body: the key, or `body`); by default the record never expires on its own. */
+  function store(backend: MemoryBackend, key: string, ttlMs: number | null = null, body?: Uint8Array): void {
     const result = backend.acquire(key, FINGERPRINT, LEASE_MS);
     if (result.state !== 'acquired') throw new Error(`expected to acquire ${key}, got ${result.state}`);
-    expect(backend.complete(key, result.token, record(key), ttlMs)).toBe(true);
+    expect(backend.complete(key, result.token, record(body ?? key), ttlMs)).toBe(true);
   }
 
-  describe('maxEntries', () => {
-    it('evicts the least recently used completed record first, counting a replay as a use', () => {
+  describe('bounds', () => {
+    it('never evicts an unexpired record: when full, a new key is a backend error', () => {
       const backend = create({ maxEntries: 3 });
       store(backend, 'k1');
       store(backend, 'k2');
       store(backend, 'k3');
       expect(backend.size).toBe(3);
-      // Replaying k1 makes k2 the least recently used.
-      expect(backend.acquire('k1', FINGERPRINT, LEASE_MS).state).toBe('completed');
-
-      expect(backend.acquire('k4', FINGERPRINT, LEASE_MS).state).toBe('acquired');
-      expect(backend.size).toBe(3);
-      expect(backend.acquire('k1', FINGERPRINT, LEASE_MS).state).toBe('completed');
-      expect(backend.acquire('k3', FINGERPRINT, LEASE_MS).state).toBe('completed');
-      expect(backend.acquire('k2', FINGERPRINT, LEASE_MS).state).toBe('acquired');
+      const error = captureError(() => backend.acquire('k4', FINGERPRINT, LEASE_MS));
+      expect(error).toBeInstanceOf(IdempotencyError);
+      expect((error as IdempotencyError).code).toBe('ERR_IDEMPOTENCY_BACKEND_FULL');
+      expect((error as IdempotencyError).message).toMatch(/never evicted/);
+      for (const key of ['k1', 'k2', 'k3'])
+        expect(backend.acquire(key, FINGERPRINT, LEASE_MS).state).toBe('completed');
     });
 
-    it('evicts in insertion order when no record was replayed', () => {
-      const backend = create({ maxEntries: 2 });
-      store(backend, 'k1');
-      store(backend, 'k2');
-      store(backend, 'k3');
-      expect(backend.size).toBe(2);
-      expect(backend.acquire('k2', FINGERPRINT, LEASE_MS).state).toBe('completed');
-      expect(backend.acquire('k3', FINGERPRINT, LEASE_MS).state).toBe('completed');
-      expect(backend.acquire('k1', FINGERPRINT, LEASE_MS).state).toBe('acquired');
-    });
-
-    it('never evicts in-flight locks, even beyond the limit', () => {
+    it('never evicts a lock either, and still lets every holder complete', () => {
       const backend = create({ maxEntries: 3 });
-      store(backend, 'done-1');
-      store(backend, 'done-2');
-      const keys = Array.from({ length: 10 }, (_, i) => `lock-${i}`);
-      const tokens = keys.map((key) => {
+      const tokens = ['a', 'b', 'c'].map((key) => {
         const result = backend.acquire(key, FINGERPRINT, LEASE_MS);
         expect(result.state).toBe('acquired');
         return result.state === 'acquired' ? result.token : '';
       });
-      // The completed records made room; the locks stay although they exceed the limit.
-      expect(backend.size).toBe(10);
-      for (const key of keys) expect(backend.acquire(key, FINGERPRINT, LEASE_MS).state).toBe('in-flight');
-      expect(backend.acquire('done-1', FINGERPRINT, LEASE_MS).state).toBe('acquired');
-      expect(backend.size).toBe(11);
-      // Every holder can still complete.
-      keys.forEach((key, i) => {
+      expect(() => backend.acquire('d', FINGERPRINT, LEASE_MS)).toThrow(IdempotencyError);
+      ['a', 'b', 'c'].forEach((key, i) => {
         expect(backend.complete(key, tokens[i]!, record(key), null)).toBe(true);
       });
+      expect(backend.size).toBe(3);
+    });
+
+    it('makes room by sweeping what has expired before refusing a key', async () => {
+      const backend = create({ maxEntries: 2 });
+      store(backend, 'short', 20);
+      store(backend, 'long');
+      await sleep(40);
+      expect(backend.acquire('new', FINGERPRINT, LEASE_MS).state).toBe('acquired');
+      expect(backend.size).toBe(2);
+      expect(backend.acquire('long', FINGERPRINT, LEASE_MS).state).toBe('completed');
+    });
+
+    it('bounds the bytes held: bodies, headers, keys and fingerprints', () => {
+      const backend = create({ maxBytes: 64 * 1024 });
+      const big = Buffer.alloc(30 * 1024, 1);
+      store(backend, 'a', 60_000, big);
+      store(backend, 'b', 60_000, big);
+      // Room for one more key; its response makes the store overshoot by at most that response.
+      store(backend, 'c', 60_000, big);
+      expect(backend.bytes).toBeGreaterThan(90 * 1024);
+      expect(() => backend.acquire('d', FINGERPRINT, LEASE_MS)).toThrow(/MemoryBackend is full/);
+      expect(backend.acquire('a', FINGERPRINT, LEASE_MS).state).toBe('completed');
+    });
+
+    it('gives back the bytes of released locks and expired records', async () => {
+      const backend = create();
+      expect(backend.bytes).toBe(0);
+      const lock = backend.acquire('k', FINGERPRINT, LEASE_MS);
+      expect(backend.bytes).toBeGreaterThan(0);
+      backend.release('k', (lock as { token: string }).token);
+      expect(backend.bytes).toBe(0);
+      store(backend, 'short', 20);
+      await sleep(40);
+      backend.sweep();
+      expect(backend.bytes).toBe(0);
+    });
+
+    it('lets a flood of fresh keys fill it, but not push out what is stored', () => {
+      const backend = create({ maxEntries: 100 });
+      store(backend, 'precious');
+      let refused = 0;
+      for (let i = 0; i < 1000; i++) {
+        try {
+          const result = backend.acquire(`flood-${i}`, FINGERPRINT, LEASE_MS);
+          if (result.state === 'acquired')
+            backend.complete(`flood-${i}`, result.token, record(`flood-${i}`), 60_000);
+        } catch {
+          refused++;
+        }
+      }
+      expect(refused).toBe(901);
+      expect(backend.size).toBe(100);
+      expect(backend.acquire('precious', FINGERPRINT, LEASE_MS).state).toBe('completed');
     });
   });
 
@@ -162,6 +208,9 @@ describe('MemoryBackend', () => {
       ['maxEntries', 1.5],
       ['maxEntries', Number.NaN],
       ['maxEntries', '10'],
+      ['maxBytes', 0],
+      ['maxBytes', 1.5],
+      ['maxBytes', '1000'],
       ['sweepIntervalMs', 0],
       ['sweepIntervalMs', -5],
       ['sweepIntervalMs', Number.POSITIVE_INFINITY],

@@ -194,8 +194,13 @@ describe('IdempotencyEngine.readKey', () => {
       expect(engineWith().readKey('POST', '"say \\"hi\\""')).toBe('say "hi"');
     });
 
-    it('is read from the first value of a repeated header', () => {
-      expect(engineWith().readKey('POST', ['first', 'second'])).toBe('first');
+    it('is read from a header given as a one-value array', () => {
+      expect(engineWith().readKey('POST', ['only'])).toBe('only');
+    });
+
+    it('may contain a comma inside an RFC 8941 quoted string', () => {
+      expect(engineWith().readKey('POST', '"a,b"')).toBe('a,b');
+      expect(engineWith().readKey('POST', '"a\\",b"')).toBe('a",b');
     });
 
     it('may be exactly maxKeyLength long', () => {
@@ -225,6 +230,34 @@ describe('IdempotencyEngine.readKey', () => {
       const events: IdempotencyEvent[] = [];
       engineWith({ onEvent: (event) => events.push(event) }).readKey('POST', 'fine');
       expect(events).toEqual([]);
+    });
+  });
+
+  describe('several keys', () => {
+    const several = [
+      ['two header lines, as Node.js joins them', 'first, second'],
+      ['two quoted keys', '"a", "b"'],
+      ['the same key twice', 'k, k'],
+      ['a bare comma', 'a,b'],
+      ['a comma after a quoted key', '"a",b'],
+    ];
+
+    it.each(several)('answers 400 to %s', (_, value) => {
+      const reply = asReply(engineWith().readKey('POST', value));
+      expect(reply.status).toBe(400);
+      expect(bodyText(reply)).toBe(
+        `{"detail":"'Idempotency-Key' header must be sent once, with one key (a key containing a comma must be a quoted string)"}`,
+      );
+    });
+
+    it('answers 400 to several values handed over as an array', () => {
+      expect(asReply(engineWith().readKey('POST', ['first', 'second'])).status).toBe(400);
+    });
+
+    it('reports an invalid-key event with status 400', () => {
+      const events: IdempotencyEvent[] = [];
+      engineWith({ onEvent: (event) => events.push(event) }).readKey('POST', 'a, b');
+      expect(events).toEqual([expect.objectContaining({ outcome: 'invalid-key', status: 400 })]);
     });
   });
 

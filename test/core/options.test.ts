@@ -69,6 +69,14 @@ const INVALID: readonly [string, unknown][] = [
   ['lockTimeout', '60'],
   ['lockTimeout', Number.NaN],
   ['lockTimeout', null],
+  ['lockTimeout', 0.5],
+  ['releaseStatuses', [99]],
+  ['releaseStatuses', [1000]],
+  ['releaseStatuses', ['429']],
+  ['releaseStatuses', 429],
+  ['releaseStatuses', [429.5]],
+  ['unstoredResponses', 'keep'],
+  ['unstoredResponses', true],
   ['maxKeyLength', 1.5],
   ['maxKeyLength', 0],
   ['maxKeyLength', -1],
@@ -267,7 +275,7 @@ describe('options', () => {
     });
 
     it('converts lockTimeout from seconds to milliseconds', () => {
-      expect(construct({ backend, lockTimeout: 0.05 }).options.lockTimeoutMs).toBe(50);
+      expect(construct({ backend, lockTimeout: 1.5 }).options.lockTimeoutMs).toBe(1500);
       expect(construct({ backend, lockTimeout: 120 }).options.lockTimeoutMs).toBe(120_000);
     });
 
