@@ -1,0 +1,439 @@
+import { invalidOption } from '../core/errors.js';
+import type { AcquireResult, Backend, IdempotencyRecord } from '../core/types.js';
+import {
+  bodyBuffer,
+  contended,
+  DEFAULT_SQL_TABLE,
+  encodeHeaders,
+  fingerprintBytes,
+  type HeldRow,
+  heldAnswer,
+  keyHash,
+  MAX_ACQUIRE_ATTEMPTS,
+  newToken,
+  parseTableName,
+  SWEEP_BATCH_ROWS,
+  SWEEP_CALL_BATCH_ROWS,
+  tokenBytes,
+  unexpectedRow,
+  wholeMilliseconds,
+} from './_sql.js';
+
+/**
+ * The options object this backend passes to {@link MysqlPoolLike.query}: the SQL, and `rowsAsArray: false` so
+ * that rows come back as objects whatever the pool's own setting.
+ *
+ * @example
+ * ```ts
+ * const [rows] = await pool.query({ sql: 'SELECT 1 AS one', rowsAsArray: false } satisfies MysqlQueryOptions);
+ * ```
+ */
+export interface MysqlQueryOptions {
+  sql: string;
+  rowsAsArray?: boolean;
+}
+
+/**
+ * The part of a `mysql2/promise` `Pool` this backend uses: `query(options, values)`, resolving to
+ * `[rows or result header, fields]`. A `mysql2/promise` `Connection` has it too.
+ *
+ * @example
+ * ```ts
+ * import mysql from 'mysql2/promise';
+ * const pool: MysqlPoolLike = mysql.createPool(process.env.MYSQL_URL!);
+ * ```
+ */
+export interface MysqlPoolLike {
+  query(options: MysqlQueryOptions, values?: unknown[]): Promise<[unknown, unknown]>;
+}
+
+/**
+ * Options of {@link MysqlBackend}.
+ *
+ * @example
+ * ```ts
+ * const options: MysqlBackendOptions = { pool, table: 'idempotency_keys' };
+ * const backend = new MysqlBackend(options);
+ * ```
+ */
+export interface MysqlBackendOptions {
+  /**
+   * A `mysql2/promise` pool (`mysql.createPool(...)`, or the callback pool's `.promise()`; a callback pool is
+   * converted with its own `.promise()`). The backend never imports `mysql2`, never ends the pool, and rejects
+   * with the pool's own errors unchanged. Set `connectTimeout` so that an unreachable server fails requests fast.
+   */
+  pool: MysqlPoolLike;
+  /**
+   * The table, optionally qualified by its database (`'billing.idempotency_keys'`). Letters, digits and `_`
+   * only. Applications sharing a database should each have their own table.
+   * @default 'idempotency_keys'
+   */
+  table?: string;
+  /**
+   * Whether the first operation creates the table if it does not exist ({@link mysqlSchema}). Turn it off when
+   * migrations create it and the application's user may not run DDL.
+   * @default true
+   */
+  createTable?: boolean;
+}
+
+/**
+ * Default of {@link MysqlBackendOptions.table}.
+ *
+ * @example
+ * ```ts
+ * new MysqlBackend({ pool, table: `${DEFAULT_MYSQL_TABLE}_staging` });
+ * ```
+ */
+export const DEFAULT_MYSQL_TABLE = DEFAULT_SQL_TABLE;
+
+/**
+ * The DDL of the backend's table, for a table name (default {@link DEFAULT_MYSQL_TABLE}): what the backend runs on
+ * first use, for teams that create tables in migrations instead (`createTable: false`).
+ *
+ * Every column that is compared is binary: the key as its SHA-256 in `BINARY(32)`, the fingerprint and token as
+ * bytes. MySQL's and MariaDB's default collations compare text case-insensitively and ignore trailing spaces, so
+ * keys `abc`, `ABC` and `abc ` would otherwise be one key. Times are UTC (`UTC_TIMESTAMP(3)`), whatever the
+ * session's `time_zone`.
+ *
+ * @example
+ * ```ts
+ * // in a migration
+ * await connection.query(mysqlSchema('idempotency_keys'));
+ * ```
+ */
+export function mysqlSchema(table: string = DEFAULT_MYSQL_TABLE): string {
+  return ddl(quoted(parseTableName(table, true)));
+}
+
+/**
+ * {@link mysqlSchema} for the default table, as a constant.
+ *
+ * @example
+ * ```ts
+ * await pool.query(MYSQL_SCHEMA);
+ * ```
+ */
+export const MYSQL_SCHEMA: string = mysqlSchema();
+
+function quoted(parts: string[]): string {
+  return parts.map((part) => `\`${part}\``).join('.');
+}
+
+function ddl(table: string): string {
+  return `CREATE TABLE IF NOT EXISTS ${table} (
+  key_hash BINARY(32) NOT NULL,
+  fingerprint BLOB NOT NULL,
+  token BINARY(16) NULL,
+  expires_at DATETIME(3) NULL,
+  status SMALLINT UNSIGNED NULL,
+  headers MEDIUMBLOB NULL,
+  body LONGBLOB NULL,
+  created_at BIGINT NULL,
+  PRIMARY KEY (key_hash),
+  KEY expires_at (expires_at)
+) ENGINE=InnoDB`;
+}
+
+/** `ER_DUP_ENTRY`, in MySQL and MariaDB alike: the INSERT met an existing row for the key. */
+const ER_DUP_ENTRY = 1062;
+
+/** A background sweep runs after every this many completes of one backend. */
+const SWEEP_EVERY_COMPLETES = 8;
+
+/**
+ * Rows one background sweep deletes at most: as many as {@link SWEEP_EVERY_COMPLETES} completes would each sweep
+ * on PostgreSQL, so expired rows are deleted far faster than completes add rows.
+ */
+const BACKGROUND_SWEEP_ROWS = SWEEP_EVERY_COMPLETES * SWEEP_BATCH_ROWS;
+
+/** `UTC_TIMESTAMP(3)` plus a parameter's microseconds ({@link micro}); `NULL` gives a `NULL` time (kept forever). */
+const LEASE_END = 'UTC_TIMESTAMP(3) + INTERVAL ? MICROSECOND';
+
+interface Statements {
+  readonly create: string;
+  readonly insert: string;
+  readonly read: string;
+  readonly takeOver: string;
+  readonly complete: string;
+  readonly release: string;
+  readonly renew: string;
+  readonly expired: string;
+  readonly deleteExpired: string;
+}
+
+// Time is the database's: UTC_TIMESTAMP(3) is the statement's start, one instant for the whole statement, read
+// from the server that all processes share. Process clocks never decide whether a lease lapsed.
+//
+// Why acquire is more than one statement: MySQL has no INSERT … RETURNING (MariaDB's does not cover the
+// ON DUPLICATE KEY UPDATE path), and only a SELECT returns rows, so no single statement can both take a free key
+// and hand back a stored response. Acquire therefore tries the write first, which is all a first run needs, and
+// reads only when the key exists: a first run costs two round trips (insert, complete), a replay or a 409 two
+// (insert refused, read), taking over a lapsed lease three.
+function statements(table: string): Statements {
+  return {
+    create: ddl(table),
+
+    // Atomicity: the primary key lets exactly one of N concurrent INSERTs of a key succeed; the others fail with
+    // ER_DUP_ENTRY and read the row.
+    insert: `INSERT INTO ${table} (key_hash, fingerprint, token, expires_at) VALUES (?, ?, ?, ${LEASE_END})`,
+
+    // A plain consistent read: no locks. Whether the row is free is judged by the server's clock in the same
+    // statement. The response columns are read only for a completed record with the same fingerprint.
+    read: `SELECT fingerprint = ? AS same,
+  token IS NOT NULL AS locked,
+  expires_at IS NULL OR expires_at > UTC_TIMESTAMP(3) AS live,
+  (TIMESTAMPDIFF(MICROSECOND, UTC_TIMESTAMP(3), expires_at) + 999) DIV 1000 AS left_ms,
+  CASE WHEN token IS NULL AND fingerprint = ? THEN status END AS status,
+  CASE WHEN token IS NULL AND fingerprint = ? THEN headers END AS headers,
+  CASE WHEN token IS NULL AND fingerprint = ? THEN body END AS body,
+  created_at
+FROM ${table} WHERE key_hash = ?`,
+
+    // Atomicity: an UPDATE reads the row's latest version under its row lock, so of N concurrent takeovers of a
+    // free row exactly one still finds it free and matches; the others match nothing, and read again.
+    takeOver: `UPDATE ${table}
+SET fingerprint = ?, token = ?, expires_at = ${LEASE_END},
+  status = NULL, headers = NULL, body = NULL, created_at = NULL
+WHERE key_hash = ? AND expires_at <= UTC_TIMESTAMP(3)`,
+
+    // Atomicity: the token check and the write are one UPDATE on the row, so a request whose lease was taken over
+    // (new token) or swept (no row) writes nothing; the lock becomes the record in place, its expiry in the same
+    // write. MySQL assigns left to right, but the WHERE clause is judged before any assignment.
+    complete: `UPDATE ${table}
+SET fingerprint = ?, token = NULL, expires_at = ${LEASE_END},
+  status = ?, headers = ?, body = ?, created_at = ?
+WHERE key_hash = ? AND token = ?`,
+
+    // Atomicity: the token check and the DELETE are one statement; a completed record has no token.
+    release: `DELETE FROM ${table} WHERE key_hash = ? AND token = ?`,
+
+    // Atomicity: the token check and the new lease end are one UPDATE; a lease taken over or swept is not revived.
+    renew: `UPDATE ${table} SET expires_at = ${LEASE_END} WHERE key_hash = ? AND token = ?`,
+
+    // A sweep reads candidates without locks, then deletes them by primary key, still only if expired by then.
+    // Deleting by a range of the expires_at index instead would lock that range and could deadlock with a
+    // concurrent acquire (which locks the primary key first); by primary key, locks are taken in the same order.
+    expired: `SELECT key_hash FROM ${table} WHERE expires_at <= UTC_TIMESTAMP(3) ORDER BY expires_at LIMIT ?`,
+    deleteExpired: `DELETE FROM ${table} WHERE key_hash IN (?) AND expires_at <= UTC_TIMESTAMP(3)`,
+  };
+}
+
+/** What `query` resolves to for INSERT, UPDATE and DELETE. */
+interface ResultHeader {
+  affectedRows?: unknown;
+  info?: unknown;
+}
+
+/** What the read statement returns. */
+interface ReadRow extends HeldRow {
+  live: unknown;
+}
+
+/**
+ * Keeps keys, locks and responses in a MySQL 8 or MariaDB 10.11+ table (InnoDB), next to the application's data,
+ * shared by every process that uses the database.
+ *
+ * Round trips: a first run costs two (insert the lock, complete), as on PostgreSQL; a replay or a 409 costs two
+ * (the insert is refused, then the row is read), one more than PostgreSQL, because MySQL has no statement that
+ * both writes and returns rows. Taking over a lapsed lease costs three. After every eighth complete, a sweep of
+ * expired rows runs in the background, off the request's path.
+ *
+ * Leases are timed by the database's clock (UTC). Keys are stored as their SHA-256 in a `BINARY(32)` primary
+ * key, so keys that differ only in case or trailing spaces never meet. Works with a `mysql2/promise` pool,
+ * recognised by its `query` method; `mysql2` is not imported. The table is created on first use unless
+ * `createTable` is `false` ({@link mysqlSchema} is its DDL). Pool errors reject unchanged.
+ *
+ * @example
+ * ```ts
+ * import mysql from 'mysql2/promise';
+ * import { MysqlBackend } from 'idempotency-header/mysql';
+ *
+ * const pool = mysql.createPool({ uri: process.env.MYSQL_URL, connectTimeout: 2000 });
+ * app.use(idempotencyHeader({ backend: new MysqlBackend({ pool }) }));
+ * ```
+ */
+export class MysqlBackend implements Backend {
+  readonly #pool: MysqlPoolLike;
+  readonly #sql: Statements;
+  #ready: boolean;
+  #creating: Promise<void> | undefined;
+  #completes = 0;
+  #sweeping = false;
+
+  constructor(options: MysqlBackendOptions) {
+    const {
+      pool,
+      table = DEFAULT_MYSQL_TABLE,
+      createTable = true,
+    } = options ?? ({} as Partial<MysqlBackendOptions>);
+    const promisePool = promiseApi(pool);
+    if (promisePool === undefined) {
+      throw invalidOption(
+        'pool',
+        'a mysql2/promise Pool (an object with a query(options, values) method)',
+        pool,
+      );
+    }
+    if (typeof createTable !== 'boolean') throw invalidOption('createTable', 'a boolean', createTable);
+    this.#sql = statements(quoted(parseTableName(table, true)));
+    this.#pool = promisePool;
+    this.#ready = !createTable;
+  }
+
+  async acquire(key: string, fingerprint: string, leaseMs: number): Promise<AcquireResult> {
+    if (!this.#ready) await this.#createTable();
+    const hash = keyHash(key);
+    const fingerprintValue = fingerprintBytes(fingerprint);
+    const lease = micro(leaseMs);
+    for (let attempt = 0; attempt < MAX_ACQUIRE_ATTEMPTS; attempt++) {
+      const token = newToken();
+      const tokenValue = tokenBytes(token);
+      try {
+        await this.#query(this.#sql.insert, [hash, fingerprintValue, tokenValue, lease]);
+        return { state: 'acquired', token };
+      } catch (error) {
+        if ((error as { errno?: unknown } | null)?.errno !== ER_DUP_ENTRY) throw error;
+      }
+      const rows = await this.#query(this.#sql.read, [
+        fingerprintValue,
+        fingerprintValue,
+        fingerprintValue,
+        fingerprintValue,
+        hash,
+      ]);
+      if (!Array.isArray(rows)) throw unexpectedRow('MySQL', 'reply to acquire', rows);
+      const row = rows[0] as ReadRow | undefined;
+      // Deleted since the insert met it (released or swept): insert again.
+      if (row === undefined) continue;
+      if (Number(row.live) === 1) return heldAnswer(row, fingerprint, 'MySQL');
+      const header = await this.#query(this.#sql.takeOver, [fingerprintValue, tokenValue, lease, hash]);
+      if (matchedRows(header) === 1) return { state: 'acquired', token };
+      // Another request took the free row first: read it again.
+    }
+    throw contended('MySQL');
+  }
+
+  async complete(
+    key: string,
+    token: string,
+    record: IdempotencyRecord,
+    ttlMs: number | null,
+  ): Promise<boolean> {
+    const tokenValue = tokenBytes(token);
+    if (tokenValue === undefined) return false;
+    if (!this.#ready) await this.#createTable();
+    const response = record.response;
+    const header = await this.#query(this.#sql.complete, [
+      fingerprintBytes(record.fingerprint),
+      ttlMs === null ? null : micro(ttlMs),
+      response === null ? null : response.status,
+      response === null ? null : Buffer.from(encodeHeaders(response.headers), 'utf8'),
+      response === null ? null : bodyBuffer(response.body),
+      Math.round(record.createdAt),
+      keyHash(key),
+      tokenValue,
+    ]);
+    const stored = matchedRows(header) === 1;
+    if (stored && ++this.#completes % SWEEP_EVERY_COMPLETES === 0) this.#sweepInBackground();
+    return stored;
+  }
+
+  async release(key: string, token: string): Promise<boolean> {
+    const tokenValue = tokenBytes(token);
+    if (tokenValue === undefined) return false;
+    if (!this.#ready) await this.#createTable();
+    return matchedRows(await this.#query(this.#sql.release, [keyHash(key), tokenValue])) === 1;
+  }
+
+  async renew(key: string, token: string, leaseMs: number): Promise<boolean> {
+    const tokenValue = tokenBytes(token);
+    if (tokenValue === undefined) return false;
+    if (!this.#ready) await this.#createTable();
+    const header = await this.#query(this.#sql.renew, [micro(leaseMs), keyHash(key), tokenValue]);
+    return matchedRows(header) === 1;
+  }
+
+  /**
+   * Deletes every expired record and lapsed lock now, in batches of 1000 rows, and resolves to how many rows it
+   * deleted. Not needed for a bounded table (a background sweep follows every eighth complete); useful from a
+   * scheduled job after a burst of traffic followed by silence.
+   */
+  async sweep(): Promise<number> {
+    if (!this.#ready) await this.#createTable();
+    let deleted = 0;
+    for (;;) {
+      const { found, removed } = await this.#sweepBatch(SWEEP_CALL_BATCH_ROWS);
+      deleted += removed;
+      if (found < SWEEP_CALL_BATCH_ROWS) return deleted;
+    }
+  }
+
+  async #sweepBatch(limit: number): Promise<{ found: number; removed: number }> {
+    const rows = await this.#query(this.#sql.expired, [limit]);
+    if (!Array.isArray(rows) || rows.length === 0) return { found: 0, removed: 0 };
+    const hashes = rows.map((row) => (row as { key_hash: unknown }).key_hash);
+    const header = await this.#query(this.#sql.deleteExpired, [hashes]);
+    return { found: rows.length, removed: matchedRows(header) };
+  }
+
+  /** One bounded batch, at most one at a time per backend; a failure is left for the next sweep to make up. */
+  #sweepInBackground(): void {
+    if (this.#sweeping) return;
+    this.#sweeping = true;
+    this.#sweepBatch(BACKGROUND_SWEEP_ROWS)
+      .catch(() => {})
+      .finally(() => {
+        this.#sweeping = false;
+      });
+  }
+
+  async #query(sql: string, values: unknown[]): Promise<unknown> {
+    const [result] = await this.#pool.query({ sql, rowsAsArray: false }, values);
+    return result;
+  }
+
+  /** Creates the table once; concurrent callers share the attempt, and a failed attempt is retried next time. */
+  #createTable(): Promise<void> {
+    this.#creating ??= this.#pool.query({ sql: this.#sql.create }).then(
+      () => {
+        this.#ready = true;
+      },
+      (error: unknown) => {
+        this.#creating = undefined;
+        throw error;
+      },
+    );
+    return this.#creating;
+  }
+}
+
+/** Whole milliseconds (at least 1) as microseconds, the finest INTERVAL unit both servers share. */
+function micro(ms: number): number {
+  return wholeMilliseconds(ms) * 1000;
+}
+
+/** The pool's promise API: the pool itself, or a callback pool's `.promise()`; `undefined` for anything else. */
+function promiseApi(pool: unknown): MysqlPoolLike | undefined {
+  if (typeof pool !== 'object' || pool === null) return undefined;
+  const candidate = pool as { query?: unknown; promise?: unknown };
+  // mysql2's callback pool and connection have a `promise()` method returning their promise wrapper.
+  if (typeof candidate.promise === 'function')
+    return promiseApi((candidate.promise as () => unknown).call(pool));
+  return typeof candidate.query === 'function' ? (pool as MysqlPoolLike) : undefined;
+}
+
+/**
+ * Rows an UPDATE or DELETE matched. mysql2 connects with CLIENT_FOUND_ROWS by default, so `affectedRows` counts
+ * matched rows; a pool configured without it counts changed rows instead, and a renewal that set the same lease
+ * end (within the same millisecond) would read as lost. The server's info line says how many rows matched.
+ */
+function matchedRows(header: unknown): number {
+  const { affectedRows, info } = (header ?? {}) as ResultHeader;
+  if (typeof info === 'string') {
+    const matched = /Rows matched:\s*(\d+)/i.exec(info);
+    if (matched !== null) return Number(matched[1]);
+  }
+  if (typeof affectedRows !== 'number') throw unexpectedRow('MySQL', 'result', header);
+  return affectedRows;
+}

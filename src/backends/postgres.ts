@@ -1,0 +1,382 @@
+import { invalidOption } from '../core/errors.js';
+import type { AcquireResult, Backend, IdempotencyRecord } from '../core/types.js';
+import {
+  bodyBuffer,
+  contended,
+  DEFAULT_SQL_TABLE,
+  encodeHeaders,
+  fingerprintBytes,
+  type HeldRow,
+  heldAnswer,
+  isToken,
+  keyHash,
+  MAX_ACQUIRE_ATTEMPTS,
+  newToken,
+  parseTableName,
+  SWEEP_BATCH_ROWS,
+  SWEEP_CALL_BATCH_ROWS,
+  unexpectedRow,
+  wholeMilliseconds,
+} from './_sql.js';
+
+/**
+ * The part of a `pg` `Pool` this backend uses: `query(text, values)`, resolving to the rows and the count of rows
+ * changed. A `pg` `Client` has it too (its queries then run one at a time).
+ *
+ * @example
+ * ```ts
+ * import pg from 'pg';
+ * const pool: PgPoolLike = new pg.Pool({ connectionString: process.env.DATABASE_URL });
+ * ```
+ */
+export interface PgPoolLike {
+  query(text: string, values?: unknown[]): Promise<PgResultLike>;
+}
+
+/**
+ * What {@link PgPoolLike.query} resolves to: `pg`'s `QueryResult`, as far as this backend reads it.
+ *
+ * @example
+ * ```ts
+ * const { rows, rowCount }: PgResultLike = await pool.query('SELECT 1 AS one');
+ * ```
+ */
+export interface PgResultLike {
+  rows: unknown[];
+  rowCount: number | null;
+}
+
+/**
+ * Options of {@link PostgresBackend}.
+ *
+ * @example
+ * ```ts
+ * const options: PostgresBackendOptions = { pool, table: 'billing.idempotency_keys' };
+ * const backend = new PostgresBackend(options);
+ * ```
+ */
+export interface PostgresBackendOptions {
+  /**
+   * A `pg` `Pool` (or anything with its `query(text, values)`). The backend never imports `pg`, never ends the
+   * pool, and rejects with the pool's own errors unchanged. Set `connectionTimeoutMillis` (and a
+   * `statement_timeout`) so that an unreachable database fails requests fast instead of queueing them.
+   */
+  pool: PgPoolLike;
+  /**
+   * The table, optionally schema-qualified (`'billing.idempotency_keys'`; the schema must exist). Letters,
+   * digits and `_` only; it is quoted, so case is kept. Applications sharing a database should each have their
+   * own table.
+   * @default 'idempotency_keys'
+   */
+  table?: string;
+  /**
+   * Whether the first operation creates the table and its index if they do not exist ({@link postgresSchema}).
+   * Turn it off when migrations create them and the application's role may not run DDL.
+   * @default true
+   */
+  createTable?: boolean;
+}
+
+/**
+ * Default of {@link PostgresBackendOptions.table}.
+ *
+ * @example
+ * ```ts
+ * new PostgresBackend({ pool, table: `${DEFAULT_POSTGRES_TABLE}_staging` });
+ * ```
+ */
+export const DEFAULT_POSTGRES_TABLE = DEFAULT_SQL_TABLE;
+
+/**
+ * The DDL of the backend's table and its index, for a table name (default {@link DEFAULT_POSTGRES_TABLE}):
+ * what the backend runs on first use, for teams that create tables in migrations instead (`createTable: false`).
+ *
+ * One row per key, keyed by the SHA-256 of the key. A lock has its `token` and its lease's end in `expires_at`;
+ * a completed record has no token, its response columns, and its expiry in `expires_at` (`NULL`: kept forever).
+ * The index on `expires_at` serves the sweep of expired rows.
+ *
+ * @example
+ * ```ts
+ * // in a migration
+ * await client.query(postgresSchema('billing.idempotency_keys'));
+ * ```
+ */
+export function postgresSchema(table: string = DEFAULT_POSTGRES_TABLE): string {
+  return ddl(parseTableName(table, true));
+}
+
+/**
+ * {@link postgresSchema} for the default table, as a constant.
+ *
+ * @example
+ * ```ts
+ * await pool.query(POSTGRES_SCHEMA);
+ * ```
+ */
+export const POSTGRES_SCHEMA: string = postgresSchema();
+
+function quoted(parts: string[]): string {
+  return parts.map((part) => `"${part}"`).join('.');
+}
+
+function ddl(parts: string[]): string {
+  const table = quoted(parts);
+  const index = `"${parts[parts.length - 1]}_expires_at"`;
+  return `CREATE TABLE IF NOT EXISTS ${table} (
+  key_hash bytea PRIMARY KEY,
+  fingerprint bytea NOT NULL,
+  token uuid,
+  expires_at timestamptz,
+  status smallint,
+  headers text,
+  body bytea,
+  created_at bigint
+);
+CREATE INDEX IF NOT EXISTS ${index} ON ${table} (expires_at);`;
+}
+
+/** SQLSTATEs of a table or index created by another process at the same moment (pg_type's unique index, mostly). */
+const CREATED_CONCURRENTLY = new Set(['23505', '42P07', '42710']);
+
+/** How `$n::float8` milliseconds become an interval; `NULL` milliseconds give a `NULL` time (kept forever). */
+const MS = "* interval '1 millisecond'";
+
+interface Statements {
+  readonly create: string;
+  readonly acquire: string;
+  readonly complete: string;
+  readonly release: string;
+  readonly renew: string;
+  readonly sweep: string;
+}
+
+// Time is the database's: every statement reads statement_timestamp(), one instant for the whole statement (unlike
+// clock_timestamp(), which moves while it runs), taken by the server that all processes share. Process clocks
+// never decide whether a lease lapsed.
+function statements(parts: string[]): Statements {
+  const table = quoted(parts);
+  return {
+    // Runs only when the table is missing, so that an existing table is not locked by every process that starts
+    // (CREATE INDEX IF NOT EXISTS takes a lock on the table before it finds the index exists).
+    create: `DO $$ BEGIN
+IF to_regclass('${table}') IS NULL THEN
+${ddl(parts)}
+END IF;
+END $$`,
+
+    // Atomicity: one statement. `live` reads the key's row if it is held (a lock within its lease, or a record
+    // within its expiry). Only if it is not does `taken` write: it inserts the lock, or on conflict takes over
+    // the existing row, but only where that row is free (lapsed or expired) as the database sees it once it has
+    // locked the row's latest version. So of N concurrent acquires on a free key exactly one inserts or takes
+    // over; each other one either read the winner's row in `live` (and answers from it) or, when the winner
+    // committed after this statement's snapshot, wrote nothing and read nothing: `acquired` false and no row,
+    // a lost race that the caller runs again with a fresh snapshot. A replay or a 409 only reads: no row lock,
+    // no write. The body is returned only for a completed record with the same fingerprint.
+    // $1 key hash, $2 fingerprint, $3 new token, $4 lease ms.
+    acquire: `WITH live AS (
+  SELECT fingerprint = $2::bytea AS same,
+    token IS NOT NULL AS locked,
+    ceil(extract(epoch FROM expires_at - statement_timestamp()) * 1000)::float8 AS left_ms,
+    CASE WHEN token IS NULL AND fingerprint = $2::bytea THEN status END AS status,
+    CASE WHEN token IS NULL AND fingerprint = $2::bytea THEN headers END AS headers,
+    CASE WHEN token IS NULL AND fingerprint = $2::bytea THEN body END AS body,
+    created_at
+  FROM ${table}
+  WHERE key_hash = $1::bytea AND (expires_at IS NULL OR expires_at > statement_timestamp())
+), taken AS (
+  INSERT INTO ${table} AS held (key_hash, fingerprint, token, expires_at)
+  SELECT $1::bytea, $2::bytea, $3::uuid, statement_timestamp() + $4::float8 ${MS}
+  WHERE NOT EXISTS (SELECT FROM live)
+  ON CONFLICT (key_hash) DO UPDATE
+    SET fingerprint = excluded.fingerprint, token = excluded.token, expires_at = excluded.expires_at,
+      status = NULL, headers = NULL, body = NULL, created_at = NULL
+    WHERE held.expires_at <= statement_timestamp()
+  RETURNING 1
+)
+SELECT EXISTS (SELECT FROM taken) AS acquired, live.*
+FROM (VALUES (1)) AS one LEFT JOIN live ON true`,
+
+    // Atomicity: the token check and the write are one UPDATE on the row, so a request whose lease was taken
+    // over (new token) or swept (no row) writes nothing; the lock becomes the record in place, with its expiry
+    // in the same write. `swept` deletes a bounded batch of other expired rows in the same statement: each
+    // complete adds at most one row and deletes up to ${SWEEP_BATCH_ROWS} expired ones, so expired rows cannot
+    // pile up, at no extra round trip. SKIP LOCKED: a row another statement is working on is left to it.
+    // $1 key hash, $2 token, $3 fingerprint, $4 ttl ms or NULL (kept forever), $5 status or NULL (no response),
+    // $6 headers, $7 body, $8 createdAt.
+    complete: `WITH swept AS (
+  DELETE FROM ${table} WHERE key_hash IN (
+    SELECT key_hash FROM ${table}
+    WHERE expires_at <= statement_timestamp() AND key_hash <> $1::bytea
+    ORDER BY expires_at LIMIT ${SWEEP_BATCH_ROWS}
+    FOR UPDATE SKIP LOCKED
+  )
+)
+UPDATE ${table}
+SET fingerprint = $3::bytea, token = NULL, expires_at = statement_timestamp() + $4::float8 ${MS},
+  status = $5::smallint, headers = $6::text, body = $7::bytea, created_at = $8::bigint
+WHERE key_hash = $1::bytea AND token = $2::uuid`,
+
+    // Atomicity: the token check and the DELETE are one statement, so a late release cannot free a key another
+    // request has taken since; a completed record has no token and is never released.
+    release: `DELETE FROM ${table} WHERE key_hash = $1::bytea AND token = $2::uuid`,
+
+    // Atomicity: the token check and the new lease end are one UPDATE; a lease another request took over (new
+    // token) or that was swept is not revived.
+    renew: `UPDATE ${table} SET expires_at = statement_timestamp() + $3::float8 ${MS}
+WHERE key_hash = $1::bytea AND token = $2::uuid`,
+
+    // One batch of expired rows, oldest first; rows another statement has locked are skipped, not waited for.
+    sweep: `DELETE FROM ${table} WHERE key_hash IN (
+  SELECT key_hash FROM ${table} WHERE expires_at <= statement_timestamp()
+  ORDER BY expires_at LIMIT ${SWEEP_CALL_BATCH_ROWS}
+  FOR UPDATE SKIP LOCKED
+)`,
+  };
+}
+
+/** The row the acquire statement returns. */
+interface AcquireRow extends HeldRow {
+  acquired: unknown;
+}
+
+/**
+ * Keeps keys, locks and responses in a PostgreSQL table, next to the application's data, shared by every process
+ * that uses the database. Each operation is one statement, one round trip: a first run costs two (acquire,
+ * complete), a replay or a 409 one, and a replay only reads. An acquire that loses a race for a free key to a
+ * request that committed a moment earlier runs its statement once more.
+ *
+ * Leases are timed by the database's clock, so processes on machines whose clocks disagree still agree on when a
+ * lease lapsed. Expired records and lapsed locks are deleted in small batches by later completes (and by
+ * {@link PostgresBackend.sweep}); nothing needs a timer.
+ *
+ * Works with a `pg` `Pool`, recognised by its `query` method; `pg` is not imported. The table is created on first
+ * use unless `createTable` is `false` ({@link postgresSchema} is its DDL). Pool errors reject unchanged.
+ *
+ * @example
+ * ```ts
+ * import pg from 'pg';
+ * import { PostgresBackend } from 'idempotency-header/postgres';
+ *
+ * const pool = new pg.Pool({ connectionString: process.env.DATABASE_URL, connectionTimeoutMillis: 2000 });
+ * pool.on('error', (error) => console.error(error));
+ * app.use(idempotencyHeader({ backend: new PostgresBackend({ pool }) }));
+ * ```
+ */
+export class PostgresBackend implements Backend {
+  readonly #pool: PgPoolLike;
+  readonly #sql: Statements;
+  /** Whether the table is known to exist: set once created (or when `createTable` is off). */
+  #ready: boolean;
+  #creating: Promise<void> | undefined;
+
+  constructor(options: PostgresBackendOptions) {
+    const {
+      pool,
+      table = DEFAULT_POSTGRES_TABLE,
+      createTable = true,
+    } = options ?? ({} as Partial<PostgresBackendOptions>);
+    if (typeof pool !== 'object' || pool === null || typeof (pool as PgPoolLike).query !== 'function') {
+      throw invalidOption('pool', 'a pg Pool (an object with a query(text, values) method)', pool);
+    }
+    if (typeof createTable !== 'boolean') throw invalidOption('createTable', 'a boolean', createTable);
+    this.#sql = statements(parseTableName(table, true));
+    this.#pool = pool;
+    this.#ready = !createTable;
+  }
+
+  async acquire(key: string, fingerprint: string, leaseMs: number): Promise<AcquireResult> {
+    if (!this.#ready) await this.#createTable();
+    const hash = keyHash(key);
+    const fingerprintValue = fingerprintBytes(fingerprint);
+    const lease = wholeMilliseconds(leaseMs);
+    for (let attempt = 0; attempt < MAX_ACQUIRE_ATTEMPTS; attempt++) {
+      const token = newToken();
+      const { rows } = await this.#pool.query(this.#sql.acquire, [hash, fingerprintValue, token, lease]);
+      const row = rows[0] as AcquireRow | undefined;
+      if (row === undefined) throw unexpectedRow('PostgreSQL', 'reply to acquire', rows);
+      if (row.acquired === true) return { state: 'acquired', token };
+      // No held row and nothing taken: the key changed hands after this statement's snapshot. Look again.
+      if (row.same !== null && row.same !== undefined) return heldAnswer(row, fingerprint, 'PostgreSQL');
+    }
+    throw contended('PostgreSQL');
+  }
+
+  async complete(
+    key: string,
+    token: string,
+    record: IdempotencyRecord,
+    ttlMs: number | null,
+  ): Promise<boolean> {
+    if (!isToken(token)) return false;
+    if (!this.#ready) await this.#createTable();
+    const response = record.response;
+    const result = await this.#pool.query(this.#sql.complete, [
+      keyHash(key),
+      token,
+      fingerprintBytes(record.fingerprint),
+      ttlMs === null ? null : wholeMilliseconds(ttlMs),
+      response === null ? null : response.status,
+      response === null ? null : encodeHeaders(response.headers),
+      response === null ? null : bodyBuffer(response.body),
+      Math.round(record.createdAt),
+    ]);
+    return result.rowCount === 1;
+  }
+
+  async release(key: string, token: string): Promise<boolean> {
+    if (!isToken(token)) return false;
+    if (!this.#ready) await this.#createTable();
+    const result = await this.#pool.query(this.#sql.release, [keyHash(key), token]);
+    return result.rowCount === 1;
+  }
+
+  async renew(key: string, token: string, leaseMs: number): Promise<boolean> {
+    if (!isToken(token)) return false;
+    if (!this.#ready) await this.#createTable();
+    const result = await this.#pool.query(this.#sql.renew, [keyHash(key), token, wholeMilliseconds(leaseMs)]);
+    return result.rowCount === 1;
+  }
+
+  /**
+   * Deletes every expired record and lapsed lock now, in batches of 1000 rows, and resolves to how many rows it
+   * deleted. Not needed for a bounded table (completes sweep as they go); useful from a scheduled job after a
+   * burst of traffic followed by silence.
+   */
+  async sweep(): Promise<number> {
+    if (!this.#ready) await this.#createTable();
+    let deleted = 0;
+    for (;;) {
+      const { rowCount } = await this.#pool.query(this.#sql.sweep);
+      deleted += rowCount ?? 0;
+      if ((rowCount ?? 0) < SWEEP_CALL_BATCH_ROWS) return deleted;
+    }
+  }
+
+  /** Creates the table once; concurrent callers share the attempt, and a failed attempt is retried next time. */
+  #createTable(): Promise<void> {
+    this.#creating ??= this.#runCreate().then(
+      () => {
+        this.#ready = true;
+      },
+      (error: unknown) => {
+        this.#creating = undefined;
+        throw error;
+      },
+    );
+    return this.#creating;
+  }
+
+  async #runCreate(): Promise<void> {
+    // Processes starting together race to create the table; the losers' error means it now exists, and running
+    // the statement again confirms it.
+    for (let attempt = 1; ; attempt++) {
+      try {
+        await this.#pool.query(this.#sql.create);
+        return;
+      } catch (error) {
+        const code = (error as { code?: unknown } | null)?.code;
+        if (attempt >= 3 || typeof code !== 'string' || !CREATED_CONCURRENTLY.has(code)) throw error;
+      }
+    }
+  }
+}
