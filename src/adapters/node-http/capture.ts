@@ -115,6 +115,8 @@ export function captureResponse(res: ServerResponse, engine: IdempotencyEngine<n
   Object.setPrototypeOf(res, capturing.prototype);
   captures.set(res, capture);
   res.on('close', onResponseClose);
+  const socket = res.socket;
+  if (socket !== null) watchSocket(socket, capture);
 }
 
 interface CapturingPrototype {
@@ -340,16 +342,14 @@ function settle(res: ServerResponse, capture: ResponseCapture, kept: boolean): v
     headers: handlerHeaders(head.headers, capture.before),
     body,
   });
-  if (!isPromise(settled)) return done(res, capture);
-  const socket = res.socket;
-  if (socket !== null) deferDestroy(socket, capture);
-  settled.then(() => done(res, capture));
+  if (isPromise(settled)) settled.then(() => done(res, capture));
+  else done(res, capture);
 }
 
 function done(res: ServerResponse, capture: ResponseCapture): void {
   capture.state = DONE;
   const socket = res.socket;
-  if (socket !== null && pendingSockets.get(socket) === capture) pendingSockets.delete(socket);
+  if (socket !== null && watchedSockets.get(socket) === capture) watchedSockets.delete(socket);
   flushHeld(res, capture);
   if (capture.destroyAfterFlush) socket?.destroy();
 }
@@ -409,28 +409,47 @@ function onResponseClose(this: ServerResponse): void {
   if (capture !== undefined && capture.state < SETTLING) capture.engine.clientLeft(capture.ticket);
 }
 
-/** Sockets whose response waits for the engine, and the capture it belongs to. */
-const pendingSockets = new WeakMap<Socket, ResponseCapture>();
-const deferringSockets = new WeakSet<Socket>();
+/** Each connection's response being captured. */
+const watchedSockets = new WeakMap<Socket, ResponseCapture>();
+const hookedSockets = new WeakSet<Socket>();
 
 /**
- * Makes an error-less `destroy()` of the connection wait until the held response went out. Installed once per
- * connection, on the first response that waits for an asynchronous store. A destroy with an error (the
- * connection failed) happens at once.
+ * Watches the application destroying the connection (an error-less `destroy()`), once per connection:
+ *
+ * - while an ended response waits for the engine: the destroy waits until the response went out, as the bytes
+ *   would have been written already without the middleware (Express's final handler destroys the connection
+ *   when a handler fails after ending its response);
+ * - before the response ended, on a connection whose client is still there (not ended, not failed): the
+ *   application cut its own response, which is how Express answers a handler that fails after it started
+ *   writing. That is the handler failing, not the client leaving: the engine is told so and the key released.
+ *
+ * A destroy with an error, or of a connection the client already closed, is the client going away; it happens
+ * at once and changes nothing for the request.
  */
-function deferDestroy(socket: Socket, capture: ResponseCapture): void {
-  pendingSockets.set(socket, capture);
-  if (deferringSockets.has(socket)) return;
-  deferringSockets.add(socket);
+function watchSocket(socket: Socket, capture: ResponseCapture): void {
+  watchedSockets.set(socket, capture);
+  if (hookedSockets.has(socket)) return;
+  hookedSockets.add(socket);
   const destroy = socket.destroy;
-  socket.destroy = function destroyAfterResponse(this: Socket, error?: Error) {
-    const waiting = pendingSockets.get(this);
-    if (waiting !== undefined && error === undefined && !this.destroyed) {
-      waiting.destroyAfterFlush = true;
-      return this;
+  socket.destroy = function destroyWatched(this: Socket, error?: Error) {
+    const watched = watchedSockets.get(this);
+    if (watched !== undefined && error === undefined && !this.destroyed) {
+      if (watched.state === SETTLING) {
+        watched.destroyAfterFlush = true;
+        return this;
+      }
+      if (watched.state !== DONE && !this.readableEnded && !this.errored) cutByApplication(watched);
     }
     return destroy.call(this, error);
   };
+}
+
+function cutByApplication(capture: ResponseCapture): void {
+  capture.state = DONE;
+  capture.held = [];
+  capture.heldBytes = 0;
+  capture.chunks = [];
+  capture.engine.fail(capture.ticket);
 }
 
 /**

@@ -1,0 +1,216 @@
+import type { IdempotencyEngine, Ticket } from './engine.js';
+import { headerValue } from './responses.js';
+import type { HeaderPair } from './types.js';
+
+/**
+ * What the adapters that see a handler's response as a value (Fastify's payload, Koa's `ctx.body`, a fetch
+ * `Response`) do with it, runtime-neutral: decide whether the body is kept for storing, read it, hand it to the
+ * engine, and relay it when it streams, holding its end back until the engine settled.
+ */
+
+/**
+ * What a handler sees of the idempotency of its request: the key, and a signal that tells it to stop. Each
+ * adapter hands it over in its framework's way (Fastify `request.idempotency`, Hono `c.get('idempotency')`, Koa
+ * `ctx.state.idempotency`, fetch `getIdempotency(request)`).
+ *
+ * @example
+ * ```ts
+ * // Pass the key on, so that the payment provider deduplicates too; stop if another request took the key over.
+ * await payments.charge(order, { idempotencyKey: idempotency.key, signal: idempotency.signal });
+ * ```
+ */
+export interface IdempotencyContext {
+  /** The idempotency key as the client sent it (unquoted from RFC 8941 form). */
+  readonly key: string;
+  /**
+   * Aborted when this request's lease on the key is lost (another request may now run with the same key, after a
+   * long backend outage say): a handler still working should stop.
+   */
+  readonly signal: AbortSignal;
+}
+
+/** The {@link IdempotencyContext} of a request that holds its key's lock; its signal is made on first use. */
+export function idempotencyContext(key: string, ticket: Ticket): IdempotencyContext {
+  return {
+    key,
+    get signal() {
+      return ticket.signal;
+    },
+  };
+}
+
+/** A header value as Node.js and the frameworks on it keep it: a string, a number, or one per repeated line. */
+export type HeaderRecordValue = string | number | readonly string[] | undefined;
+
+/**
+ * The headers to store from a record of a response's headers (`res.getHeaders()`, Fastify's `reply.getHeaders()`),
+ * less those that middleware mounted before this one had set before the handler ran (`before`) and that the
+ * handler left as they were: that middleware sets them again on a replay, for the replay's own request (CORS,
+ * request ids, rate-limit headers).
+ */
+export function handlerHeaders(
+  headers: Readonly<Record<string, HeaderRecordValue>>,
+  before: Readonly<Record<string, HeaderRecordValue>>,
+): HeaderPair[] {
+  const pairs: HeaderPair[] = [];
+  for (const name in headers) {
+    const value = headers[name];
+    if (value === undefined || sameValue(value, before[name])) continue;
+    const lower = name.toLowerCase();
+    if (Array.isArray(value)) for (const item of value) pairs.push([lower, String(item)]);
+    else pairs.push([lower, String(value)]);
+  }
+  return pairs;
+}
+
+function sameValue(a: HeaderRecordValue, b: HeaderRecordValue): boolean {
+  if (b === undefined) return false;
+  if (!Array.isArray(a) || !Array.isArray(b)) return String(a) === String(b);
+  return a.length === b.length && a.every((item, i) => item === b[i]);
+}
+
+/** Status and headers of a finished response, as {@link IdempotencyEngine.finish} takes them. */
+export interface ResponseHead {
+  readonly status: number;
+  /** What the handler (and middleware after this one) set: see {@link handlerHeaders}. */
+  readonly headers: readonly HeaderPair[];
+}
+
+/**
+ * Hands a response whose whole body is in hand (a string, a buffer, a serialised object) to the engine: the body
+ * is stored when the engine's plan says so and it fits `maxResponseBytes`. Send the response once the returned
+ * promise, if any, settled.
+ */
+export function finishWithBody(
+  engine: IdempotencyEngine<never>,
+  ticket: Ticket,
+  head: ResponseHead,
+  body: Uint8Array,
+): ReturnType<IdempotencyEngine['finish']> {
+  const keep =
+    body.byteLength <= engine.maxResponseBytes &&
+    engine.plan(head.status, headerValue(head.headers, 'content-type')) === 'store';
+  return engine.finish(ticket, { status: head.status, headers: head.headers, body: keep ? body : undefined });
+}
+
+/**
+ * A body after {@link captureBody}: either kept whole (`'kept'`: the engine has settled, send these bytes), or to
+ * be sent as it comes (`'stream'`: relay `chunks` to the client; they end only after the engine settled, and
+ * they throw where the handler's own body failed).
+ */
+export type CapturedBody =
+  | { readonly kind: 'kept'; readonly body: Uint8Array }
+  | { readonly kind: 'stream'; readonly chunks: AsyncIterable<Uint8Array> };
+
+/**
+ * Captures a streamed response body. When the engine's plan is `'store'`, the body is read whole before anything
+ * is sent, and the engine stores it; once it outgrows `maxResponseBytes` it is relayed instead, what was read
+ * first included. When the plan is `'stream'`, it is relayed at once. A relayed body ends only after the engine
+ * settled, so that a client that saw the end and retries finds the outcome.
+ *
+ * A body that fails is reported as the handler failing (the key is released, or left to lapse if the client had
+ * gone), then relayed up to where it failed and failed the same way, so that the client sees what it would
+ * have seen without the middleware. A relay its consumer stops early (the client went away) stops the source as
+ * it would have been stopped without the middleware, and hands the response to the engine as it stands.
+ *
+ * Never rejects.
+ */
+export async function captureBody(
+  engine: IdempotencyEngine<never>,
+  ticket: Ticket,
+  head: ResponseHead,
+  source: AsyncIterable<unknown>,
+): Promise<CapturedBody> {
+  const iterator = source[Symbol.asyncIterator]();
+  if (engine.plan(head.status, headerValue(head.headers, 'content-type')) === 'stream') {
+    return { kind: 'stream', chunks: relay(engine, ticket, head, iterator, []) };
+  }
+  const kept: Uint8Array[] = [];
+  let size = 0;
+  for (;;) {
+    let next: IteratorResult<unknown>;
+    try {
+      next = await iterator.next();
+    } catch (error) {
+      await engine.fail(ticket);
+      return { kind: 'stream', chunks: failing(kept, error) };
+    }
+    if (next.done) {
+      const body = concat(kept, size);
+      await engine.finish(ticket, { status: head.status, headers: head.headers, body });
+      return { kind: 'kept', body };
+    }
+    const chunk = toBytes(next.value);
+    kept.push(chunk);
+    size += chunk.byteLength;
+    if (size > engine.maxResponseBytes) {
+      return { kind: 'stream', chunks: relay(engine, ticket, head, iterator, kept) };
+    }
+  }
+}
+
+async function* relay(
+  engine: IdempotencyEngine<never>,
+  ticket: Ticket,
+  head: ResponseHead,
+  iterator: AsyncIterator<unknown>,
+  first: Uint8Array[],
+): AsyncGenerator<Uint8Array> {
+  const unkept = { status: head.status, headers: head.headers, body: undefined };
+  let ended = false;
+  try {
+    yield* first;
+    first.length = 0;
+    for (;;) {
+      let next: IteratorResult<unknown>;
+      try {
+        next = await iterator.next();
+      } catch (error) {
+        ended = true;
+        await engine.fail(ticket);
+        throw error;
+      }
+      if (next.done) break;
+      yield toBytes(next.value);
+    }
+    ended = true;
+    await engine.finish(ticket, unkept);
+  } finally {
+    if (!ended) {
+      // The consumer stopped reading: the client went away. The source is stopped as the framework would have
+      // stopped it, and the response stands as it was when the client left.
+      engine.clientLeft(ticket);
+      try {
+        await iterator.return?.();
+      } catch {}
+      await engine.finish(ticket, unkept);
+    }
+  }
+}
+
+async function* failing(first: Uint8Array[], error: unknown): AsyncGenerator<Uint8Array> {
+  yield* first;
+  throw error;
+}
+
+const encoder = new TextEncoder();
+
+/** A body chunk as bytes: streams yield bytes, or strings when an encoding was set on them. */
+export function toBytes(chunk: unknown): Uint8Array {
+  if (chunk instanceof Uint8Array) return chunk;
+  if (typeof chunk === 'string') return encoder.encode(chunk);
+  if (ArrayBuffer.isView(chunk)) return new Uint8Array(chunk.buffer, chunk.byteOffset, chunk.byteLength);
+  if (chunk instanceof ArrayBuffer) return new Uint8Array(chunk);
+  return encoder.encode(String(chunk));
+}
+
+function concat(chunks: readonly Uint8Array[], size: number): Uint8Array {
+  if (chunks.length === 1) return chunks[0]!;
+  const out = new Uint8Array(size);
+  let offset = 0;
+  for (const chunk of chunks) {
+    out.set(chunk, offset);
+    offset += chunk.byteLength;
+  }
+  return out;
+}
