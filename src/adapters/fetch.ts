@@ -1,0 +1,110 @@
+import { type IdempotencyContext, idempotencyContext } from '../core/capture.js';
+import { IdempotencyEngine } from '../core/engine.js';
+import type { IdempotencyOptions } from '../core/options.js';
+import type { HeaderPair } from '../core/types.js';
+import { captureResponse, readBody, replyResponse, responseHeaders, TOO_LARGE } from './web/response.js';
+
+export type { IdempotencyContext } from '../core/capture.js';
+
+/** Options of {@link withIdempotency}: every engine option, with `scope` and `fingerprint` given the `Request`. */
+export type FetchIdempotencyOptions<Req extends Request = Request> = IdempotencyOptions<Req>;
+
+/**
+ * A fetch handler: a `Request` in, a `Response` out. Whatever else the runtime passes (Bun's `server`, Deno's
+ * `info`, a Worker's `env` and `ctx`, a Next.js route's `{ params }`) is passed on untouched.
+ */
+export type FetchHandler<Req extends Request = Request, Rest extends unknown[] = unknown[]> = (
+  request: Req,
+  ...rest: Rest
+) => Response | Promise<Response>;
+
+const contexts = new WeakMap<Request, IdempotencyContext>();
+
+/**
+ * The idempotency of a request that {@link withIdempotency} let through with a key it holds: the key and a signal
+ * aborted if its lease is lost. `undefined` for a request that passed through without idempotency (no key, a
+ * method that is not handled, or fail-open after a backend error). Keyed by the request object itself, so it
+ * works whatever else the runtime passes to the handler.
+ *
+ * @example
+ * ```ts
+ * const handler = withIdempotency(async (request) => {
+ *   const idempotency = getIdempotency(request);
+ *   await charge(await request.json(), { idempotencyKey: idempotency?.key });
+ *   return Response.json({ ok: true }, { status: 201 });
+ * }, { backend });
+ * ```
+ */
+export function getIdempotency(request: Request): IdempotencyContext | undefined {
+  return contexts.get(request);
+}
+
+/**
+ * Wraps a fetch handler (`(request) => Response`) so that its POST and PATCH requests are safe to retry with an
+ * `Idempotency-Key` header: the first request runs, repeats get the stored response with
+ * `Idempotent-Replayed: true`, a repeat while the first still runs gets 409, and a key reused for a different
+ * request gets 422. For Bun's and Deno's `serve`, Cloudflare Workers and Next.js route handlers; only web-standard
+ * APIs, no Node.js module.
+ *
+ * The handler reads the request body as usual: the wrapper reads a copy (`request.clone()`) for the fingerprint,
+ * up to `maxRequestBytes`. The fingerprint's path is the request URL's path and query string. A response body is
+ * read whole and stored before it is sent when it is storable, or streamed on otherwise; a handler that throws
+ * (or whose body stream fails) leaves the key free for a retry, and its error goes on to the runtime as before.
+ *
+ * @example
+ * ```ts
+ * import { MemoryBackend } from 'idempotency-header';
+ * import { withIdempotency } from 'idempotency-header/fetch';
+ *
+ * const handler = withIdempotency(
+ *   async (request: Request) => Response.json({ id: crypto.randomUUID() }, { status: 201 }),
+ *   { backend: new MemoryBackend() },
+ * );
+ * Bun.serve({ fetch: handler }); // or Deno.serve(handler), or `export default { fetch: handler }` on Workers
+ * ```
+ */
+export function withIdempotency<Req extends Request = Request, Rest extends unknown[] = unknown[]>(
+  handler: FetchHandler<Req, Rest>,
+  options: FetchIdempotencyOptions<Req>,
+): (request: Req, ...rest: Rest) => Promise<Response> {
+  if (typeof handler !== 'function') throw new TypeError('withIdempotency: `handler` must be a function');
+  const engine = new IdempotencyEngine<Req>(options);
+  return async function idempotentHandler(request, ...rest) {
+    const method = request.method;
+    if (!engine.handles(method)) return handler(request, ...rest);
+    const startedAt = performance.now();
+    const key = engine.readKey(method, request.headers.get(engine.headerName));
+    if (key === undefined) return handler(request, ...rest);
+    if (typeof key !== 'string') return replyResponse(key);
+    let body: Uint8Array | undefined;
+    if (engine.needsBody && request.body !== null) {
+      const read = await readBody(
+        request.clone().body,
+        engine.maxRequestBytes,
+        request.headers.get('content-length'),
+      );
+      if (read === TOO_LARGE) return replyResponse(engine.bodyTooLarge(method, startedAt));
+      body = read;
+    }
+    const result = await engine.begin(request, method, request.url, key, body, startedAt);
+    if (result.kind === 'pass') return handler(request, ...rest);
+    if (result.kind === 'reply') return replyResponse(result);
+    contexts.set(request, idempotencyContext(key, result));
+    // The client going away changes nothing for the request; the engine only notes when it happened.
+    const clientLeft = () => engine.clientLeft(result);
+    request.signal?.addEventListener('abort', clientLeft, { once: true });
+    let response: Response;
+    let headers: HeaderPair[];
+    try {
+      response = await handler(request, ...rest);
+      headers = responseHeaders(response.headers);
+    } catch (error) {
+      request.signal?.removeEventListener('abort', clientLeft);
+      await engine.fail(result);
+      throw error;
+    }
+    const sent = await captureResponse(engine, result, response, headers);
+    request.signal?.removeEventListener('abort', clientLeft);
+    return sent;
+  };
+}
