@@ -6,6 +6,9 @@ export const entries = {
   express: 'src/adapters/express.ts',
   node: 'src/adapters/node.ts',
   redis: 'src/backends/redis.ts',
+  postgres: 'src/backends/postgres.ts',
+  mysql: 'src/backends/mysql.ts',
+  sqlite: 'src/backends/sqlite.ts',
 };
 
 export default defineConfig({

@@ -34,6 +34,9 @@ const PROMISED: Record<string, string[]> = {
   './express': ['idempotencyHeader'],
   './node': ['withIdempotency'],
   './redis': ['RedisBackend'],
+  './postgres': ['PostgresBackend', 'postgresSchema'],
+  './mysql': ['MysqlBackend', 'mysqlSchema'],
+  './sqlite': ['SqliteBackend', 'sqliteSchema'],
 };
 
 const requireFromRepo = createRequire(join(REPO_ROOT, 'package.json'));
