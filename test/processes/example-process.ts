@@ -1,6 +1,6 @@
 /**
  * Runs the Express example (`examples/express/server.ts`) as a child process, the way a user deploys it: its
- * own Node.js process, port and Redis connection.
+ * own Node.js process, port and connection to the shared backend (Redis, PostgreSQL, MariaDB/MySQL or SQLite).
  */
 import { type ChildProcess, spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
@@ -14,7 +14,7 @@ const LISTENING = /Listening on (http:\/\/\S+) \((\w+)\)/;
 export interface ExampleProcess {
   /** The orders endpoint, e.g. `http://127.0.0.1:40123/orders`. */
   readonly url: string;
-  /** The backend it reported: `RedisBackend` or `MemoryBackend`. */
+  /** The backend it reported: `RedisBackend`, `PostgresBackend`, `MysqlBackend`, `SqliteBackend` or `MemoryBackend`. */
   readonly backend: string;
   readonly pid: number;
   /** Everything it printed so far, stdout and stderr: for failure messages. */
