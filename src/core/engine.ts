@@ -109,6 +109,8 @@ const MAX_TIMER_DELAY_MS = 2 ** 31 - 1;
  * renewed. A response waits for them, so that a client that retries after receiving it finds the outcome.
  */
 const RETRY_DELAYS_MS: readonly number[] = [50, 250, 1000];
+/** How many key hashes taken ahead (asynchronous hashing with `onEvent`) are kept for the events to come. */
+const KEY_HASHES_KEPT = 1024;
 /** Weight of the newest duration in the running estimate behind `Retry-After`. */
 const DURATION_WEIGHT = 0.2;
 
@@ -159,6 +161,8 @@ export class IdempotencyEngine<Req = unknown> {
   #renewTimer: ReturnType<typeof setInterval> | undefined;
   /** Running estimate of how long a first run takes here, in ms: the `Retry-After` hint while one runs. */
   #typicalRunMs: number | undefined;
+  /** Key hashes taken ahead by {@link begin} when hashing is asynchronous, the most recent first to stay. */
+  readonly #keyHashes = new Map<string, string>();
 
   constructor(options: IdempotencyOptions<Req>, runtime: EngineRuntime = {}) {
     const resolved = resolveOptions(options);
@@ -256,10 +260,26 @@ export class IdempotencyEngine<Req = unknown> {
   ): Awaitable<BeginResult> {
     const storageKey = this.#storageKey(req, key);
     const fingerprint = this.#fingerprint(req, method, url, body);
+    // An asynchronous hash (Web Crypto) of the key for events is taken now, beside the fingerprint, so that this
+    // request's event is reported before its response goes out, as with a synchronous hash.
+    const keyHash = this.options.onEvent === undefined ? undefined : this.#sha256([storageKey]);
+    if (isPromise(keyHash)) {
+      return Promise.all([fingerprint, keyHash]).then(([value, hash]) => {
+        this.#rememberKeyHash(storageKey, hash);
+        return this.#acquire(key, storageKey, value, method, startedAt);
+      });
+    }
+    if (keyHash !== undefined) this.#rememberKeyHash(storageKey, keyHash);
     if (isPromise(fingerprint)) {
       return fingerprint.then((value) => this.#acquire(key, storageKey, value, method, startedAt));
     }
     return this.#acquire(key, storageKey, fingerprint, method, startedAt);
+  }
+
+  #rememberKeyHash(storageKey: string, hash: string): void {
+    const hashes = this.#keyHashes;
+    if (hashes.size >= KEY_HASHES_KEPT) hashes.delete(hashes.keys().next().value!);
+    hashes.set(storageKey, hash);
   }
 
   /**
@@ -644,6 +664,11 @@ export class IdempotencyEngine<Req = unknown> {
       } catch {}
     };
     if (storageKey === undefined) return report();
+    const known = this.#keyHashes.get(storageKey);
+    if (known !== undefined) {
+      event.keyHash = known;
+      return report();
+    }
     const keyHash = this.#sha256([storageKey]);
     if (!isPromise(keyHash)) {
       event.keyHash = keyHash;
