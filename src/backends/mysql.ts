@@ -75,6 +75,13 @@ export interface MysqlBackendOptions {
    * @default true
    */
   createTable?: boolean;
+  /**
+   * Whether `acquire` is one `INSERT … ON DUPLICATE KEY UPDATE … RETURNING` statement for every outcome, replays
+   * included (MariaDB 10.5+), or an `INSERT` followed by a read when the key exists (MySQL, which has no
+   * `RETURNING`). Detected from the server's `VERSION()` on first use; set it to skip that query.
+   * @default detected: `true` on MariaDB, `false` on MySQL
+   */
+  returning?: boolean;
 }
 
 /**
@@ -152,6 +159,7 @@ const LEASE_END = 'UTC_TIMESTAMP(3) + INTERVAL ? MICROSECOND';
 
 interface Statements {
   readonly create: string;
+  readonly upsert: string;
   readonly insert: string;
   readonly read: string;
   readonly takeOver: string;
@@ -165,14 +173,40 @@ interface Statements {
 // Time is the database's: UTC_TIMESTAMP(3) is the statement's start, one instant for the whole statement, read
 // from the server that all processes share. Process clocks never decide whether a lease lapsed.
 //
-// Why acquire is more than one statement: MySQL has no INSERT … RETURNING (MariaDB's does not cover the
-// ON DUPLICATE KEY UPDATE path), and only a SELECT returns rows, so no single statement can both take a free key
-// and hand back a stored response. Acquire therefore tries the write first, which is all a first run needs, and
-// reads only when the key exists: a first run costs two round trips (insert, complete), a replay or a 409 two
-// (insert refused, read), taking over a lapsed lease three.
+// Acquire on MariaDB is one statement (`upsert`): MariaDB's INSERT … RETURNING returns the row on the
+// ON DUPLICATE KEY UPDATE path too. MySQL has no RETURNING, and only a SELECT returns rows, so no single statement
+// can both take a free key and hand back a stored response. There acquire tries the write first (`insert`), which
+// is all a first run needs, and reads only when the key exists (`read`, then `takeOver` for a free row): a first
+// run costs two round trips (insert, complete), a replay or a 409 two (insert refused, read), a takeover three.
 function statements(table: string): Statements {
+  const free = 'expires_at <= UTC_TIMESTAMP(3)';
   return {
     create: ddl(table),
+
+    // Atomicity: one statement under the row's exclusive lock (ON DUPLICATE KEY UPDATE locks the existing row
+    // before it updates it), so of N concurrent acquires exactly one inserts or takes over. On a duplicate it
+    // takes the row over where it is free and otherwise assigns every column its own value, which InnoDB
+    // recognises as no change; RETURNING then gives the row as it is after the statement, in every case. MySQL
+    // and MariaDB assign left to right, each assignment seeing the ones before it: expires_at, which `free`
+    // reads, is assigned last, so every assignment judges the row as it was. Parameters: key hash, fingerprint,
+    // token, lease µs; then token, fingerprint (×4) for RETURNING.
+    upsert: `INSERT INTO ${table} (key_hash, fingerprint, token, expires_at) VALUES (?, ?, ?, ${LEASE_END})
+ON DUPLICATE KEY UPDATE
+  fingerprint = IF(${free}, VALUES(fingerprint), fingerprint),
+  token = IF(${free}, VALUES(token), token),
+  status = IF(${free}, NULL, status),
+  headers = IF(${free}, NULL, headers),
+  body = IF(${free}, NULL, body),
+  created_at = IF(${free}, NULL, created_at),
+  expires_at = IF(${free}, VALUES(expires_at), expires_at)
+RETURNING token <=> ? AS acquired,
+  fingerprint = ? AS same,
+  token IS NOT NULL AS locked,
+  (TIMESTAMPDIFF(MICROSECOND, UTC_TIMESTAMP(3), expires_at) + 999) DIV 1000 AS left_ms,
+  CASE WHEN token IS NULL AND fingerprint = ? THEN status END AS status,
+  CASE WHEN token IS NULL AND fingerprint = ? THEN headers END AS headers,
+  CASE WHEN token IS NULL AND fingerprint = ? THEN body END AS body,
+  created_at`,
 
     // Atomicity: the primary key lets exactly one of N concurrent INSERTs of a key succeed; the others fail with
     // ER_DUP_ENTRY and read the row.
@@ -230,14 +264,20 @@ interface ReadRow extends HeldRow {
   live: unknown;
 }
 
+/** What the upsert statement returns. */
+interface AcquireRow extends HeldRow {
+  acquired: unknown;
+}
+
 /**
  * Keeps keys, locks and responses in a MySQL 8 or MariaDB 10.11+ table (InnoDB), next to the application's data,
  * shared by every process that uses the database.
  *
- * Round trips: a first run costs two (insert the lock, complete), as on PostgreSQL; a replay or a 409 costs two
- * (the insert is refused, then the row is read), one more than PostgreSQL, because MySQL has no statement that
- * both writes and returns rows. Taking over a lapsed lease costs three. After every eighth complete, a sweep of
- * expired rows runs in the background, off the request's path.
+ * Round trips on MariaDB: one statement per step, as on PostgreSQL: a first run costs two (acquire, complete), a
+ * replay or a 409 one (`INSERT … ON DUPLICATE KEY UPDATE … RETURNING`, which takes the row's lock for a moment).
+ * On MySQL, which has no `RETURNING`, a first run also costs two (insert the lock, complete), but a replay or a 409
+ * costs two (the insert is refused, then the row is read), and taking over a lapsed lease three. After every
+ * eighth complete, a sweep of expired rows runs in the background, off the request's path.
  *
  * Leases are timed by the database's clock (UTC). Keys are stored as their SHA-256 in a `BINARY(32)` primary
  * key, so keys that differ only in case or trailing spaces never meet. Works with a `mysql2/promise` pool,
@@ -256,8 +296,12 @@ interface ReadRow extends HeldRow {
 export class MysqlBackend implements Backend {
   readonly #pool: MysqlPoolLike;
   readonly #sql: Statements;
+  readonly #createTable: boolean;
+  /** Whether acquire uses {@link Statements.upsert}; `undefined` until detected. */
+  #returning: boolean | undefined;
+  /** Whether the table exists and `#returning` is known. */
   #ready: boolean;
-  #creating: Promise<void> | undefined;
+  #settingUp: Promise<void> | undefined;
   #completes = 0;
   #sweeping = false;
 
@@ -266,6 +310,7 @@ export class MysqlBackend implements Backend {
       pool,
       table = DEFAULT_MYSQL_TABLE,
       createTable = true,
+      returning,
     } = options ?? ({} as Partial<MysqlBackendOptions>);
     const promisePool = promiseApi(pool);
     if (promisePool === undefined) {
@@ -276,16 +321,40 @@ export class MysqlBackend implements Backend {
       );
     }
     if (typeof createTable !== 'boolean') throw invalidOption('createTable', 'a boolean', createTable);
+    if (returning !== undefined && typeof returning !== 'boolean') {
+      throw invalidOption('returning', 'a boolean, or undefined to detect it', returning);
+    }
     this.#sql = statements(quoted(parseTableName(table, true)));
     this.#pool = promisePool;
-    this.#ready = !createTable;
+    this.#createTable = createTable;
+    this.#returning = returning;
+    this.#ready = !createTable && returning !== undefined;
   }
 
   async acquire(key: string, fingerprint: string, leaseMs: number): Promise<AcquireResult> {
-    if (!this.#ready) await this.#createTable();
+    if (!this.#ready) await this.#setUp();
     const hash = keyHash(key);
     const fingerprintValue = fingerprintBytes(fingerprint);
     const lease = micro(leaseMs);
+    if (this.#returning) {
+      const token = newToken();
+      const tokenValue = tokenBytes(token);
+      const rows = await this.#query(this.#sql.upsert, [
+        hash,
+        fingerprintValue,
+        tokenValue,
+        lease,
+        tokenValue,
+        fingerprintValue,
+        fingerprintValue,
+        fingerprintValue,
+        fingerprintValue,
+      ]);
+      const row = Array.isArray(rows) ? (rows[0] as AcquireRow | undefined) : undefined;
+      if (row === undefined) throw unexpectedRow('MariaDB', 'reply to acquire', rows);
+      if (Number(row.acquired) === 1) return { state: 'acquired', token };
+      return heldAnswer(row, fingerprint, 'MariaDB');
+    }
     for (let attempt = 0; attempt < MAX_ACQUIRE_ATTEMPTS; attempt++) {
       const token = newToken();
       const tokenValue = tokenBytes(token);
@@ -322,7 +391,7 @@ export class MysqlBackend implements Backend {
   ): Promise<boolean> {
     const tokenValue = tokenBytes(token);
     if (tokenValue === undefined) return false;
-    if (!this.#ready) await this.#createTable();
+    if (!this.#ready) await this.#setUp();
     const response = record.response;
     const header = await this.#query(this.#sql.complete, [
       fingerprintBytes(record.fingerprint),
@@ -342,14 +411,14 @@ export class MysqlBackend implements Backend {
   async release(key: string, token: string): Promise<boolean> {
     const tokenValue = tokenBytes(token);
     if (tokenValue === undefined) return false;
-    if (!this.#ready) await this.#createTable();
+    if (!this.#ready) await this.#setUp();
     return matchedRows(await this.#query(this.#sql.release, [keyHash(key), tokenValue])) === 1;
   }
 
   async renew(key: string, token: string, leaseMs: number): Promise<boolean> {
     const tokenValue = tokenBytes(token);
     if (tokenValue === undefined) return false;
-    if (!this.#ready) await this.#createTable();
+    if (!this.#ready) await this.#setUp();
     const header = await this.#query(this.#sql.renew, [micro(leaseMs), keyHash(key), tokenValue]);
     return matchedRows(header) === 1;
   }
@@ -360,7 +429,7 @@ export class MysqlBackend implements Backend {
    * scheduled job after a burst of traffic followed by silence.
    */
   async sweep(): Promise<number> {
-    if (!this.#ready) await this.#createTable();
+    if (!this.#ready) await this.#setUp();
     let deleted = 0;
     for (;;) {
       const { found, removed } = await this.#sweepBatch(SWEEP_CALL_BATCH_ROWS);
@@ -393,18 +462,33 @@ export class MysqlBackend implements Backend {
     return result;
   }
 
-  /** Creates the table once; concurrent callers share the attempt, and a failed attempt is retried next time. */
-  #createTable(): Promise<void> {
-    this.#creating ??= this.#pool.query({ sql: this.#sql.create }).then(
+  /**
+   * Creates the table and finds out whether the server has RETURNING, once: concurrent callers share the attempt,
+   * and a failed attempt is retried next time.
+   */
+  #setUp(): Promise<void> {
+    this.#settingUp ??= this.#runSetUp().then(
       () => {
         this.#ready = true;
       },
       (error: unknown) => {
-        this.#creating = undefined;
+        this.#settingUp = undefined;
         throw error;
       },
     );
-    return this.#creating;
+    return this.#settingUp;
+  }
+
+  async #runSetUp(): Promise<void> {
+    if (this.#createTable) await this.#pool.query({ sql: this.#sql.create });
+    if (this.#returning === undefined) {
+      const rows = await this.#query('SELECT VERSION() AS version', []);
+      const version = Array.isArray(rows)
+        ? (rows[0] as { version?: unknown } | undefined)?.version
+        : undefined;
+      // INSERT … RETURNING came with MariaDB 10.5; this backend supports 10.11 and later.
+      this.#returning = String(version).includes('MariaDB');
+    }
   }
 }
 

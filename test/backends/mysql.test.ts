@@ -1,9 +1,10 @@
 /**
- * MysqlBackend against a real MariaDB or MySQL server (MYSQL_URL): the backend contract with a default pool and
- * with a pool configured against it (rows as arrays, no CLIENT_FOUND_ROWS), then what only this backend promises:
- * binary keys (case and trailing spaces matter), the table on first use, round trips, the database's UTC clock
- * whatever the session's time zone, a bounded table, and errors passed through unchanged. Every run works in
- * tables of its own and drops only those.
+ * MysqlBackend against a real MariaDB or MySQL server (MYSQL_URL): the backend contract with the statements the
+ * server calls for (one INSERT … RETURNING on MariaDB), with the MySQL statements (INSERT, then a read), and with
+ * those on a pool configured against them (rows as arrays, no CLIENT_FOUND_ROWS); then what only this backend
+ * promises: binary keys (case and trailing spaces matter), the table on first use, round trips, the database's
+ * UTC clock whatever the session's time zone, a bounded table, and errors passed through unchanged. Every run
+ * works in tables of its own and drops only those.
  */
 import { createHash, randomUUID } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -72,13 +73,25 @@ describe.runIf(mysqlUp)('MysqlBackend', () => {
     };
   });
 
+  describeBackendContract('MysqlBackend with the MySQL statements (returning: false)', async () => {
+    const pool = mysqlPool();
+    const table = uniqueTable('my_contract_mysql');
+    return {
+      backend: new MysqlBackend({ pool, table, returning: false }),
+      async teardown() {
+        await dropMysqlTable(pool, table);
+        await pool.end();
+      },
+    };
+  });
+
   describeBackendContract(
-    'MysqlBackend on a pool with rowsAsArray and without CLIENT_FOUND_ROWS',
+    'MysqlBackend with the MySQL statements on a pool with rowsAsArray and without CLIENT_FOUND_ROWS',
     async () => {
       const pool = mysqlPool({ rowsAsArray: true, flags: ['-FOUND_ROWS'] });
       const table = uniqueTable('my_contract_flags');
       return {
-        backend: new MysqlBackend({ pool, table }),
+        backend: new MysqlBackend({ pool, table, returning: false }),
         async teardown() {
           await dropMysqlTable(pool, table);
           await pool.end();
@@ -224,7 +237,7 @@ describe.runIf(mysqlUp)('MysqlBackend', () => {
     });
 
     describe('round trips', () => {
-      it('costs 2 per first run, 2 per replay or 409, 1 per renewal or release, 3 to take over a lapsed lease', async () => {
+      it('costs one statement per step on MariaDB: 2 per first run, 1 per replay, 409, renewal or release', async () => {
         const table = newTable('my_trips');
         const { pool: counting, calls } = countingPool(pool);
         const backend = new MysqlBackend({ pool: counting, table });
@@ -234,7 +247,50 @@ describe.runIf(mysqlUp)('MysqlBackend', () => {
           return calls.length - before;
         };
 
-        // The first operation also creates the table: one more statement, once.
+        // The first operation also creates the table and asks the server's version: two more statements, once.
+        expect(await trips(() => backend.acquire(randomUUID(), FINGERPRINT, LEASE_MS))).toBe(3);
+        expect(calls[0]).toMatch(/^CREATE TABLE IF NOT EXISTS/);
+        expect(calls[1]).toBe('SELECT VERSION() AS version');
+        expect(calls[2]).toMatch(/RETURNING/);
+
+        const key = randomUUID();
+        let token = '';
+        expect(
+          await trips(async () => {
+            token = tokenOf(await backend.acquire(key, FINGERPRINT, LEASE_MS));
+          }),
+        ).toBe(1);
+        expect(await trips(() => backend.renew(key, token, LEASE_MS))).toBe(1);
+        expect(await trips(() => backend.acquire(key, FINGERPRINT, LEASE_MS))).toBe(1); // 409
+        expect(await trips(() => backend.complete(key, token, makeRecord(), 60_000))).toBe(1);
+        expect(await trips(() => backend.acquire(key, FINGERPRINT, LEASE_MS))).toBe(1); // replay
+        expect(await trips(() => backend.acquire(key, 'other', LEASE_MS))).toBe(1); // mismatch
+
+        const released = randomUUID();
+        const held = tokenOf(await backend.acquire(released, FINGERPRINT, LEASE_MS));
+        expect(await trips(() => backend.release(released, held))).toBe(1);
+
+        const lapsing = randomUUID();
+        tokenOf(await backend.acquire(lapsing, FINGERPRINT, 50));
+        await sleep(150);
+        expect(await trips(async () => tokenOf(await backend.acquire(lapsing, FINGERPRINT, LEASE_MS)))).toBe(
+          1,
+        );
+
+        expect(await trips(() => backend.release(key, 'not-a-token'))).toBe(0);
+      });
+
+      it('costs 2 per first run, 2 per replay or 409 and 3 per takeover with the MySQL statements', async () => {
+        const table = newTable('my_trips_mysql');
+        const { pool: counting, calls } = countingPool(pool);
+        const backend = new MysqlBackend({ pool: counting, table, returning: false });
+        const trips = async (step: () => Promise<unknown>) => {
+          const before = calls.length;
+          await step();
+          return calls.length - before;
+        };
+
+        // The first operation also creates the table; told there is no RETURNING, it asks no version.
         expect(await trips(() => backend.acquire(randomUUID(), FINGERPRINT, LEASE_MS))).toBe(2);
         expect(calls[0]).toMatch(/^CREATE TABLE IF NOT EXISTS/);
 
@@ -261,8 +317,6 @@ describe.runIf(mysqlUp)('MysqlBackend', () => {
         expect(await trips(async () => tokenOf(await backend.acquire(lapsing, FINGERPRINT, LEASE_MS)))).toBe(
           3,
         );
-
-        expect(await trips(() => backend.release(key, 'not-a-token'))).toBe(0);
       });
 
       it('sweeps in the background after every eighth complete, off the request path', async () => {
@@ -376,12 +430,18 @@ describe.runIf(mysqlUp)('MysqlBackend', () => {
       });
     });
 
-    describe('concurrency across pools', () => {
+    describe.each([
+      ['MariaDB statement', undefined],
+      ['MySQL statements', false],
+    ] as const)('concurrency across pools (%s)', (_label, returning) => {
       it('lets exactly one of 50 acquires spread over two pools win', async () => {
         const table = newTable('my_two_pools');
         const other = mysqlPool({ connectionLimit: 4 });
         try {
-          const backends = [new MysqlBackend({ pool, table }), new MysqlBackend({ pool: other, table })];
+          const backends = [
+            new MysqlBackend({ pool, table, returning }),
+            new MysqlBackend({ pool: other, table, returning }),
+          ];
           const key = randomUUID();
           const results = await Promise.all(
             Array.from({ length: 50 }, (_, i) => backends[i % 2]!.acquire(key, FINGERPRINT, LEASE_MS)),
@@ -395,7 +455,7 @@ describe.runIf(mysqlUp)('MysqlBackend', () => {
       });
 
       it('lets exactly one of 20 racing takeovers of a lapsed lease win', async () => {
-        const backend = new MysqlBackend({ pool, table: newTable('my_takeover_race') });
+        const backend = new MysqlBackend({ pool, table: newTable('my_takeover_race'), returning });
         const key = randomUUID();
         tokenOf(await backend.acquire(key, FINGERPRINT, 30));
         await sleep(100);
@@ -459,6 +519,10 @@ describe.runIf(mysqlUp)('MysqlBackend', () => {
 
     it('rejects a createTable that is not a boolean', () => {
       expect(() => new MysqlBackend({ pool, createTable: 1 as never })).toThrow(/`createTable`/);
+    });
+
+    it('rejects a returning that is not a boolean', () => {
+      expect(() => new MysqlBackend({ pool, returning: 'yes' as never })).toThrow(/`returning`/);
     });
   });
 });
