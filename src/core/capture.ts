@@ -1,6 +1,6 @@
 import type { IdempotencyEngine, Ticket } from './engine.js';
 import { headerValue } from './responses.js';
-import type { HeaderPair } from './types.js';
+import type { Awaitable, HeaderPair } from './types.js';
 
 /**
  * What the adapters that see a handler's response as a value (Fastify's payload, Koa's `ctx.body`, a fetch
@@ -132,7 +132,7 @@ export async function captureBody(
     try {
       next = await iterator.next();
     } catch (error) {
-      await engine.fail(ticket);
+      await failed(engine, ticket, head);
       return { kind: 'stream', chunks: failing(kept, error) };
     }
     if (next.done) {
@@ -167,7 +167,7 @@ async function* relay(
         next = await iterator.next();
       } catch (error) {
         ended = true;
-        await engine.fail(ticket);
+        await failed(engine, ticket, head);
         throw error;
       }
       if (next.done) break;
@@ -186,6 +186,16 @@ async function* relay(
       await engine.finish(ticket, unkept);
     }
   }
+}
+
+/**
+ * The body failed. While the client is there, the handler failed: the key is released. Once the client has gone,
+ * the framework stops a response body the way it does when its client leaves (Koa destroys it), so the failure is
+ * the client leaving: the response stands as it was, as for a relay stopped early.
+ */
+function failed(engine: IdempotencyEngine<never>, ticket: Ticket, head: ResponseHead): Awaitable<void> {
+  if (ticket.clientGoneAt === undefined) return engine.fail(ticket);
+  return engine.finish(ticket, { status: head.status, headers: head.headers, body: undefined });
 }
 
 async function* failing(first: Uint8Array[], error: unknown): AsyncGenerator<Uint8Array> {

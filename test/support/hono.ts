@@ -65,15 +65,18 @@ export function createHonoServerFactory(): ServerFactory {
 /** A bare fetch handler wrapped with `withIdempotency`; it reads the request body itself. */
 export function createFetchServerFactory(): ServerFactory {
   return async (options, routes: Routes) => {
-    const handler = withIdempotency(async (request: Request, env: HttpBindings) => {
-      const route = routes[new URL(request.url).pathname];
-      if (route === undefined) return new Response('not found', { status: 404 });
-      const body = new Uint8Array(await request.arrayBuffer());
-      return toResponse(await route(routeRequest(request, body, env.outgoing)));
-    }, options as ContractOptions & { scope?: (req: Request) => string | undefined });
+    const handler = withIdempotency(
+      async (request: Request, env: HttpBindings) => {
+        const route = routes[new URL(request.url).pathname];
+        if (route === undefined) return new Response('not found', { status: 404 });
+        const body = new Uint8Array(await request.arrayBuffer());
+        return toResponse(await route(routeRequest(request, body, env.outgoing)));
+      },
+      options as ContractOptions & { scope?: (req: Request) => string | undefined },
+    );
     return listen(
       createServer(
-        getRequestListener((request, env: HttpBindings) => handler(request, env), {
+        getRequestListener((request, env) => handler(request, env as HttpBindings), {
           // The contract's throwing route fails on purpose: answer 500 without logging it.
           errorHandler: () => new Response('Internal Server Error', { status: 500 }),
         }),

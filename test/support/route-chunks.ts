@@ -22,7 +22,9 @@ async function* chunksOf(response: RouteResponse): AsyncGenerator<Uint8Array> {
 }
 
 function toBuffer(chunk: string | Uint8Array): Buffer {
-  return typeof chunk === 'string' ? Buffer.from(chunk) : Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength);
+  return typeof chunk === 'string'
+    ? Buffer.from(chunk)
+    : Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength);
 }
 
 /** Whether the response is written in one piece (at most one chunk, not streamed over time). */
@@ -45,7 +47,9 @@ export function nodeBody(response: RouteResponse): Buffer | Readable {
 }
 
 /** The body as a `Response` takes it: the one chunk (or `null`), or a byte stream of the chunks. */
-export function webBody(response: RouteResponse): Uint8Array<ArrayBuffer> | ReadableStream<Uint8Array> | null {
+export function webBody(
+  response: RouteResponse,
+): Uint8Array<ArrayBuffer> | ReadableStream<Uint8Array> | null {
   if (isSingle(response)) {
     const [chunk] = response.chunks as readonly (string | Uint8Array)[];
     queueMicrotask(() => response.onWritten?.());
