@@ -13,6 +13,7 @@ export {
   MemoryBackend,
   type MemoryBackendOptions,
 } from './backends/memory.js';
+export type { IdempotencyContext } from './core/capture.js';
 export type { Sha256 } from './core/digest.js';
 export {
   type BeginResult,
