@@ -420,34 +420,66 @@ describe.runIf(sqliteLoads)('SqliteBackend', () => {
     it('lets 4 processes opening a new file at once and racing over 2000 keys win each key exactly once', async () => {
       const path = directory.path(`processes-${randomUUID()}.db`);
       const KEYS = 2000;
-      const startAt = Date.now() + 5000;
-      const outputs = await Promise.all(
-        Array.from({ length: 4 }, (_, p) =>
-          runNode([
+      const children = Array.from({ length: 4 }, (_, p) =>
+        spawn(
+          process.execPath,
+          [
             '--import',
             'tsx',
             'test/backends/fixtures/sqlite-acquirer.ts',
             path,
             DEFAULT_SQLITE_TABLE,
             String(KEYS),
-            String((p * KEYS) / 4),
-            String(startAt),
-          ]),
+            String(p * 5),
+          ],
+          { cwd: ROOT, stdio: ['pipe', 'pipe', 'pipe'] },
         ),
       );
-      const results = outputs.map(
-        (output) => JSON.parse(output) as { won: string[]; states: Record<string, number>; late: boolean },
-      );
-      expect(results.map((result) => result.late)).toEqual([false, false, false, false]);
-      const won = results.flatMap((result) => result.won);
-      expect(won).toHaveLength(KEYS);
-      expect(new Set(won).size).toBe(KEYS);
-      for (const { states } of results) {
-        expect((states.acquired ?? 0) + (states['in-flight'] ?? 0)).toBe(KEYS);
+      const outputs = children.map((child) => {
+        let stdout = '';
+        let stderr = '';
+        child.stdout.on('data', (chunk: Buffer) => {
+          stdout += chunk.toString();
+        });
+        child.stderr.on('data', (chunk: Buffer) => {
+          stderr += chunk.toString();
+        });
+        const ready = new Promise<void>((resolve, reject) => {
+          const onData = () => {
+            if (!stdout.startsWith('ready\n')) return;
+            child.stdout.off('data', onData);
+            resolve();
+          };
+          child.stdout.on('data', onData);
+          child.once('exit', (code) => reject(new Error(`exited with ${code} before ready:\n${stderr}`)));
+        });
+        const done = new Promise<string>((resolve, reject) => {
+          child.once('exit', (code) => {
+            if (code === 0) resolve(stdout.slice('ready\n'.length));
+            else reject(new Error(`exited with ${code}:\n${stderr}`));
+          });
+        });
+        return { ready, done };
+      });
+      try {
+        // Every process has started and loaded its modules; then all of them go at once.
+        await Promise.all(outputs.map(({ ready }) => ready));
+        for (const child of children) child.stdin.write('go\n');
+        const results = (await Promise.all(outputs.map(({ done }) => done))).map(
+          (output) => JSON.parse(output) as { won: string[]; states: Record<string, number> },
+        );
+        const won = results.flatMap((result) => result.won);
+        expect(won).toHaveLength(KEYS);
+        expect(new Set(won).size).toBe(KEYS);
+        for (const { states } of results) {
+          expect((states.acquired ?? 0) + (states['in-flight'] ?? 0)).toBe(KEYS);
+        }
+        console.info(
+          `SqliteBackend: keys won per process ${results.map((result) => result.won.length).join('/')}`,
+        );
+      } finally {
+        for (const child of children) if (child.exitCode === null) child.kill('SIGKILL');
       }
-      console.info(
-        `SqliteBackend: keys won per process ${results.map((result) => result.won.length).join('/')}`,
-      );
     }, 60_000);
   });
 
