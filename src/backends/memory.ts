@@ -74,7 +74,10 @@ export class MemoryBackend implements Backend {
   readonly #maxBytes: number;
   readonly #locks = new Map<string, Lock>();
   readonly #records = new Map<string, Entry>();
-  readonly #sweeper: ReturnType<typeof setInterval>;
+  readonly #sweepIntervalMs: number;
+  /** Started by the first `acquire`: a Cloudflare Worker may not start a timer at its global scope. */
+  #sweeper: ReturnType<typeof setInterval> | undefined;
+  #closed = false;
   #bytes = 0;
   #tokenSequence = 0;
   #lastFullSweep = 0;
@@ -96,7 +99,11 @@ export class MemoryBackend implements Backend {
     }
     this.#maxEntries = maxEntries;
     this.#maxBytes = maxBytes;
-    this.#sweeper = setInterval(() => this.sweep(), sweepIntervalMs);
+    this.#sweepIntervalMs = sweepIntervalMs;
+  }
+
+  #startSweeper(): void {
+    this.#sweeper = setInterval(() => this.sweep(), this.#sweepIntervalMs);
     (this.#sweeper as { unref?: () => void }).unref?.();
   }
 
@@ -111,6 +118,7 @@ export class MemoryBackend implements Backend {
   }
 
   acquire(key: string, fingerprint: string, leaseMs: number): AcquireResult {
+    if (this.#sweeper === undefined && !this.#closed) this.#startSweeper();
     const now = Date.now();
     const entry = this.#records.get(key);
     if (entry !== undefined) {
@@ -171,6 +179,7 @@ export class MemoryBackend implements Backend {
 
   /** Deletes every key and stops the sweep timer. */
   close(): void {
+    this.#closed = true;
     clearInterval(this.#sweeper);
     this.#records.clear();
     this.#locks.clear();
