@@ -50,6 +50,13 @@ export function errorReply(
   });
 }
 
+/**
+ * The name of a stored pair that stands for a removal: `[REMOVED_HEADER, name]` says the handler removed a header
+ * that middleware mounted before it had set, so a replay removes it too after that middleware set it again. No
+ * header can have this name (a `:` is not allowed in one), so it never meets a real header.
+ */
+export const REMOVED_HEADER = ':removed';
+
 /** Header names never stored or replayed: hop-by-hop headers, and those that belong to one response only. */
 const UNSTORED_HEADERS = new Set([
   'connection',
@@ -71,7 +78,9 @@ export function storedHeaders(headers: readonly HeaderPair[]): HeaderPair[] {
   const pairs: HeaderPair[] = [];
   for (const [name, value] of headers) {
     const lower = name.toLowerCase();
-    if (!UNSTORED_HEADERS.has(lower)) pairs.push([lower, value]);
+    if (lower === REMOVED_HEADER) {
+      if (!UNSTORED_HEADERS.has(value)) pairs.push([lower, value]);
+    } else if (!UNSTORED_HEADERS.has(lower)) pairs.push([lower, value]);
   }
   return pairs;
 }

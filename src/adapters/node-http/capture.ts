@@ -1,6 +1,7 @@
 import type { OutgoingHttpHeader, OutgoingHttpHeaders, ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
 import { type IdempotencyEngine, isPromise, type Ticket } from '../../core/engine.js';
+import { REMOVED_HEADER } from '../../core/responses.js';
 import type { HeaderPair } from '../../core/types.js';
 
 /**
@@ -155,6 +156,13 @@ function capturingPrototypeFor(parent: object): CapturingPrototype {
           callback = encoding;
           encoding = null;
         }
+        // A write's callback says the bytes were handed on: a handler may wait for it before it writes more, so
+        // while the body is held it is called as if they were. The callbacks of an ended response (Node.js's
+        // 'finish' among them) wait for the real write, or the connection would be handed on before it.
+        if (capture.state === HOLDING && typeof callback === 'function') {
+          process.nextTick(callback as () => void);
+          callback = null;
+        }
         capture.held.push({ data, encoding, callback });
         capture.heldBytes += data.length;
         return true;
@@ -260,8 +268,9 @@ function recordImplicitHead(res: ServerResponse, capture: ResponseCapture): bool
 /**
  * Records the head the handler gives its response, before the call goes on to middleware mounted earlier (whose
  * `on-headers` hooks add their own headers, set again on a replay). `writeHead`'s headers are merged over those
- * set so far as Node.js merges them: an object's names replace, a list's names replace and repeat. An invalid
- * status is not recorded: Node.js throws for it when the call goes on.
+ * set so far exactly as Node.js merges them: once any header was set through `setHeader`, every name given
+ * replaces (`setHeader`); otherwise the given headers are the head as they are, repeated names included. An
+ * invalid status is not recorded: Node.js throws for it when the call goes on.
  */
 function recordHead(
   res: ServerResponse,
@@ -273,31 +282,58 @@ function recordHead(
   const status = Number(statusCode) | 0;
   if (status < 100 || status > 999) return;
   const given = typeof reason === 'string' ? headers : (headers ?? reason);
-  const merged = res.getHeaders();
-  if (Array.isArray(given)) mergeHeaderList(merged, given as OutgoingHttpHeader[]);
-  else if (given !== null && typeof given === 'object') {
-    for (const name of Object.keys(given)) {
-      merged[name.toLowerCase()] = (given as OutgoingHttpHeaders)[name];
+  if (given === undefined || given === null || typeof given !== 'object') {
+    capture.head = { status, headers: res.getHeaders() };
+  } else if (hasProgressiveHeaders(res)) {
+    const merged = res.getHeaders();
+    const list = Array.isArray(given) ? (given as unknown[]) : undefined;
+    if (list === undefined) {
+      for (const name of Object.keys(given))
+        merged[name.toLowerCase()] = (given as OutgoingHttpHeaders)[name];
+    } else {
+      for (let i = 0; i + 1 < list.length; i += 2)
+        merged[String(list[i]).toLowerCase()] = list[i + 1] as string;
     }
+    capture.head = { status, headers: merged };
+  } else {
+    capture.head = { status, headers: rawHeaders(given) };
   }
-  capture.head = { status, headers: merged };
 }
 
-/** `writeHead`'s list forms: flat `[name, value, …]` or pairs `[[name, value], …]`; repeated names add values. */
-function mergeHeaderList(merged: OutgoingHttpHeaders, list: readonly OutgoingHttpHeader[]): void {
-  const pairs = Array.isArray(list[0]);
-  const step = pairs ? 1 : 2;
-  const seen = new Set<string>();
-  for (let i = 0; i < list.length; i += step) {
-    const [name, value] = pairs ? (list[i] as unknown as [string, string]) : [list[i], list[i + 1]];
+let outHeadersSymbol: symbol | null | undefined;
+
+/**
+ * Whether headers were set on the response through `setHeader` (Node.js keeps them under its `kOutHeaders`
+ * symbol, `null` until the first): then `writeHead` merges its headers into them, else it sends its own as given.
+ */
+function hasProgressiveHeaders(res: ServerResponse): boolean {
+  if (outHeadersSymbol === undefined) {
+    outHeadersSymbol =
+      Object.getOwnPropertySymbols(res).find((symbol) => symbol.description === 'kOutHeaders') ?? null;
+  }
+  if (outHeadersSymbol === null) return res.getHeaderNames().length > 0;
+  return Boolean((res as unknown as Record<symbol, unknown>)[outHeadersSymbol]);
+}
+
+/** `writeHead`'s own headers as Node.js sends them when nothing was set before: an object, or a flat or paired list. */
+function rawHeaders(given: object): OutgoingHttpHeaders {
+  const headers: OutgoingHttpHeaders = Object.create(null);
+  const add = (name: unknown, value: unknown) => {
     const lower = String(name).toLowerCase();
-    const current = seen.has(lower) ? merged[lower] : undefined;
-    seen.add(lower);
-    merged[lower] =
+    const current = headers[lower];
+    headers[lower] =
       current === undefined
         ? (value as OutgoingHttpHeader)
         : [...(Array.isArray(current) ? current : [String(current)]), String(value)];
+  };
+  if (!Array.isArray(given)) {
+    for (const name of Object.keys(given)) add(name, (given as OutgoingHttpHeaders)[name]);
+  } else if (Array.isArray(given[0])) {
+    for (const pair of given as [unknown, unknown][]) add(pair[0], pair[1]);
+  } else {
+    for (let i = 0; i + 1 < given.length; i += 2) add(given[i], given[i + 1]);
   }
+  return headers;
 }
 
 /** Decides, once the head is known, whether the response is kept for storing or streams. */
@@ -367,9 +403,10 @@ function flushHeld(res: ServerResponse, capture: ResponseCapture): void {
 }
 
 /**
- * The headers to store: those of the handler's head, less those that middleware mounted earlier had set before
- * the handler ran and that the handler left as they were (that middleware sets them again on a replay, for the
- * replay's own request: CORS, request ids, rate-limit headers).
+ * The headers to store: what the handler (and middleware mounted after this one) changed on top of what
+ * middleware mounted earlier had set before the handler ran. Headers that are still as that middleware set them
+ * are left out (it sets them again on a replay, for the replay's own request: CORS, request ids, rate-limit
+ * headers); headers the handler removed are stored as removals ({@link REMOVED_HEADER}).
  */
 function handlerHeaders(headers: OutgoingHttpHeaders, before: OutgoingHttpHeaders): HeaderPair[] {
   const pairs: HeaderPair[] = [];
@@ -379,6 +416,7 @@ function handlerHeaders(headers: OutgoingHttpHeaders, before: OutgoingHttpHeader
     if (Array.isArray(value)) for (const item of value) pairs.push([name, String(item)]);
     else pairs.push([name, String(value)]);
   }
+  for (const name in before) if (headers[name] === undefined) pairs.push([REMOVED_HEADER, name]);
   return pairs;
 }
 

@@ -3,7 +3,7 @@ import { type BeginResult, IdempotencyEngine, isPromise } from '../../core/engin
 import { IdempotencyError } from '../../core/errors.js';
 import type { RequestBody } from '../../core/fingerprint.js';
 import type { IdempotencyOptions } from '../../core/options.js';
-import type { EngineReply } from '../../core/responses.js';
+import { type EngineReply, REMOVED_HEADER } from '../../core/responses.js';
 import { nodeSha256 } from '../../runtime/node-sha256.js';
 import { BODY_TOO_LARGE, hasBody, readRequestBody } from './body.js';
 import { captureResponse } from './capture.js';
@@ -115,13 +115,20 @@ function dispatch(
 }
 
 /**
- * Writes an engine reply (error, conflict or replay) with its exact body bytes. Its headers replace any of the
- * same name set before (by middleware mounted earlier); the others stay.
+ * Writes an engine reply (error, conflict or replay) with its exact body bytes. Its headers are set before the
+ * head is written, as a handler sets them: they replace those of the same name that middleware mounted earlier
+ * set, and that middleware's `on-headers` hooks (compression, timing) see them as they saw the handler's on the
+ * first run. Removals stored with a replay remove what that middleware set again.
  */
 export function sendReply(res: ServerResponse, reply: EngineReply): void {
-  const headers: string[] = [];
-  for (const [name, value] of reply.headers) headers.push(name, value);
-  headers.push('content-length', String(reply.body.byteLength));
-  res.writeHead(reply.status, headers);
+  const grouped = new Map<string, string[]>();
+  for (const [name, value] of reply.headers) {
+    if (name === REMOVED_HEADER) res.removeHeader(value);
+    else if (grouped.has(name)) grouped.get(name)!.push(value);
+    else grouped.set(name, [value]);
+  }
+  for (const [name, values] of grouped) res.setHeader(name, values.length === 1 ? values[0]! : values);
+  res.setHeader('content-length', reply.body.byteLength);
+  res.writeHead(reply.status);
   res.end(reply.body);
 }
