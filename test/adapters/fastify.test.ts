@@ -2,7 +2,12 @@
  * The Fastify plugin: the adapter contract on memory and Redis, then what only Fastify has (per-route options,
  * `inject()`, encapsulation, hooks seeing replays, `request.idempotency`).
  */
-import { describe } from 'vitest';
+import { randomUUID } from 'node:crypto';
+import { Readable } from 'node:stream';
+import Fastify, { type FastifyInstance } from 'fastify';
+import { afterEach, describe, expect, it } from 'vitest';
+import { type FastifyIdempotencyOptions, idempotencyHeader } from '../../src/adapters/fastify.js';
+import { MemoryBackend } from '../../src/backends/memory.js';
 import { createFastifyServerFactory } from '../support/fastify.js';
 import { createMemoryBackend } from '../support/http.js';
 import { requireRedis } from '../support/redis.js';
@@ -19,5 +24,163 @@ describe.runIf(redisUp)('Fastify adapter on RedisBackend', () => {
   describeAdapterContract('Fastify 5, ioredis', {
     createServer: createFastifyServerFactory(),
     createBackend: () => createIoredisBackend('fastify'),
+  });
+});
+
+describe('Fastify plugin specifics', () => {
+  const backends: MemoryBackend[] = [];
+  const apps: FastifyInstance[] = [];
+
+  afterEach(async () => {
+    await Promise.all(apps.splice(0).map((app) => app.close()));
+    for (const backend of backends.splice(0)) backend.close();
+  });
+
+  async function build(options: Partial<FastifyIdempotencyOptions> = {}): Promise<FastifyInstance> {
+    const backend = new MemoryBackend();
+    backends.push(backend);
+    const app = Fastify();
+    apps.push(app);
+    await app.register(idempotencyHeader, { backend, ...options });
+    return app;
+  }
+
+  const post = (app: FastifyInstance, url: string, key: string | undefined, payload: object = { a: 1 }) =>
+    app.inject({
+      method: 'POST',
+      url,
+      payload,
+      headers: key === undefined ? {} : { 'idempotency-key': key },
+    });
+
+  it('works through inject(), and hands the key and lease signal to the handler', async () => {
+    const app = await build();
+    let runs = 0;
+    const seen: unknown[] = [];
+    app.post('/orders', async (request, reply) => {
+      seen.push(request.idempotency?.key, request.idempotency?.signal.aborted);
+      return reply.code(201).send({ run: ++runs });
+    });
+    app.post('/plain', async (request) => ({ idempotency: request.idempotency }));
+    const key = randomUUID();
+    const first = await post(app, '/orders', key);
+    expect(first.statusCode).toBe(201);
+    expect(first.headers['idempotent-replayed']).toBeUndefined();
+    const replay = await post(app, '/orders', key);
+    expect(replay.statusCode).toBe(201);
+    expect(replay.headers['idempotent-replayed']).toBe('true');
+    expect(replay.body).toBe(first.body);
+    expect(runs).toBe(1);
+    expect(seen).toEqual([key, false]);
+    // Without a key, the request passes through and `request.idempotency` is null.
+    expect((await post(app, '/plain', undefined)).json()).toEqual({ idempotency: null });
+  });
+
+  it('reaches routes registered in other plugins, as fastify-plugin makes it', async () => {
+    const app = await build();
+    let runs = 0;
+    await app.register(
+      async (child) => {
+        child.post('/orders', async (_request, reply) => reply.code(201).send({ run: ++runs }));
+      },
+      { prefix: '/v1' },
+    );
+    const key = randomUUID();
+    await post(app, '/v1/orders', key);
+    expect((await post(app, '/v1/orders', key)).headers['idempotent-replayed']).toBe('true');
+    expect(runs).toBe(1);
+  });
+
+  it('leaves a route with config.idempotency: false alone, and applies a route override', async () => {
+    const app = await build();
+    let runs = 0;
+    app.post('/webhook', { config: { idempotency: false } }, async () => ({ run: ++runs }));
+    app.post('/strict', { config: { idempotency: { required: true } } }, async () => ({ run: ++runs }));
+    const key = randomUUID();
+    await post(app, '/webhook', key);
+    const again = await post(app, '/webhook', key);
+    expect(again.headers['idempotent-replayed']).toBeUndefined();
+    expect(again.json()).toEqual({ run: 2 });
+    const missing = await post(app, '/strict', undefined);
+    expect(missing.statusCode).toBe(400);
+    expect(missing.json()).toEqual({ detail: "'Idempotency-Key' header is required" });
+    expect(runs).toBe(2);
+  });
+
+  it('refuses an invalid route override when the route is declared', async () => {
+    const app = await build();
+    expect(() => app.post('/bad', { config: { idempotency: { expiry: -1 } } }, async () => ({}))).toThrow(
+      /expiry/,
+    );
+  });
+
+  it('sends replays through reply, so onSend and onResponse hooks see them', async () => {
+    const app = await build();
+    const sent: string[] = [];
+    app.addHook('onSend', async (_request, reply, payload) => {
+      reply.header('x-served-by', 'hook');
+      return payload;
+    });
+    app.addHook('onResponse', async (_request, reply) => {
+      sent.push(`${reply.statusCode} ${String(reply.getHeader('idempotent-replayed') ?? '-')}`);
+    });
+    app.post('/orders', async (_request, reply) => reply.code(201).send({ id: randomUUID() }));
+    const key = randomUUID();
+    const first = await post(app, '/orders', key);
+    const replay = await post(app, '/orders', key);
+    expect(replay.headers['x-served-by']).toBe('hook');
+    expect(replay.body).toBe(first.body);
+    expect(sent).toEqual(['201 -', '201 true']);
+  });
+
+  it('fingerprints the parsed body: the same JSON document with its keys in another order is a repeat', async () => {
+    const app = await build();
+    let runs = 0;
+    app.post('/orders', async () => ({ run: ++runs }));
+    const key = randomUUID();
+    await app.inject({
+      method: 'POST',
+      url: '/orders',
+      headers: { 'idempotency-key': key, 'content-type': 'application/json' },
+      payload: '{"a":1,"b":2}',
+    });
+    const reordered = await app.inject({
+      method: 'POST',
+      url: '/orders',
+      headers: { 'idempotency-key': key, 'content-type': 'application/json' },
+      payload: '{ "b": 2, "a": 1 }',
+    });
+    expect(reordered.headers['idempotent-replayed']).toBe('true');
+    expect((await post(app, '/orders', key, { a: 2 })).statusCode).toBe(422);
+    expect(runs).toBe(1);
+  });
+
+  it('releases the key when the handler throws, and sends Fastify’s own error response', async () => {
+    const app = await build();
+    let runs = 0;
+    app.post('/fail', async () => {
+      runs++;
+      throw Object.assign(new Error('no stock'), { statusCode: 409 });
+    });
+    const key = randomUUID();
+    const first = await post(app, '/fail', key);
+    expect(first.statusCode).toBe(409);
+    expect(first.json()).toMatchObject({ message: 'no stock' });
+    expect((await post(app, '/fail', key)).statusCode).toBe(409);
+    expect(runs).toBe(2);
+  });
+
+  it('stores a streamed JSON reply whole and replays it', async () => {
+    const app = await build();
+    app.post('/stream', async (_request, reply) => {
+      reply.header('content-type', 'application/json');
+      return reply.send(Readable.from(['{"items":[', '1,2', ']}']));
+    });
+    const key = randomUUID();
+    const first = await post(app, '/stream', key);
+    expect(first.body).toBe('{"items":[1,2]}');
+    const replay = await post(app, '/stream', key);
+    expect(replay.headers['idempotent-replayed']).toBe('true');
+    expect(replay.body).toBe(first.body);
   });
 });

@@ -2,7 +2,15 @@
  * The Hono middleware on Node.js (`@hono/node-server`): the adapter contract on memory and Redis, then what only
  * Hono has (`app.request()`, the body cache, `c.error`, `c.get('idempotency')`).
  */
-import { describe } from 'vitest';
+import { randomUUID } from 'node:crypto';
+import { Hono } from 'hono';
+import { afterEach, describe, expect, it } from 'vitest';
+import {
+  type HonoIdempotencyOptions,
+  type IdempotencyVariables,
+  idempotencyHeader,
+} from '../../src/adapters/hono.js';
+import { MemoryBackend } from '../../src/backends/memory.js';
 import { createHonoServerFactory } from '../support/hono.js';
 import { createMemoryBackend } from '../support/http.js';
 import { requireRedis } from '../support/redis.js';
@@ -19,5 +27,117 @@ describe.runIf(redisUp)('Hono adapter on RedisBackend', () => {
   describeAdapterContract('Hono 4 on @hono/node-server, ioredis', {
     createServer: createHonoServerFactory(),
     createBackend: () => createIoredisBackend('hono'),
+  });
+});
+
+describe('Hono middleware specifics', () => {
+  const backends: MemoryBackend[] = [];
+
+  afterEach(() => {
+    for (const backend of backends.splice(0)) backend.close();
+  });
+
+  function app(options: Partial<HonoIdempotencyOptions> = {}) {
+    const backend = new MemoryBackend();
+    backends.push(backend);
+    const hono = new Hono<{ Variables: IdempotencyVariables }>();
+    hono.use(idempotencyHeader({ backend, ...options }));
+    return hono;
+  }
+
+  const post = (hono: Hono<never>, path: string, key: string | undefined, body: string = '{"a":1}') =>
+    hono.request(path, {
+      method: 'POST',
+      body,
+      headers: {
+        'content-type': 'application/json',
+        ...(key === undefined ? {} : { 'idempotency-key': key }),
+      },
+    });
+
+  it('works through app.request(), and hands the key and lease signal to the handler via c.get', async () => {
+    const hono = app();
+    let runs = 0;
+    hono.post('/orders', async (c) => {
+      const idempotency = c.get('idempotency');
+      return c.json({ run: ++runs, key: idempotency?.key, aborted: idempotency?.signal.aborted }, 201);
+    });
+    const key = randomUUID();
+    const first = await post(hono as never, '/orders', key);
+    expect(first.status).toBe(201);
+    const body = await first.text();
+    expect(JSON.parse(body)).toEqual({ run: 1, key, aborted: false });
+    const replay = await post(hono as never, '/orders', key);
+    expect(replay.headers.get('idempotent-replayed')).toBe('true');
+    expect(await replay.text()).toBe(body);
+    expect(runs).toBe(1);
+  });
+
+  it('leaves the body to the handler through the body cache: c.req.json() and c.req.text() both work', async () => {
+    const hono = app();
+    hono.post('/echo', async (c) => c.json({ json: await c.req.json(), text: await c.req.text() }));
+    const response = await post(hono as never, '/echo', randomUUID(), '{"b":2}');
+    expect(await response.json()).toEqual({ json: { b: 2 }, text: '{"b":2}' });
+  });
+
+  it('reads a chunked body within maxRequestBytes, and refuses a larger one with 413', async () => {
+    const hono = app({ maxRequestBytes: 16 });
+    hono.post('/echo', async (c) => c.json(await c.req.json()));
+    const chunked = (text: string) =>
+      new ReadableStream({
+        start(controller) {
+          controller.enqueue(new TextEncoder().encode(text));
+          controller.close();
+        },
+      });
+    const small = await hono.request('/echo', {
+      method: 'POST',
+      body: chunked('{"a":1}'),
+      headers: { 'idempotency-key': randomUUID() },
+      duplex: 'half',
+    } as RequestInit);
+    expect(await small.json()).toEqual({ a: 1 });
+    const large = await hono.request('/echo', {
+      method: 'POST',
+      body: chunked(`{"a":"${'x'.repeat(32)}"}`),
+      headers: { 'idempotency-key': randomUUID() },
+      duplex: 'half',
+    } as RequestInit);
+    expect(large.status).toBe(413);
+  });
+
+  it('releases the key when the handler throws, and sends the app’s onError answer', async () => {
+    const hono = app();
+    hono.onError((error, c) => c.json({ error: error.message }, 418));
+    let runs = 0;
+    hono.post('/fail', () => {
+      runs++;
+      throw new Error('boom');
+    });
+    const key = randomUUID();
+    const first = await post(hono as never, '/fail', key);
+    expect(first.status).toBe(418);
+    expect(await first.json()).toEqual({ error: 'boom' });
+    expect((await post(hono as never, '/fail', key)).status).toBe(418);
+    expect(runs).toBe(2);
+  });
+
+  it('keeps headers that middleware mounted before sets, and does not store them', async () => {
+    const backend = new MemoryBackend();
+    backends.push(backend);
+    const hono = new Hono();
+    let request = 0;
+    hono.use(async (c, next) => {
+      c.header('x-request-id', `req-${++request}`);
+      await next();
+    });
+    hono.use(idempotencyHeader({ backend }));
+    hono.post('/orders', (c) => c.json({ ok: true }, 201));
+    const key = randomUUID();
+    const first = await post(hono as never, '/orders', key);
+    expect(first.headers.get('x-request-id')).toBe('req-1');
+    const replay = await post(hono as never, '/orders', key);
+    expect(replay.headers.get('idempotent-replayed')).toBe('true');
+    expect(replay.headers.get('x-request-id')).toBe('req-2');
   });
 });
