@@ -112,8 +112,9 @@ export async function readBody(
   limit: number,
   contentLength: string | null,
 ): Promise<Uint8Array | typeof TOO_LARGE> {
+  // Not awaited: cancelling one branch of a teed stream (`request.clone()`) settles only once both are cancelled.
   if (contentLength !== null && Number(contentLength) > limit) {
-    await stream?.cancel().catch(() => {});
+    stream?.cancel().catch(() => {});
     return TOO_LARGE;
   }
   if (stream === null) return EMPTY;
@@ -125,7 +126,7 @@ export async function readBody(
     if (next.done) break;
     size += next.value.byteLength;
     if (size > limit) {
-      await reader.cancel().catch(() => {});
+      reader.cancel().catch(() => {});
       return TOO_LARGE;
     }
     chunks.push(next.value);
