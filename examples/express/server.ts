@@ -8,7 +8,8 @@
  *   MYSQL_URL=mysql://root@127.0.0.1:3306/test npm start            # MysqlBackend
  *   SQLITE_PATH=./idempotency.db npm start                          # SqliteBackend
  *
- * Environment: PORT (3000; 0 picks a free one), HOST (127.0.0.1), REDIS_URL, IDEMPOTENCY_PREFIX ('idempotency:');
+ * Environment: PORT (3000; 0 picks a free one), HOST (127.0.0.1), REDIS_URL, IDEMPOTENCY_PREFIX ('idempotency:'),
+ * ORDER_DELAY_MS (0: how long placing an order takes, as a slow payment provider would make it);
  * for the SQL backends see `sql-backends.ts` (IDEMPOTENCY_BACKEND, IDEMPOTENCY_TABLE).
  */
 import { randomUUID } from 'node:crypto';
@@ -47,8 +48,11 @@ const app = express();
 app.use(express.json());
 app.use(idempotencyHeader({ backend }));
 
+const orderDelayMs = Number(process.env.ORDER_DELAY_MS ?? 0);
+
 app.post('/orders', async (req, res, next) => {
   try {
+    if (orderDelayMs > 0) await new Promise((resolve) => setTimeout(resolve, orderDelayMs));
     const number = await nextOrderNumber();
     res
       .status(201)

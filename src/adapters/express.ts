@@ -1,10 +1,17 @@
 import type { NextFunction, Request, Response } from 'express';
+import type { RequestIdempotency } from '../core/engine.js';
 import type { RequestBody } from '../core/fingerprint.js';
 import type { IdempotencyOptions } from '../core/options.js';
-import { createNodeEngine, handleNodeRequest, READ_STREAM } from './node-http/flow.js';
+import {
+  createNodeEngine,
+  handleNodeRequest,
+  idempotencyOf as lookUp,
+  READ_STREAM,
+} from './node-http/flow.js';
 
 /** Options of the Express middleware: every engine option, with `scope` and `fingerprint` given Express's request. */
 export type ExpressIdempotencyOptions = IdempotencyOptions<Request>;
+export type { RequestIdempotency } from '../core/engine.js';
 
 /** The middleware function {@link idempotencyHeader} returns. */
 export type ExpressIdempotencyMiddleware = (req: Request, res: Response, next: NextFunction) => void;
@@ -48,7 +55,7 @@ export function idempotencyHeader(options: ExpressIdempotencyOptions): ExpressId
  * in their files would get one fingerprint.
  */
 function bodyOf(req: Request): RequestBody | typeof READ_STREAM {
-  const parsed = req as Request & { rawBody?: unknown; _body?: boolean };
+  const parsed = req as unknown as { rawBody?: unknown; _body?: boolean };
   if (parsed.rawBody instanceof Uint8Array) return parsed.rawBody;
   if (parsed._body === true) return req.body;
   if (req.readableEnded && req.body !== undefined && !isMultipart(req)) return req.body;
@@ -57,4 +64,22 @@ function bodyOf(req: Request): RequestBody | typeof READ_STREAM {
 
 function isMultipart(req: Request): boolean {
   return req.headers['content-type']?.trimStart().toLowerCase().startsWith('multipart/') === true;
+}
+
+/**
+ * The idempotency of a request the middleware let run: its key, and an `AbortSignal` aborted if its lease is
+ * lost (pass it to long work, so that a handler outliving a long backend outage stops instead of running beside
+ * the request that took its key over). `undefined` when the middleware did not handle the request.
+ *
+ * @example
+ * ```ts
+ * app.post('/payments', async (req, res) => {
+ *   const { key, signal } = idempotencyOf(req)!;
+ *   const charge = await payments.charge(req.body, { idempotencyKey: key, signal });
+ *   res.status(201).json(charge);
+ * });
+ * ```
+ */
+export function idempotencyOf(req: Request): RequestIdempotency | undefined {
+  return lookUp(req);
 }

@@ -4,6 +4,22 @@ import type { IdempotencyOptions } from '../core/options.js';
 import { failResponse } from './node-http/fallback.js';
 import { createNodeEngine, handleNodeRequest, READ_STREAM } from './node-http/flow.js';
 
+export type { RequestIdempotency } from '../core/engine.js';
+/**
+ * The idempotency of a request the wrapper let run: its key, and an `AbortSignal` aborted if its lease is lost.
+ * `undefined` when the wrapper did not handle the request.
+ *
+ * @example
+ * ```ts
+ * const listener = withIdempotency(async (req, res) => {
+ *   const { key, signal } = idempotencyOf(req)!;
+ *   await fetch('https://ledger.example/entries', { method: 'POST', signal, headers: { 'idempotency-key': key } });
+ *   res.writeHead(201, { 'content-type': 'application/json' }).end('{}');
+ * }, { backend });
+ * ```
+ */
+export { idempotencyOf } from './node-http/flow.js';
+
 /** A `node:http` request listener, synchronous or async. */
 export type RequestListener<
   Req extends IncomingMessage = IncomingMessage,

@@ -19,11 +19,27 @@ export interface PassResult {
 }
 
 /**
+ * What a handler may know of its request's idempotency: the key it runs under, and a signal that tells it when to
+ * stop. Each adapter hands it over its own way (`idempotencyOf(req)` for Express and `node:http`).
+ */
+export interface RequestIdempotency {
+  /** The idempotency key as received (unquoted from its RFC 8941 form). */
+  readonly key: string;
+  /**
+   * Aborted when this request's lease is lost (another request may now run with the same key), with an
+   * `IdempotencyError` of code `ERR_IDEMPOTENCY_LEASE_LOST` as its reason: pass it to long work (`fetch`,
+   * database calls) so that a handler outliving a long backend outage stops instead of running beside its
+   * successor. Never aborted while the lease is held.
+   */
+  readonly signal: AbortSignal;
+}
+
+/**
  * A request that holds its key's lock and may run. The adapter runs the handler and hands its outcome to the
  * engine: {@link IdempotencyEngine.finish} with the response, {@link IdempotencyEngine.fail} when the handler
  * threw, {@link IdempotencyEngine.clientLeft} when the client went away meanwhile.
  */
-export class Ticket {
+export class Ticket implements RequestIdempotency {
   readonly kind = 'proceed';
   /** Set once the ticket is finished or failed; both happen once. */
   settled = false;
@@ -36,6 +52,8 @@ export class Ticket {
   #controller: AbortController | undefined;
 
   constructor(
+    /** The idempotency key as received. */
+    readonly key: string,
     /** The namespaced key handed to the backend. */
     readonly storageKey: string,
     /** The backend's fencing token. */
@@ -419,7 +437,7 @@ export class IdempotencyEngine<Req = unknown> {
   ): BeginResult {
     switch (result.state) {
       case 'acquired': {
-        const ticket = new Ticket(storageKey, result.token, fingerprint, method, startedAt);
+        const ticket = new Ticket(key, storageKey, result.token, fingerprint, method, startedAt);
         this.#holdLease(ticket);
         return ticket;
       }

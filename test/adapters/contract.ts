@@ -10,6 +10,7 @@
 import { randomBytes, randomUUID } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { MemoryBackend } from '../../src/backends/memory.js';
 import type { IdempotencyEvent } from '../../src/core/options.js';
 import type { Awaitable, Backend } from '../../src/core/types.js';
 import {
@@ -110,6 +111,7 @@ export const ALL_BYTES = Buffer.from(Array.from({ length: 256 }, (_, i) => i));
  * - `/slow`: 201 JSON once {@link Gate.release} is called.
  * - `/throw`: the handler rejects.
  * - `/server-error`: 500 JSON.
+ * - `/refuse`: JSON with the status of `X-Status` (a refusal such as 429 or 401).
  * - `/text`: 200 `text/plain; charset=utf-8`, in two writes.
  * - `/charset`: 200 `application/json; charset=utf-8`.
  * - `/problem`: 400 `application/problem+json`.
@@ -161,6 +163,8 @@ export function createContractRoutes(state: RouteState): Routes {
       throw new Error('the route failed on purpose');
     },
     '/server-error': () => jsonResponse(500, { error: 'boom', run: state.run('/server-error') }),
+    '/refuse': (req) =>
+      jsonResponse(Number(req.header('x-status')), { refused: true, run: state.run('/refuse') }),
     '/text': () => {
       const run = state.run('/text');
       return {
@@ -624,7 +628,10 @@ export function describeAdapterContract(name: string, config: AdapterContractCon
         expect((await app.send('/live', { key, body })).status).toBe(409);
         app.gate.release();
         // An event stream is not stored; the request is remembered as run.
-        const retry = await eventually(() => app.send('/live', { key, body }), (r) => r.status !== 409);
+        const retry = await eventually(
+          () => app.send('/live', { key, body }),
+          (r) => r.status !== 409,
+        );
         expectNotReplayable(retry, key);
         expect(app.runs('/live')).toBe(1);
       });
@@ -828,6 +835,26 @@ export function describeAdapterContract(name: string, config: AdapterContractCon
           );
           // Node's own HTTP parser refuses most control bytes (400) before any middleware sees them.
           expect([400, 422]).toContain(result.status);
+        }
+        expect(app.runs('/orders')).toBe(0);
+      });
+
+      it('answers 400 to several Idempotency-Key header lines instead of taking them for one key', async () => {
+        const app = await start();
+        for (const lines of [
+          'Idempotency-Key: first\r\nIdempotency-Key: second\r\n',
+          'Idempotency-Key: same\r\nIdempotency-Key: same\r\n',
+          'Idempotency-Key: a, b\r\n',
+        ]) {
+          const result = await sendRawRequest(
+            app.server.url,
+            `POST /orders HTTP/1.1\r\nHost: 127.0.0.1\r\n${lines}Content-Length: 0\r\nConnection: close\r\n\r\n`,
+          );
+          expect(result.status).toBe(400);
+          expect(JSON.parse(result.text)).toEqual({
+            detail:
+              "'Idempotency-Key' header must be sent once, with one key (a key containing a comma must be a quoted string)",
+          });
         }
         expect(app.runs('/orders')).toBe(0);
       });
@@ -1131,6 +1158,31 @@ export function describeAdapterContract(name: string, config: AdapterContractCon
         expect(caching.runs('/server-error')).toBe(1);
       });
 
+      // 407 is in the default list too (the engine's tests prove it), but fetch will not read a 407 from an origin.
+      it('does not pin a refusal that means "not executed" on the key: 401, 403, 408, 425, 429 run again', async () => {
+        const app = await start();
+        for (const status of ['401', '403', '408', '425', '429']) {
+          const key = randomUUID();
+          const headers = { 'x-status': status };
+          expectFresh(await app.send('/refuse', { key, body, headers }), Number(status));
+          const retry = await app.send('/refuse', { key, body, headers });
+          expectFresh(retry, Number(status));
+          expect(JSON.parse(retry.text)).toMatchObject({ refused: true });
+        }
+        expect(app.runs('/refuse')).toBe(10);
+      });
+
+      it('stores a refusal once it is taken out of releaseStatuses, and releases a status put in', async () => {
+        const app = await start({ releaseStatuses: [409] });
+        const key = randomUUID();
+        const first = await app.send('/refuse', { key, body, headers: { 'x-status': '429' } });
+        expectReplayOf(await app.send('/refuse', { key, body, headers: { 'x-status': '429' } }), first);
+        const conflict = randomUUID();
+        expectFresh(await app.send('/refuse', { key: conflict, body, headers: { 'x-status': '409' } }), 409);
+        expectFresh(await app.send('/refuse', { key: conflict, body, headers: { 'x-status': '409' } }), 409);
+        expect(app.runs('/refuse')).toBe(3);
+      });
+
       it('assembles a response written in several chunks and replays it byte for byte', async () => {
         const app = await start();
         const key = randomUUID();
@@ -1181,6 +1233,33 @@ export function describeAdapterContract(name: string, config: AdapterContractCon
     });
 
     describe('scope and expiry', () => {
+      it('answers 500 when the scope function throws, and never looks the key up unscoped', async () => {
+        let acquires = 0;
+        const real = handle!.backend;
+        const counting: Backend = {
+          acquire: (...args) => {
+            acquires++;
+            return real.acquire(...args);
+          },
+          complete: (...args) => real.complete(...args),
+          release: (...args) => real.release(...args),
+          renew: (...args) => real.renew(...args),
+        };
+        for (const scope of [
+          () => {
+            throw new Error('no tenant on this request');
+          },
+          () => 42 as unknown as string,
+        ]) {
+          const app = await start({ backend: counting, scope });
+          const result = await app.send('/orders', { key: randomUUID(), body });
+          expect(result.status).toBe(500);
+          expect(result.headers.get(REPLAYED)).toBeNull();
+          expect(app.runs('/orders')).toBe(0);
+        }
+        expect(acquires).toBe(0);
+      });
+
       it('keeps two scopes apart even with the same key', async () => {
         const app = await start({ scope: (req) => requestHeader(req, 'x-tenant') });
         const key = randomUUID();
@@ -1340,6 +1419,23 @@ export function describeAdapterContract(name: string, config: AdapterContractCon
     });
 
     describe('backend failures', () => {
+      it('never evicts a stored record to make room: a full MemoryBackend is a backend error', async () => {
+        const events: IdempotencyEvent[] = [];
+        const backend = new MemoryBackend({ maxEntries: 2 });
+        const app = await start({ backend, onEvent: (event) => events.push(event) });
+        const kept = [randomUUID(), randomUUID()];
+        const originals = [];
+        for (const key of kept) originals.push(await app.send('/orders', { key, body }));
+        const refused = await app.send('/orders', { key: randomUUID(), body });
+        expectJsonError(refused, 503, /unavailable/);
+        expect((events.at(-1)!.error as { code?: string }).code).toBe('ERR_IDEMPOTENCY_BACKEND_FULL');
+        for (const [i, key] of kept.entries())
+          expectReplayOf(await app.send('/orders', { key, body }), originals[i]!);
+        const open = await start({ backend, onBackendError: 'fail-open' });
+        expectFresh(await open.send('/orders', { key: randomUUID(), body }), 201);
+        backend.close();
+      });
+
       for (const [kind, createBroken] of [
         ['throws', throwingBackend],
         ['rejects', rejectingBackend],
