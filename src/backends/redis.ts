@@ -265,6 +265,7 @@ const MISMATCH: AcquireResult = Object.freeze({ state: 'mismatch' });
 export class RedisBackend implements Backend {
   readonly #send: Send;
   readonly #prefix: string;
+  #evictionChecked = false;
 
   constructor(options: RedisBackendOptions) {
     const { redis, prefix = DEFAULT_REDIS_PREFIX } = options ?? ({} as Partial<RedisBackendOptions>);
@@ -282,6 +283,10 @@ export class RedisBackend implements Backend {
   }
 
   async acquire(key: string, fingerprint: string, leaseMs: number): Promise<AcquireResult> {
+    if (!this.#evictionChecked) {
+      this.#evictionChecked = true;
+      void this.#warnIfEvicting(this.#prefix + key);
+    }
     const token = randomUUID();
     const reply = await this.#run(ACQUIRE, key, [fingerprint, milliseconds(leaseMs), token]);
     const fields = Array.isArray(reply) ? reply : [];
@@ -332,6 +337,29 @@ export class RedisBackend implements Backend {
     return flag('renew', await this.#run(RENEW, key, [token, milliseconds(leaseMs)]));
   }
 
+  /**
+   * Warns once, as a process warning (`IDEMPOTENCY_REDIS_EVICTION`), when the server may evict this backend's keys
+   * under memory pressure: with any `maxmemory-policy` but `noeviction`, a record or a lock (all of which carry a
+   * TTL, so `volatile-*` policies reach them too) can vanish before it expires, and a retry would run again. A
+   * server that refuses `CONFIG` (managed services often do) is not second-guessed.
+   */
+  async #warnIfEvicting(redisKey: string): Promise<void> {
+    let policy: string | undefined;
+    try {
+      policy = configValue(
+        await this.#send(redisKey, ['CONFIG', 'GET', 'maxmemory-policy']),
+        'maxmemory-policy',
+      );
+    } catch {
+      return;
+    }
+    if (policy === undefined || policy === 'noeviction') return;
+    process.emitWarning(
+      `Redis maxmemory-policy is '${policy}': under memory pressure Redis may evict idempotency records and locks before they expire, and a retry would then run again. Set maxmemory-policy to noeviction, or keep idempotency keys on a Redis of their own that does.`,
+      { code: 'IDEMPOTENCY_REDIS_EVICTION' },
+    );
+  }
+
   /** Runs a cached script in one round trip; only if Redis lost it (NOSCRIPT), sends it once more with EVAL. */
   async #run(script: Script, key: string, args: RedisArgument[]): Promise<unknown> {
     const redisKey = this.#prefix + key;
@@ -355,6 +383,20 @@ function recordFrom(fingerprint: string, fields: unknown[]): IdempotencyRecord {
         ? null
         : { status: Number(text(status)), headers: parseHeaders(text(fields[2])), body: bytes(fields[3]) },
   };
+}
+
+/** A `CONFIG GET` reply's value for `name`: a flat list (RESP2), or a map (RESP3), of Buffers or strings. */
+function configValue(reply: unknown, name: string): string | undefined {
+  const flat: unknown[] =
+    reply instanceof Map
+      ? [...reply.entries()].flat()
+      : Array.isArray(reply)
+        ? reply
+        : reply !== null && typeof reply === 'object'
+          ? Object.entries(reply).flat()
+          : [];
+  const at = flat.findIndex((item) => String(item) === name);
+  return at === -1 || at + 1 >= flat.length ? undefined : String(flat[at + 1]);
 }
 
 function senderFor(redis: unknown): Send | undefined {

@@ -27,6 +27,14 @@ import { type RedisServer, requireRedisServer, startRedisServer } from '../suppo
 import { describeBackendContract } from './contract.js';
 
 const redisUp = await requireRedis('RedisBackend tests');
+/** The commands a counting client sent since `before`, less the one-time eviction check (`CONFIG GET`). */
+function commandsSince(calls: readonly (readonly unknown[])[], before: number): unknown[] {
+  return calls
+    .slice(before)
+    .map(([command]) => command)
+    .filter((command) => command !== 'CONFIG');
+}
+
 const privateServers = redisUp && requireRedisServer('RedisBackend tests on a private redis-server');
 
 const FINGERPRINT = 'f'.repeat(64);
@@ -212,8 +220,9 @@ describe.runIf(redisUp)('RedisBackend', () => {
         await backend.complete(key, result.token, makeRecord(), 60_000);
         await backend.acquire(key, FINGERPRINT, LEASE_MS);
         await backend.release(key, result.token);
-        expect(calls.length).toBeGreaterThanOrEqual(6);
-        for (const [command, , numberOfKeys, redisKey] of calls) {
+        const scripts = calls.filter(([command]) => command !== 'CONFIG');
+        expect(scripts.length).toBeGreaterThanOrEqual(6);
+        for (const [command, , numberOfKeys, redisKey] of scripts) {
           expect(['EVALSHA', 'EVAL']).toContain(command);
           expect(numberOfKeys).toBe('1');
           expect(redisKey).toBe(prefix + key);
@@ -350,7 +359,8 @@ describe.runIf(redisUp)('RedisBackend', () => {
         const backend = new RedisBackend({ redis: sentinelLike, prefix });
         expect((await backend.acquire('k', FINGERPRINT, LEASE_MS)).state).toBe('acquired');
         expect((await backend.acquire('k', FINGERPRINT, LEASE_MS)).state).toBe('in-flight');
-        expect(seen).toEqual([false, false]);
+        // The two acquires, and the eviction check of the first (CONFIG GET), all to the master.
+        expect(seen).toEqual([false, false, false]);
       } finally {
         await deleteKeysWithPrefix(admin, prefix);
         await Promise.all([nodeRedis.close(), admin.quit()]);
@@ -377,7 +387,11 @@ describe.runIf(redisUp)('RedisBackend', () => {
         const backend = new RedisBackend({ redis: clusterLike, prefix });
         const result = await backend.acquire('k', FINGERPRINT, LEASE_MS);
         expect(result.state).toBe('acquired');
-        expect(seen).toEqual([{ firstKey: `${prefix}k`, isReadonly: false, command: 'EVALSHA' }]);
+        // The eviction check (CONFIG GET) goes to the node that holds the key, too.
+        expect(seen).toEqual([
+          { firstKey: `${prefix}k`, isReadonly: false, command: 'CONFIG' },
+          { firstKey: `${prefix}k`, isReadonly: false, command: 'EVALSHA' },
+        ]);
       } finally {
         await deleteKeysWithPrefix(admin, prefix);
         await Promise.all([nodeRedis.close(), admin.quit()]);
@@ -447,16 +461,63 @@ describe.runIf(redisUp)('RedisBackend', () => {
           await admin.script('FLUSH');
           const before = calls.length;
           await step();
-          expect(calls.slice(before).map(([command]) => command)).toEqual(['EVALSHA', 'EVAL']);
+          // The first acquire of a backend also asks once whether the server may evict keys (CONFIG GET).
+          expect(commandsSince(calls, before)).toEqual(['EVALSHA', 'EVAL']);
         }
         // The last flush also dropped acquire's script: the first replay reloads it, the second is one round trip.
         for (const expected of [['EVALSHA', 'EVAL'], ['EVALSHA']]) {
           const before = calls.length;
           expect((await backend.acquire(key, FINGERPRINT, LEASE_MS)).state).toBe('completed');
-          expect(calls.slice(before).map(([command]) => command)).toEqual(expected);
+          expect(commandsSince(calls, before)).toEqual(expected);
         }
       },
     );
+  });
+
+  describe.runIf(privateServers)('on a private server whose eviction policy changes', () => {
+    let server: RedisServer;
+    let admin: Redis;
+    let nodeRedis: Awaited<ReturnType<typeof connectNodeRedis>>;
+
+    beforeAll(async () => {
+      server = await startRedisServer();
+      admin = new Redis(server.url);
+      nodeRedis = await connectNodeRedis(server.url);
+    });
+
+    afterAll(async () => {
+      admin?.disconnect();
+      await nodeRedis?.close().catch(() => {});
+      await server?.close();
+    });
+
+    it('warns once when the server may evict its keys, and not when it may not', async () => {
+      const warnings: Error[] = [];
+      const onWarning = (warning: Error) => {
+        if ((warning as Error & { code?: string }).code === 'IDEMPOTENCY_REDIS_EVICTION')
+          warnings.push(warning);
+      };
+      process.on('warning', onWarning);
+      try {
+        for (const [policy, client] of [
+          ['noeviction', admin],
+          ['allkeys-lru', admin],
+          ['volatile-ttl', nodeRedis],
+        ] as const) {
+          await admin.config('SET', 'maxmemory-policy', policy);
+          const backend = new RedisBackend({ redis: client, prefix: `eviction-${policy}:` });
+          for (let i = 0; i < 3; i++) await backend.acquire(randomUUID(), FINGERPRINT, LEASE_MS);
+          await new Promise((resolve) => setImmediate(resolve));
+        }
+      } finally {
+        process.off('warning', onWarning);
+        await admin.config('SET', 'maxmemory-policy', 'noeviction');
+      }
+      expect(warnings.map((warning) => warning.message.match(/'([a-z-]+)'/)?.[1])).toEqual([
+        'allkeys-lru',
+        'volatile-ttl',
+      ]);
+    });
   });
 
   describe.runIf(privateServers)('on a private one-node cluster', () => {
