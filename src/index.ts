@@ -13,7 +13,6 @@ export {
   MemoryBackend,
   type MemoryBackendOptions,
 } from './backends/memory.js';
-export type { IdempotencyContext } from './core/capture.js';
 export type { Sha256 } from './core/digest.js';
 export {
   type BeginResult,
@@ -21,6 +20,7 @@ export {
   type FinishedResponse,
   IdempotencyEngine,
   type PassResult,
+  type RequestIdempotency,
   type ResponsePlan,
   type Ticket,
 } from './core/engine.js';
@@ -41,7 +41,7 @@ export {
   type IdempotencyOutcome,
   MIN_LOCK_TIMEOUT,
 } from './core/options.js';
-export type { EngineReply } from './core/responses.js';
+export { type EngineReply, REMOVED_HEADER } from './core/responses.js';
 export type {
   AcquiredResult,
   AcquireResult,
