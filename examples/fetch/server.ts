@@ -9,7 +9,7 @@
  * Environment: PORT (3000; 0 picks a free one), HOST (127.0.0.1).
  */
 import { MemoryBackend } from 'idempotency-header';
-import { getIdempotency, withIdempotency } from 'idempotency-header/fetch';
+import { idempotencyOf, withIdempotency } from 'idempotency-header/fetch';
 
 let orders = 0;
 
@@ -21,7 +21,7 @@ export const handler = withIdempotency(
     const { item } = (await request.json()) as { item?: string };
     const number = ++orders;
     return Response.json(
-      { number, item: item ?? null, key: getIdempotency(request)?.key },
+      { number, item: item ?? null, key: idempotencyOf(request)?.key },
       { status: 201, headers: { location: `/orders/${number}` } },
     );
   },

@@ -7,21 +7,20 @@ import type {
   HookHandlerDoneFunction,
 } from 'fastify';
 import fp from 'fastify-plugin';
+import { captureBody, finishWithBody, type HeaderRecordValue, handlerHeaders } from '../core/capture.js';
 import {
-  captureBody,
-  finishWithBody,
-  type HeaderRecordValue,
-  handlerHeaders,
-  type IdempotencyContext,
-  idempotencyContext,
-} from '../core/capture.js';
-import { type BeginResult, type IdempotencyEngine, isPromise, type Ticket } from '../core/engine.js';
+  type BeginResult,
+  type IdempotencyEngine,
+  isPromise,
+  type RequestIdempotency,
+  type Ticket,
+} from '../core/engine.js';
 import type { RequestBody } from '../core/fingerprint.js';
 import type { IdempotencyOptions } from '../core/options.js';
 import type { EngineReply } from '../core/responses.js';
 import { createNodeEngine } from './node-http/flow.js';
 
-export type { IdempotencyContext } from '../core/capture.js';
+export type { RequestIdempotency } from '../core/engine.js';
 
 /** Options of the Fastify plugin: every engine option, with `scope` and `fingerprint` given Fastify's request. */
 export type FastifyIdempotencyOptions = IdempotencyOptions<FastifyRequest>;
@@ -42,7 +41,7 @@ declare module 'fastify' {
      * The key and lease signal of a request that holds its idempotency key; `null` for one that passed through
      * without idempotency (no key, a method or route not handled, or fail-open after a backend error).
      */
-    idempotency: IdempotencyContext | null;
+    idempotency: RequestIdempotency | null;
   }
 }
 
@@ -114,8 +113,8 @@ const plugin: FastifyPluginCallback<FastifyIdempotencyOptions> = function idempo
       return next(error as Error);
     }
     if (isPromise(result)) {
-      result.then((settled) => dispatch(engine, request, reply, key, settled, next), next);
-    } else dispatch(engine, request, reply, key, result, next);
+      result.then((settled) => dispatch(engine, request, reply, settled, next), next);
+    } else dispatch(engine, request, reply, result, next);
   });
 
   fastify.addHook('onSend', function idempotencyOnSend(request, reply, payload, next) {
@@ -154,7 +153,6 @@ function dispatch(
   engine: Engine,
   request: FastifyRequest,
   reply: FastifyReply,
-  key: string,
   result: BeginResult,
   next: HookHandlerDoneFunction,
 ): void {
@@ -162,7 +160,7 @@ function dispatch(
   if (result.kind === 'reply') return sendReply(reply, result);
   const ticket = result;
   running.set(request, { engine, ticket, before: reply.getHeaders(), failed: false });
-  request.idempotency = idempotencyContext(key, ticket);
+  request.idempotency = ticket;
   const res = reply.raw;
   res.once('close', () => {
     if (ticket.settled) return;

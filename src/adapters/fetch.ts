@@ -1,10 +1,9 @@
-import { type IdempotencyContext, idempotencyContext } from '../core/capture.js';
-import { IdempotencyEngine } from '../core/engine.js';
+import { IdempotencyEngine, type RequestIdempotency } from '../core/engine.js';
 import type { IdempotencyOptions } from '../core/options.js';
 import type { HeaderPair } from '../core/types.js';
 import { captureResponse, readBody, replyResponse, responseHeaders, TOO_LARGE } from './web/response.js';
 
-export type { IdempotencyContext } from '../core/capture.js';
+export type { RequestIdempotency } from '../core/engine.js';
 
 /** Options of {@link withIdempotency}: every engine option, with `scope` and `fingerprint` given the `Request`. */
 export type FetchIdempotencyOptions<Req extends Request = Request> = IdempotencyOptions<Req>;
@@ -18,7 +17,7 @@ export type FetchHandler<Req extends Request = Request, Rest extends unknown[] =
   ...rest: Rest
 ) => Response | Promise<Response>;
 
-const contexts = new WeakMap<Request, IdempotencyContext>();
+const running = new WeakMap<Request, RequestIdempotency>();
 
 /**
  * The idempotency of a request that {@link withIdempotency} let through with a key it holds: the key and a signal
@@ -29,14 +28,14 @@ const contexts = new WeakMap<Request, IdempotencyContext>();
  * @example
  * ```ts
  * const handler = withIdempotency(async (request) => {
- *   const idempotency = getIdempotency(request);
+ *   const idempotency = idempotencyOf(request);
  *   await charge(await request.json(), { idempotencyKey: idempotency?.key });
  *   return Response.json({ ok: true }, { status: 201 });
  * }, { backend });
  * ```
  */
-export function getIdempotency(request: Request): IdempotencyContext | undefined {
-  return contexts.get(request);
+export function idempotencyOf(request: Request): RequestIdempotency | undefined {
+  return running.get(request);
 }
 
 /**
@@ -89,7 +88,7 @@ export function withIdempotency<Req extends Request = Request, Rest extends unkn
     const result = await engine.begin(request, method, request.url, key, body, startedAt);
     if (result.kind === 'pass') return handler(request, ...rest);
     if (result.kind === 'reply') return replyResponse(result);
-    contexts.set(request, idempotencyContext(key, result));
+    running.set(request, result);
     // The client going away changes nothing for the request; the engine only notes when it happened.
     const clientLeft = () => engine.clientLeft(result);
     request.signal?.addEventListener('abort', clientLeft, { once: true });

@@ -1,12 +1,11 @@
 import type { Context, MiddlewareHandler } from 'hono';
 import type { ContentfulStatusCode } from 'hono/utils/http-status';
-import { type IdempotencyContext, idempotencyContext } from '../core/capture.js';
-import { IdempotencyEngine } from '../core/engine.js';
+import { IdempotencyEngine, type RequestIdempotency } from '../core/engine.js';
 import type { IdempotencyOptions } from '../core/options.js';
 import type { EngineReply } from '../core/responses.js';
 import { captureResponse, readBody, responseHeaders, TOO_LARGE } from './web/response.js';
 
-export type { IdempotencyContext } from '../core/capture.js';
+export type { RequestIdempotency } from '../core/engine.js';
 
 /** Options of the Hono middleware: every engine option, with `scope` and `fingerprint` given Hono's `Context`. */
 export type HonoIdempotencyOptions = IdempotencyOptions<Context>;
@@ -22,7 +21,7 @@ export type HonoIdempotencyOptions = IdempotencyOptions<Context>;
  * ```
  */
 export interface IdempotencyVariables {
-  idempotency: IdempotencyContext | undefined;
+  idempotency: RequestIdempotency | undefined;
 }
 
 /** The middleware's environment type, for apps that declare their `Variables`. */
@@ -70,9 +69,10 @@ export function idempotencyHeader(options: HonoIdempotencyOptions): MiddlewareHa
     const result = await engine.begin(c, method, c.req.url, key, body, startedAt);
     if (result.kind === 'pass') return next();
     if (result.kind === 'reply') return reply(c, result);
-    // What middleware mounted before this one set so far: set again by it on a replay, so not stored.
-    const before = c.newResponse(null).headers;
-    c.set('idempotency', idempotencyContext(key, result));
+    // What middleware mounted before this one set so far: set again by it on a replay, so not stored. A copy:
+    // `@hono/node-server`'s own `Response` keeps the very `Headers` it was given, which the handler goes on to fill.
+    const before = new Headers(c.newResponse(null).headers);
+    c.set('idempotency', result);
     const signal = c.req.raw.signal;
     const clientLeft = () => engine.clientLeft(result);
     signal?.addEventListener('abort', clientLeft, { once: true });

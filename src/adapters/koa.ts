@@ -1,13 +1,7 @@
 import { Readable } from 'node:stream';
 import type { Context, Middleware, Next } from 'koa';
-import {
-  captureBody,
-  finishWithBody,
-  handlerHeaders,
-  type IdempotencyContext,
-  idempotencyContext,
-} from '../core/capture.js';
-import type { IdempotencyEngine, Ticket } from '../core/engine.js';
+import { captureBody, finishWithBody, handlerHeaders } from '../core/capture.js';
+import type { IdempotencyEngine, RequestIdempotency, Ticket } from '../core/engine.js';
 import { IdempotencyError } from '../core/errors.js';
 import type { RequestBody } from '../core/fingerprint.js';
 import type { IdempotencyOptions } from '../core/options.js';
@@ -16,7 +10,7 @@ import type { HeaderPair } from '../core/types.js';
 import { BODY_TOO_LARGE, hasBody, readRequestBody } from './node-http/body.js';
 import { createNodeEngine } from './node-http/flow.js';
 
-export type { IdempotencyContext } from '../core/capture.js';
+export type { RequestIdempotency } from '../core/engine.js';
 
 declare module 'koa' {
   interface DefaultState {
@@ -24,7 +18,7 @@ declare module 'koa' {
      * The key and lease signal of a request that holds its idempotency key; `undefined` for one that passed
      * through without idempotency.
      */
-    idempotency?: IdempotencyContext;
+    idempotency?: RequestIdempotency;
   }
 }
 
@@ -87,7 +81,7 @@ export function idempotencyHeader(options: KoaIdempotencyOptions): Middleware {
     const res = ctx.res;
     // What middleware mounted before this one set so far: set again by it on a replay, so not stored.
     const before = res.getHeaders();
-    ctx.state.idempotency = idempotencyContext(key, ticket);
+    ctx.state.idempotency = ticket;
     // The client going away changes nothing: the handler goes on and its response is stored all the same.
     res.once('close', () => {
       if (!ticket.settled) engine.clientLeft(ticket);

@@ -8,37 +8,6 @@ import type { Awaitable, HeaderPair } from './types.js';
  * engine, and relay it when it streams, holding its end back until the engine settled.
  */
 
-/**
- * What a handler sees of the idempotency of its request: the key, and a signal that tells it to stop. Each
- * adapter hands it over in its framework's way (Fastify `request.idempotency`, Hono `c.get('idempotency')`, Koa
- * `ctx.state.idempotency`, fetch `getIdempotency(request)`).
- *
- * @example
- * ```ts
- * // Pass the key on, so that the payment provider deduplicates too; stop if another request took the key over.
- * await payments.charge(order, { idempotencyKey: idempotency.key, signal: idempotency.signal });
- * ```
- */
-export interface IdempotencyContext {
-  /** The idempotency key as the client sent it (unquoted from RFC 8941 form). */
-  readonly key: string;
-  /**
-   * Aborted when this request's lease on the key is lost (another request may now run with the same key, after a
-   * long backend outage say): a handler still working should stop.
-   */
-  readonly signal: AbortSignal;
-}
-
-/** The {@link IdempotencyContext} of a request that holds its key's lock; its signal is made on first use. */
-export function idempotencyContext(key: string, ticket: Ticket): IdempotencyContext {
-  return {
-    key,
-    get signal() {
-      return ticket.signal;
-    },
-  };
-}
-
 /** A header value as Node.js and the frameworks on it keep it: a string, a number, or one per repeated line. */
 export type HeaderRecordValue = string | number | readonly string[] | undefined;
 

@@ -1,11 +1,11 @@
 /**
  * The fetch adapter, `withIdempotency(handler)`, on Node.js (`@hono/node-server` turns node:http into `Request`s):
  * the adapter contract on memory and Redis, then what only it has (the request body stays readable, streamed
- * `Response` bodies, `getIdempotency`, other arguments passed on).
+ * `Response` bodies, `idempotencyOf`, other arguments passed on).
  */
 import { randomUUID } from 'node:crypto';
 import { afterEach, describe, expect, it } from 'vitest';
-import { getIdempotency, withIdempotency } from '../../src/adapters/fetch.js';
+import { idempotencyOf, withIdempotency } from '../../src/adapters/fetch.js';
 import { MemoryBackend } from '../../src/backends/memory.js';
 import { createFetchServerFactory } from '../support/hono.js';
 import { createMemoryBackend } from '../support/http.js';
@@ -53,7 +53,7 @@ describe('withIdempotency specifics', () => {
     const seen: unknown[] = [];
     const handler = withIdempotency(
       async (req: Request, env: { name: string }, ctx: { id: number }) => {
-        seen.push(env.name, ctx.id, await req.json(), getIdempotency(req)?.key);
+        seen.push(env.name, ctx.id, await req.json(), idempotencyOf(req)?.key);
         return Response.json({ ok: true }, { status: 201 });
       },
       { backend: backend() },

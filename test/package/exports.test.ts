@@ -36,7 +36,7 @@ const PROMISED: Record<string, string[]> = {
   './fastify': ['idempotencyHeader'],
   './hono': ['idempotencyHeader'],
   './koa': ['idempotencyHeader'],
-  './fetch': ['withIdempotency', 'getIdempotency'],
+  './fetch': ['withIdempotency', 'idempotencyOf'],
   './redis': ['RedisBackend'],
   './postgres': ['PostgresBackend', 'postgresSchema'],
   './mysql': ['MysqlBackend', 'mysqlSchema'],

@@ -7,7 +7,7 @@
  * `POST /slow` the same after `x-delay` ms; `GET /runs` the run counters. `x-tenant` is the scope.
  */
 import { Hono } from 'hono';
-import { getIdempotency, withIdempotency } from '../../src/adapters/fetch.js';
+import { idempotencyOf, withIdempotency } from '../../src/adapters/fetch.js';
 import { type IdempotencyVariables, idempotencyHeader } from '../../src/adapters/hono.js';
 import { MemoryBackend } from '../../src/backends/memory.js';
 
@@ -35,7 +35,7 @@ const fetchHandler = withIdempotency(
   async (request: Request) => {
     const path = new URL(request.url).pathname.slice('/fetch'.length);
     if (path === '/slow') await delay(Number(request.headers.get('x-delay') ?? 0));
-    const key = getIdempotency(request)?.key;
+    const key = idempotencyOf(request)?.key;
     return Response.json(await order('fetch', path, () => request.json(), key), { status: 201 });
   },
   { backend: new MemoryBackend(), scope: (request) => request.headers.get('x-tenant') ?? undefined },
