@@ -2,12 +2,8 @@ import type { NextFunction, Request, Response } from 'express';
 import type { RequestIdempotency } from '../core/engine.js';
 import type { RequestBody } from '../core/fingerprint.js';
 import type { IdempotencyOptions } from '../core/options.js';
-import {
-  createNodeEngine,
-  handleNodeRequest,
-  idempotencyOf as lookUp,
-  READ_STREAM,
-} from './node-http/flow.js';
+import { ticketOf } from './node-http/capture.js';
+import { createNodeEngine, handleNodeRequest, READ_STREAM } from './node-http/flow.js';
 
 /** Options of the Express middleware: every engine option, with `scope` and `fingerprint` given Express's request. */
 export type ExpressIdempotencyOptions = IdempotencyOptions<Request>;
@@ -56,10 +52,12 @@ export function idempotencyHeader(options: ExpressIdempotencyOptions): ExpressId
  */
 function bodyOf(req: Request): RequestBody | typeof READ_STREAM {
   const parsed = req as unknown as { rawBody?: unknown; _body?: boolean };
+  const marked = parsed._body === true;
+  // A body nobody read yet is read from the stream; only a parsed one can have left `rawBody` behind.
+  if (!marked && !req.readableEnded) return READ_STREAM;
   if (parsed.rawBody instanceof Uint8Array) return parsed.rawBody;
-  if (parsed._body === true) return req.body;
-  if (req.readableEnded && req.body !== undefined && !isMultipart(req)) return req.body;
-  return READ_STREAM;
+  if (marked) return req.body;
+  return req.body !== undefined && !isMultipart(req) ? req.body : READ_STREAM;
 }
 
 function isMultipart(req: Request): boolean {
@@ -81,5 +79,5 @@ function isMultipart(req: Request): boolean {
  * ```
  */
 export function idempotencyOf(req: Request): RequestIdempotency | undefined {
-  return lookUp(req);
+  return ticketOf(req.res);
 }

@@ -1,24 +1,9 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
-import type { IdempotencyEngine } from '../core/engine.js';
+import type { IdempotencyEngine, RequestIdempotency } from '../core/engine.js';
 import type { IdempotencyOptions } from '../core/options.js';
+import { ticketOf } from './node-http/capture.js';
 import { failResponse } from './node-http/fallback.js';
 import { createNodeEngine, handleNodeRequest, READ_STREAM } from './node-http/flow.js';
-
-export type { RequestIdempotency } from '../core/engine.js';
-/**
- * The idempotency of a request the wrapper let run: its key, and an `AbortSignal` aborted if its lease is lost.
- * `undefined` when the wrapper did not handle the request.
- *
- * @example
- * ```ts
- * const listener = withIdempotency(async (req, res) => {
- *   const { key, signal } = idempotencyOf(req)!;
- *   await fetch('https://ledger.example/entries', { method: 'POST', signal, headers: { 'idempotency-key': key } });
- *   res.writeHead(201, { 'content-type': 'application/json' }).end('{}');
- * }, { backend });
- * ```
- */
-export { idempotencyOf } from './node-http/flow.js';
 
 /** A `node:http` request listener, synchronous or async. */
 export type RequestListener<
@@ -71,6 +56,7 @@ export function withIdempotency<
     } catch {}
   };
   const run = (req: Req, res: Res) => {
+    responses.set(req, res);
     try {
       const result = listener(req, res);
       if (isThenable(result)) result.then(undefined, (error: unknown) => handlerFailed(error, req, res));
@@ -97,4 +83,26 @@ function isThenable(value: unknown): value is PromiseLike<unknown> {
 
 function logHandlerError(error: unknown): void {
   console.error('idempotency-header: the request listener failed', error);
+}
+
+export type { RequestIdempotency } from '../core/engine.js';
+
+/** The response of each request the wrapper let run, for {@link idempotencyOf}. */
+const responses = new WeakMap<IncomingMessage, ServerResponse>();
+
+/**
+ * The idempotency of a request the wrapper let run: its key, and an `AbortSignal` aborted if its lease is lost.
+ * `undefined` when the wrapper did not handle the request.
+ *
+ * @example
+ * ```ts
+ * const listener = withIdempotency(async (req, res) => {
+ *   const { key, signal } = idempotencyOf(req)!;
+ *   await fetch('https://ledger.example/entries', { method: 'POST', signal, headers: { 'idempotency-key': key } });
+ *   res.writeHead(201, { 'content-type': 'application/json' }).end('{}');
+ * }, { backend });
+ * ```
+ */
+export function idempotencyOf(req: IncomingMessage): RequestIdempotency | undefined {
+  return ticketOf(responses.get(req));
 }

@@ -49,6 +49,12 @@ export class Ticket implements RequestIdempotency {
   leaseLost = false;
   /** When the lease was last taken or renewed (`Date.now()`). */
   renewedAt = Date.now();
+  /**
+   * Asked by the lease renewals, if the adapter sets it: whether the client has gone away. The alternative to
+   * calling {@link IdempotencyEngine.clientLeft} the moment it happens, for adapters that would otherwise listen
+   * on every request.
+   */
+  clientGone: (() => boolean) | undefined;
   #controller: AbortController | undefined;
 
   constructor(
@@ -570,28 +576,39 @@ export class IdempotencyEngine<Req = unknown> {
     succeeded: (held: boolean) => void,
     gaveUp: (error: IdempotencyError) => void,
   ): Awaitable<void> {
-    const done = (held: boolean) => {
-      this.#leases.delete(ticket);
-      succeeded(held);
-    };
     const attempt = (retry: number): Awaitable<void> => {
-      const failed = (error: unknown): Awaitable<void> => {
-        if (retry >= RETRY_DELAYS_MS.length) {
-          this.#leases.delete(ticket);
-          return gaveUp(backendError(error));
-        }
-        return delay(RETRY_DELAYS_MS[retry]!).then(() => attempt(retry + 1));
-      };
       let result: Awaitable<boolean>;
       try {
         result = write();
       } catch (error) {
-        return failed(error);
+        return this.#retryOrGiveUp(ticket, retry, error, attempt, gaveUp);
       }
-      if (!isPromise(result)) return done(result);
-      return result.then(done, failed);
+      if (!isPromise(result)) return this.#persisted(ticket, result, succeeded);
+      return result.then(
+        (held) => this.#persisted(ticket, held, succeeded),
+        (error: unknown) => this.#retryOrGiveUp(ticket, retry, error, attempt, gaveUp),
+      );
     };
     return attempt(0);
+  }
+
+  #persisted(ticket: Ticket, held: boolean, succeeded: (held: boolean) => void): void {
+    this.#leases.delete(ticket);
+    succeeded(held);
+  }
+
+  #retryOrGiveUp(
+    ticket: Ticket,
+    retry: number,
+    error: unknown,
+    attempt: (retry: number) => Awaitable<void>,
+    gaveUp: (error: IdempotencyError) => void,
+  ): Awaitable<void> {
+    if (retry >= RETRY_DELAYS_MS.length) {
+      this.#leases.delete(ticket);
+      return gaveUp(backendError(error));
+    }
+    return delay(RETRY_DELAYS_MS[retry]!).then(() => attempt(retry + 1));
   }
 
   #settle(ticket: Ticket): boolean {
@@ -619,6 +636,7 @@ export class IdempotencyEngine<Req = unknown> {
     const { backend, lockTimeoutMs } = this.options;
     const now = Date.now();
     for (const ticket of this.#leases) {
+      if (ticket.clientGoneAt === undefined && ticket.clientGone?.() === true) ticket.clientGoneAt = now;
       // The bound on a handler whose client left: it had a whole lease to finish; now its lease may lapse.
       if (
         !ticket.settled &&
@@ -700,7 +718,11 @@ export class IdempotencyEngine<Req = unknown> {
 }
 
 function isEventStream(contentType: string | undefined): boolean {
-  return contentType !== undefined && essence(contentType) === 'text/event-stream';
+  return (
+    contentType !== undefined &&
+    contentType.includes('event-stream') &&
+    essence(contentType) === 'text/event-stream'
+  );
 }
 
 function backendError(error: unknown): IdempotencyError {

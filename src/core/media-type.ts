@@ -16,8 +16,29 @@ export function essence(contentType: string): string {
   return (semicolon === -1 ? contentType : contentType.slice(0, semicolon)).trim().toLowerCase();
 }
 
-/** Builds the matcher for `cacheableContentTypes` once, at construction. */
+/** Content types whose answer is remembered; responses repeat a handful of them. Past it, the memo starts over. */
+const MEMO_LIMIT = 64;
+
+/**
+ * Builds the matcher for `cacheableContentTypes` once, at construction. Its answers are memoised by the
+ * `Content-Type` value: parsing a media type costs allocations on every response, a lookup does not.
+ */
 export function createMediaTypeMatcher(patterns: '*' | readonly string[]): MediaTypeMatcher {
+  const match = createUnmemoisedMatcher(patterns);
+  const memo = new Map<string, boolean>();
+  return function matchesMediaType(contentType) {
+    if (contentType === undefined) return match(contentType);
+    let answer = memo.get(contentType);
+    if (answer === undefined) {
+      answer = match(contentType);
+      if (memo.size >= MEMO_LIMIT) memo.clear();
+      memo.set(contentType, answer);
+    }
+    return answer;
+  };
+}
+
+function createUnmemoisedMatcher(patterns: '*' | readonly string[]): MediaTypeMatcher {
   if (patterns === '*') {
     return function anyButEventStream(contentType) {
       return contentType === undefined || essence(contentType) !== EVENT_STREAM;

@@ -115,9 +115,11 @@ export function captureResponse(res: ServerResponse, engine: IdempotencyEngine<n
   if (Object.hasOwn(res, 'writeHead')) delete (res as Partial<ServerResponse>).writeHead;
   Object.setPrototypeOf(res, capturing.prototype);
   captures.set(res, capture);
-  res.on('close', onResponseClose);
+  // Whether the client is still there is asked when it matters (the engine's lease renewals, the end of the
+  // response), rather than listened for on every response.
+  ticket.clientGone = () => res.destroyed;
   const socket = res.socket;
-  if (socket !== null) watchSocket(socket, capture);
+  if (socket !== null && !hookedSockets.has(socket)) watchSocket(socket);
 }
 
 interface CapturingPrototype {
@@ -373,6 +375,7 @@ function settle(res: ServerResponse, capture: ResponseCapture, kept: boolean): v
       : Buffer.concat(capture.chunks, capture.size)
     : undefined;
   capture.chunks = [];
+  if (res.destroyed) capture.engine.clientLeft(capture.ticket);
   const settled = capture.engine.finish(capture.ticket, {
     status: head.status,
     headers: handlerHeaders(head.headers, capture.before),
@@ -384,10 +387,8 @@ function settle(res: ServerResponse, capture: ResponseCapture, kept: boolean): v
 
 function done(res: ServerResponse, capture: ResponseCapture): void {
   capture.state = DONE;
-  const socket = res.socket;
-  if (socket !== null && watchedSockets.get(socket) === capture) watchedSockets.delete(socket);
   flushHeld(res, capture);
-  if (capture.destroyAfterFlush) socket?.destroy();
+  if (capture.destroyAfterFlush) res.socket?.destroy();
 }
 
 function flushHeld(res: ServerResponse, capture: ResponseCapture): void {
@@ -438,21 +439,12 @@ function toBuffer(chunk: unknown, encoding?: BufferEncoding): Buffer | undefined
   return undefined;
 }
 
-/**
- * The client went away (or the connection was cut) before the handler ended its response. Nothing changes for
- * the request: the handler keeps its lock and its response is stored when it ends.
- */
-function onResponseClose(this: ServerResponse): void {
-  const capture = captures.get(this);
-  if (capture !== undefined && capture.state < SETTLING) capture.engine.clientLeft(capture.ticket);
-}
-
-/** Each connection's response being captured. */
-const watchedSockets = new WeakMap<Socket, ResponseCapture>();
+/** Connections whose `destroy` is watched. */
 const hookedSockets = new WeakSet<Socket>();
 
 /**
- * Watches the application destroying the connection (an error-less `destroy()`), once per connection:
+ * Watches the application destroying the connection (an error-less `destroy()`), once per connection, for the
+ * captured response it serves at that moment:
  *
  * - while an ended response waits for the engine: the destroy waits until the response went out, as the bytes
  *   would have been written already without the middleware (Express's final handler destroys the connection
@@ -464,13 +456,13 @@ const hookedSockets = new WeakSet<Socket>();
  * A destroy with an error, or of a connection the client already closed, is the client going away; it happens
  * at once and changes nothing for the request.
  */
-function watchSocket(socket: Socket, capture: ResponseCapture): void {
-  watchedSockets.set(socket, capture);
-  if (hookedSockets.has(socket)) return;
+function watchSocket(socket: Socket): void {
   hookedSockets.add(socket);
   const destroy = socket.destroy;
   socket.destroy = function destroyWatched(this: Socket, error?: Error) {
-    const watched = watchedSockets.get(this);
+    // The response the connection serves now: Node.js hands a connection to one response at a time.
+    const current = (this as Socket & { _httpMessage?: ServerResponse | null })._httpMessage;
+    const watched = current ? captures.get(current) : undefined;
     if (watched !== undefined && error === undefined && !this.destroyed) {
       if (watched.state === SETTLING) {
         watched.destroyAfterFlush = true;
@@ -491,6 +483,14 @@ function cutByApplication(capture: ResponseCapture): void {
 }
 
 /**
+ * The ticket of a response being captured: what `idempotencyOf(req)` shows the handler (key, lease signal).
+ * `undefined` for a response the middleware did not capture.
+ */
+export function ticketOf(res: ServerResponse | undefined): Ticket | undefined {
+  return res === undefined ? undefined : captures.get(res)?.ticket;
+}
+
+/**
  * The handler failed before it ended its response (the `node:http` adapter knows; Express answers through its
  * own error handling, which the capture sees as a 5xx or a cut connection). Tells the engine, which releases
  * the key or, if the client had gone, leaves it to lapse; then, once that settled, `reply` runs if the head is
@@ -501,6 +501,7 @@ export function failCapture(res: ServerResponse, reply: () => void): boolean {
   const capture = captures.get(res);
   if (capture === undefined || capture.state === DONE) return false;
   if (capture.state === SETTLING) return true;
+  if (res.destroyed) capture.engine.clientLeft(capture.ticket);
   const settled = capture.engine.fail(capture.ticket);
   const answer = () => {
     capture.state = DONE;

@@ -103,33 +103,20 @@ function begin<Req extends IncomingMessage>(
   } catch (error) {
     return fail(error);
   }
-  if (isPromise(result)) result.then((settled) => dispatch(engine, req, res, settled, next), fail);
-  else dispatch(engine, req, res, result, next);
+  if (isPromise(result)) result.then((settled) => dispatch(engine, res, settled, next), fail);
+  else dispatch(engine, res, result, next);
 }
 
 function dispatch(
   engine: IdempotencyEngine<never>,
-  req: IncomingMessage,
   res: ServerResponse,
   result: BeginResult,
   next: Continue,
 ): void {
   if (result.kind === 'pass') return next();
   if (result.kind === 'reply') return sendReply(res, result);
-  running.set(req, result);
   captureResponse(res, engine, result);
   next();
-}
-
-/** The requests that run under a key, with their ticket. */
-const running = new WeakMap<IncomingMessage, RequestIdempotency>();
-
-/**
- * The idempotency of a request the middleware let run: its key, and a signal aborted if its lease is lost.
- * `undefined` for a request the middleware did not handle (another method, no key, fail-open) or answered itself.
- */
-export function idempotencyOf(req: IncomingMessage): RequestIdempotency | undefined {
-  return running.get(req);
 }
 
 /**
