@@ -60,8 +60,11 @@ function bodyOf(req: Request): RequestBody | typeof READ_STREAM {
   return req.body !== undefined && !isMultipart(req) ? req.body : READ_STREAM;
 }
 
+const MULTIPART = /^\s*multipart\//i;
+
 function isMultipart(req: Request): boolean {
-  return req.headers['content-type']?.trimStart().toLowerCase().startsWith('multipart/') === true;
+  const type = req.headers['content-type'];
+  return type !== undefined && MULTIPART.test(type);
 }
 
 /**

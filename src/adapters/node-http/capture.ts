@@ -391,15 +391,23 @@ function done(res: ServerResponse, capture: ResponseCapture): void {
   if (capture.destroyAfterFlush) res.socket?.destroy();
 }
 
+/**
+ * Writes what was held back, corked: Node.js wrote those pieces within one cork (head and body, or a chunk and its
+ * framing), and they go out together again, in one system call rather than one each.
+ */
 function flushHeld(res: ServerResponse, capture: ResponseCapture): void {
   if (capture.held.length === 0) return;
   const held = capture.held;
   capture.held = [];
   capture.heldBytes = 0;
+  const socket = res.socket;
+  socket?.cork();
   try {
     for (const write of held) capture.writeRaw.call(res, write.data, write.encoding, write.callback);
   } catch {
     res.destroy();
+  } finally {
+    socket?.uncork();
   }
 }
 
