@@ -44,19 +44,16 @@ export function idempotencyHeader(options: ExpressIdempotencyOptions): ExpressId
 }
 
 /**
- * What the fingerprint hashes: raw bytes a parser kept (`req.rawBody`, from its `verify` option); the parsed body
- * when a parser marked the request as parsed (`body-parser` 1, Express 4's, sets `req._body`) or consumed the
- * stream and set `req.body` (`body-parser` 2, Express 5's); or else the stream itself. A multipart body consumed
- * before the middleware is never taken from `req.body`: its files are not there, and two uploads that differ only
- * in their files would get one fingerprint.
+ * What the fingerprint hashes: the stream itself when nobody read the body yet; once a parser consumed it, the raw
+ * bytes if it kept them (`req.rawBody`, from its `verify` option), else the parsed body it left in `req.body`
+ * (`body-parser` 1 and 2, Express 4's and 5's); or else nothing trustworthy, which the flow refuses. A multipart
+ * body consumed before the middleware is never taken from `req.body`: its files are not there, and two uploads
+ * that differ only in their files would get one fingerprint.
  */
 function bodyOf(req: Request): RequestBody | typeof READ_STREAM {
-  const parsed = req as unknown as { rawBody?: unknown; _body?: boolean };
-  const marked = parsed._body === true;
-  // A body nobody read yet is read from the stream; only a parsed one can have left `rawBody` behind.
-  if (!marked && !req.readableEnded) return READ_STREAM;
-  if (parsed.rawBody instanceof Uint8Array) return parsed.rawBody;
-  if (marked) return req.body;
+  if (!req.readableEnded) return READ_STREAM;
+  const rawBody = (req as unknown as { rawBody?: unknown }).rawBody;
+  if (rawBody instanceof Uint8Array) return rawBody;
   return req.body !== undefined && !isMultipart(req) ? req.body : READ_STREAM;
 }
 

@@ -541,23 +541,11 @@ export class IdempotencyEngine<Req = unknown> {
     outcome: 'executed' | 'remembered',
   ): Awaitable<void> {
     const record: IdempotencyRecord = { fingerprint: ticket.fingerprint, response, createdAt: Date.now() };
-    const { backend, expiryMs } = this.options;
-    return this.#persist(
-      ticket,
-      () => backend.complete(ticket.storageKey, ticket.token, record, expiryMs),
-      (stored) => this.#emitFor(ticket, stored ? outcome : 'lease-lost', status),
-      (error) => this.#emitFor(ticket, 'store-failed', status, error),
-    );
+    return this.#write(ticket, record, status, outcome, 0);
   }
 
   #release(ticket: Ticket, status: number): Awaitable<void> {
-    const backend = this.options.backend;
-    return this.#persist(
-      ticket,
-      () => backend.release(ticket.storageKey, ticket.token),
-      () => this.#emitFor(ticket, 'not-stored', status),
-      (error) => this.#emitFor(ticket, 'backend-error', status, error),
-    );
+    return this.#write(ticket, undefined, status, 'not-stored', 0);
   }
 
   #abandon(ticket: Ticket, status: number | undefined): void {
@@ -566,49 +554,67 @@ export class IdempotencyEngine<Req = unknown> {
   }
 
   /**
-   * Runs a fenced write (store or release), retrying a failed one after {@link RETRY_DELAYS_MS} while the lease is
-   * still renewed; after the last failure the lease is left to lapse. Synchronous when the backend is and the
-   * first attempt succeeds. Never throws or rejects.
+   * One fenced write: a store (`record` given) or a release. A failed one is retried after
+   * {@link RETRY_DELAYS_MS} while the lease is still renewed; after the last failure the lease is left to lapse.
+   * Synchronous when the backend is and the write succeeds, with nothing allocated for retries then. Never
+   * throws or rejects.
    */
-  #persist(
+  #write(
     ticket: Ticket,
-    write: () => Awaitable<boolean>,
-    succeeded: (held: boolean) => void,
-    gaveUp: (error: IdempotencyError) => void,
+    record: IdempotencyRecord | undefined,
+    status: number,
+    outcome: IdempotencyOutcome,
+    retry: number,
   ): Awaitable<void> {
-    const attempt = (retry: number): Awaitable<void> => {
-      let result: Awaitable<boolean>;
-      try {
-        result = write();
-      } catch (error) {
-        return this.#retryOrGiveUp(ticket, retry, error, attempt, gaveUp);
-      }
-      if (!isPromise(result)) return this.#persisted(ticket, result, succeeded);
-      return result.then(
-        (held) => this.#persisted(ticket, held, succeeded),
-        (error: unknown) => this.#retryOrGiveUp(ticket, retry, error, attempt, gaveUp),
-      );
-    };
-    return attempt(0);
+    const { backend, expiryMs } = this.options;
+    let result: Awaitable<boolean>;
+    try {
+      result =
+        record === undefined
+          ? backend.release(ticket.storageKey, ticket.token)
+          : backend.complete(ticket.storageKey, ticket.token, record, expiryMs);
+    } catch (error) {
+      return this.#writeFailed(ticket, record, status, outcome, retry, error);
+    }
+    if (!isPromise(result)) return this.#written(ticket, record, result, status, outcome);
+    return result.then(
+      (held) => this.#written(ticket, record, held, status, outcome),
+      (error: unknown) => this.#writeFailed(ticket, record, status, outcome, retry, error),
+    );
   }
 
-  #persisted(ticket: Ticket, held: boolean, succeeded: (held: boolean) => void): void {
-    this.#leases.delete(ticket);
-    succeeded(held);
-  }
-
-  #retryOrGiveUp(
+  #written(
     ticket: Ticket,
+    record: IdempotencyRecord | undefined,
+    held: boolean,
+    status: number,
+    outcome: IdempotencyOutcome,
+  ): void {
+    this.#leases.delete(ticket);
+    // A release that finds the lock gone is as good as done; a store that does is a lost lease.
+    this.#emitFor(ticket, record === undefined || held ? outcome : 'lease-lost', status);
+  }
+
+  #writeFailed(
+    ticket: Ticket,
+    record: IdempotencyRecord | undefined,
+    status: number,
+    outcome: IdempotencyOutcome,
     retry: number,
     error: unknown,
-    attempt: (retry: number) => Awaitable<void>,
-    gaveUp: (error: IdempotencyError) => void,
   ): Awaitable<void> {
-    if (retry >= RETRY_DELAYS_MS.length) {
-      this.#leases.delete(ticket);
-      return gaveUp(backendError(error));
+    if (retry < RETRY_DELAYS_MS.length) {
+      return delay(RETRY_DELAYS_MS[retry]!).then(() =>
+        this.#write(ticket, record, status, outcome, retry + 1),
+      );
     }
-    return delay(RETRY_DELAYS_MS[retry]!).then(() => attempt(retry + 1));
+    this.#leases.delete(ticket);
+    this.#emitFor(
+      ticket,
+      record === undefined ? 'backend-error' : 'store-failed',
+      status,
+      backendError(error),
+    );
   }
 
   #settle(ticket: Ticket): boolean {

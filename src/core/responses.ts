@@ -73,14 +73,34 @@ const UNSTORED_HEADERS = new Set([
   'content-length',
 ]);
 
-/** The headers of a response as stored: lower-case names, without those a replay must not repeat. */
+/**
+ * Whether a header (lower-case name) is stored and replayed: not hop-by-hop, not one that belongs to one response
+ * only. For adapters that build the header list themselves and can leave such headers out at once.
+ */
+export function isStoredHeader(lowerName: string): boolean {
+  return !UNSTORED_HEADERS.has(lowerName);
+}
+
+/**
+ * The headers of a response as stored: lower-case names, without those a replay must not repeat. A list that is
+ * already so (an adapter built it with {@link isStoredHeader}) is returned as it is.
+ */
 export function storedHeaders(headers: readonly HeaderPair[]): HeaderPair[] {
+  for (const [name, value] of headers) {
+    if (!isStoredPair(name, value) || name !== name.toLowerCase()) return filterHeaders(headers);
+  }
+  return headers as HeaderPair[];
+}
+
+function isStoredPair(name: string, value: string): boolean {
+  return name === REMOVED_HEADER ? !UNSTORED_HEADERS.has(value) : !UNSTORED_HEADERS.has(name);
+}
+
+function filterHeaders(headers: readonly HeaderPair[]): HeaderPair[] {
   const pairs: HeaderPair[] = [];
   for (const [name, value] of headers) {
     const lower = name.toLowerCase();
-    if (lower === REMOVED_HEADER) {
-      if (!UNSTORED_HEADERS.has(value)) pairs.push([lower, value]);
-    } else if (!UNSTORED_HEADERS.has(lower)) pairs.push([lower, value]);
+    if (isStoredPair(lower, value)) pairs.push([lower, value]);
   }
   return pairs;
 }

@@ -1,7 +1,7 @@
 import type { OutgoingHttpHeader, OutgoingHttpHeaders, ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
 import { type IdempotencyEngine, isPromise, type Ticket } from '../../core/engine.js';
-import { REMOVED_HEADER } from '../../core/responses.js';
+import { isStoredHeader, REMOVED_HEADER } from '../../core/responses.js';
 import type { HeaderPair } from '../../core/types.js';
 
 /**
@@ -104,15 +104,12 @@ export function captureResponse(res: ServerResponse, engine: IdempotencyEngine<n
   const capture = new ResponseCapture(
     engine,
     ticket,
-    res.getHeaders(),
-    res.write as Method,
-    res.end as Method,
-    res.writeHead as Method,
+    capturing.getHeaders.call(res),
+    takeOwn(res, 'write') ?? capturing.write,
+    takeOwn(res, 'end') ?? capturing.end,
+    takeOwn(res, 'writeHead') ?? capturing.writeHead,
     capturing.writeRaw,
   );
-  if (Object.hasOwn(res, 'write')) delete (res as Partial<ServerResponse>).write;
-  if (Object.hasOwn(res, 'end')) delete (res as Partial<ServerResponse>).end;
-  if (Object.hasOwn(res, 'writeHead')) delete (res as Partial<ServerResponse>).writeHead;
   Object.setPrototypeOf(res, capturing.prototype);
   captures.set(res, capture);
   // Whether the client is still there is asked when it matters (the engine's lease renewals, the end of the
@@ -122,10 +119,29 @@ export function captureResponse(res: ServerResponse, engine: IdempotencyEngine<n
   if (socket !== null && !hookedSockets.has(socket)) watchSocket(socket);
 }
 
+/**
+ * A method middleware mounted earlier put on the response itself, taken off it so that the capturing one on the
+ * prototype is found first (and calls it). `undefined` when there is none: the usual case.
+ */
+function takeOwn(res: ServerResponse, name: 'write' | 'end' | 'writeHead'): Method | undefined {
+  if (!Object.hasOwn(res, name)) return undefined;
+  const method = res[name] as Method;
+  delete (res as Partial<ServerResponse>)[name];
+  return method;
+}
+
+/**
+ * The capturing prototype for responses of one original prototype, and that prototype's own methods: looked up
+ * once here, not through a response's long prototype chain on every request.
+ */
 interface CapturingPrototype {
   readonly prototype: object;
   /** The parent's `_writeRaw`: where held bytes finally go. */
   readonly writeRaw: WriteRaw;
+  readonly write: Method;
+  readonly end: Method;
+  readonly writeHead: Method;
+  readonly getHeaders: (this: ServerResponse) => OutgoingHttpHeaders;
 }
 
 const capturingPrototypes = new WeakMap<object, CapturingPrototype>();
@@ -137,8 +153,13 @@ function capturingPrototypeFor(parent: object): CapturingPrototype {
   const writableLength = findGetter(parent, 'writableLength');
   const writableFinished = findGetter(parent, 'writableFinished');
   const method = (value: unknown): PropertyDescriptor => ({ value, writable: true, configurable: true });
+  const methods = parent as ServerResponse;
   capturing = {
     writeRaw,
+    write: methods.write as Method,
+    end: methods.end as Method,
+    writeHead: methods.writeHead as Method,
+    getHeaders: methods.getHeaders,
     prototype: Object.create(parent, {
       writeHead: method(captureWriteHead),
       write: method(captureWrite),
@@ -213,43 +234,45 @@ function captureWriteHead(this: ServerResponse, ...args: unknown[]): unknown {
   }
 }
 
-function captureWrite(this: ServerResponse, ...args: unknown[]): unknown {
+// `write` and `end` pass on exactly three arguments, as every `write`/`end` in their chain takes them (`undefined`
+// for those not given): no arguments array per call, on what can be a hot path.
+
+function captureWrite(this: ServerResponse, chunk: unknown, encoding: unknown, callback: unknown): unknown {
   const capture = captures.get(this)!;
-  if (capture.state >= SETTLING) return capture.write.apply(this, args);
+  if (capture.state >= SETTLING) return capture.write.call(this, chunk, encoding, callback);
   const recorded = recordImplicitHead(this, capture);
   let result: unknown;
   try {
-    result = capture.write.apply(this, args);
+    result = capture.write.call(this, chunk, encoding, callback);
   } catch (error) {
     if (recorded) capture.head = undefined;
     throw error;
   }
   if (recorded) judgeHead(this, capture);
-  if (capture.state === HOLDING) keep(this, capture, args[0], args[1]);
+  if (capture.state === HOLDING) keep(this, capture, chunk, encoding);
   return result;
 }
 
-function captureEnd(this: ServerResponse, ...args: unknown[]): unknown {
+function captureEnd(this: ServerResponse, chunk: unknown, encoding: unknown, callback: unknown): unknown {
   const capture = captures.get(this)!;
-  if (capture.state >= SETTLING) return capture.end.apply(this, args);
+  if (capture.state >= SETTLING) return capture.end.call(this, chunk, encoding, callback);
   const recorded = recordImplicitHead(this, capture);
   const previous = capture.state;
   // From here every byte the response still produces is held until the engine settled.
   capture.state = SETTLING;
   let result: unknown;
   try {
-    result = capture.end.apply(this, args);
+    result = capture.end.call(this, chunk, encoding, callback);
   } catch (error) {
     capture.state = previous;
     if (recorded) capture.head = undefined;
     throw error;
   }
-  const chunk = typeof args[0] === 'function' ? undefined : args[0];
   const keeping =
     previous === HOLDING &&
     (!recorded || capture.engine.plan(capture.head!.status, contentType(capture.head!)) === 'store');
-  if (keeping && chunk !== undefined && chunk !== null) {
-    keep(this, capture, chunk, typeof args[1] === 'string' ? args[1] : undefined);
+  if (keeping && chunk !== undefined && chunk !== null && typeof chunk !== 'function') {
+    keep(this, capture, chunk, typeof encoding === 'string' ? encoding : undefined);
   }
   settle(this, capture, keeping && capture.size <= capture.engine.maxResponseBytes);
   return result;
@@ -421,11 +444,13 @@ function handlerHeaders(headers: OutgoingHttpHeaders, before: OutgoingHttpHeader
   const pairs: HeaderPair[] = [];
   for (const name in headers) {
     const value = headers[name];
-    if (value === undefined || sameValue(value, before[name])) continue;
+    if (value === undefined || !isStoredHeader(name) || sameValue(value, before[name])) continue;
     if (Array.isArray(value)) for (const item of value) pairs.push([name, String(item)]);
     else pairs.push([name, String(value)]);
   }
-  for (const name in before) if (headers[name] === undefined) pairs.push([REMOVED_HEADER, name]);
+  for (const name in before) {
+    if (headers[name] === undefined && isStoredHeader(name)) pairs.push([REMOVED_HEADER, name]);
+  }
   return pairs;
 }
 
