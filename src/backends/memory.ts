@@ -1,5 +1,5 @@
 import { IdempotencyError, invalidOption } from '../core/errors.js';
-import type { AcquireResult, Backend, IdempotencyRecord } from '../core/types.js';
+import type { AcquireResult, Backend, HeaderPair, IdempotencyRecord } from '../core/types.js';
 
 /** Options of {@link MemoryBackend}. */
 export interface MemoryBackendOptions {
@@ -31,11 +31,22 @@ interface Lock {
   bytes: number;
 }
 
+/**
+ * A stored record, kept flat: every response stored here lives until it expires, often for a day, so each object
+ * it is made of is one more the garbage collector promotes and then marks again and again. The record's objects
+ * are made again on a replay, which is rarer than a store.
+ */
 interface Entry {
-  record: IdempotencyRecord;
+  readonly fingerprint: string;
+  readonly createdAt: number;
+  /** `null` for a request remembered without its response. */
+  readonly status: number | null;
+  /** Header names and values, one after the other. */
+  readonly headers: readonly string[];
+  readonly body: Uint8Array | null;
   /** `Infinity` for records stored with `expiry: null`. */
-  expiresAt: number;
-  bytes: number;
+  readonly expiresAt: number;
+  readonly bytes: number;
 }
 
 /** Default of {@link MemoryBackendOptions.maxEntries}. */
@@ -123,8 +134,8 @@ export class MemoryBackend implements Backend {
     const entry = this.#records.get(key);
     if (entry !== undefined) {
       if (entry.expiresAt > now) {
-        if (entry.record.fingerprint !== fingerprint) return MISMATCH;
-        return { state: 'completed', record: entry.record };
+        if (entry.fingerprint !== fingerprint) return MISMATCH;
+        return { state: 'completed', record: recordOf(entry) };
       }
       this.#deleteRecord(key, entry);
     }
@@ -146,13 +157,9 @@ export class MemoryBackend implements Backend {
     const lock = this.#locks.get(key);
     if (lock?.token !== token) return false;
     this.#deleteLock(key, lock);
-    const bytes = recordBytes(key, record);
-    this.#records.set(key, {
-      record,
-      expiresAt: ttlMs === null ? Number.POSITIVE_INFINITY : Date.now() + ttlMs,
-      bytes,
-    });
-    this.#bytes += bytes;
+    const entry = entryOf(key, record, ttlMs === null ? Number.POSITIVE_INFINITY : Date.now() + ttlMs);
+    this.#records.set(key, entry);
+    this.#bytes += entry.bytes;
     return true;
   }
 
@@ -219,11 +226,32 @@ export class MemoryBackend implements Backend {
   }
 }
 
-function recordBytes(key: string, record: IdempotencyRecord): number {
-  let bytes = ENTRY_OVERHEAD_BYTES + 2 * (key.length + record.fingerprint.length);
+function entryOf(key: string, record: IdempotencyRecord, expiresAt: number): Entry {
   const response = record.response;
-  if (response === null) return bytes;
-  bytes += response.body.byteLength;
-  for (const [name, value] of response.headers) bytes += 2 * (name.length + value.length) + 32;
-  return bytes;
+  let bytes = ENTRY_OVERHEAD_BYTES + 2 * (key.length + record.fingerprint.length);
+  const headers: string[] = [];
+  if (response !== null) {
+    bytes += response.body.byteLength;
+    for (const [name, value] of response.headers) {
+      headers.push(name, value);
+      bytes += 2 * (name.length + value.length) + 16;
+    }
+  }
+  return {
+    fingerprint: record.fingerprint,
+    createdAt: record.createdAt,
+    status: response === null ? null : response.status,
+    headers,
+    body: response === null ? null : response.body,
+    expiresAt,
+    bytes,
+  };
+}
+
+function recordOf(entry: Entry): IdempotencyRecord {
+  const { fingerprint, createdAt, status, body } = entry;
+  if (status === null || body === null) return { fingerprint, createdAt, response: null };
+  const headers: HeaderPair[] = [];
+  for (let i = 0; i < entry.headers.length; i += 2) headers.push([entry.headers[i]!, entry.headers[i + 1]!]);
+  return { fingerprint, createdAt, response: { status, headers, body } };
 }

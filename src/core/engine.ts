@@ -49,12 +49,6 @@ export class Ticket implements RequestIdempotency {
   leaseLost = false;
   /** When the lease was last taken or renewed (`Date.now()`). */
   renewedAt = Date.now();
-  /**
-   * Asked by the lease renewals, if the adapter sets it: whether the client has gone away. The alternative to
-   * calling {@link IdempotencyEngine.clientLeft} the moment it happens, for adapters that would otherwise listen
-   * on every request.
-   */
-  clientGone: (() => boolean) | undefined;
   #controller: AbortController | undefined;
 
   constructor(
@@ -642,7 +636,6 @@ export class IdempotencyEngine<Req = unknown> {
     const { backend, lockTimeoutMs } = this.options;
     const now = Date.now();
     for (const ticket of this.#leases) {
-      if (ticket.clientGoneAt === undefined && ticket.clientGone?.() === true) ticket.clientGoneAt = now;
       // The bound on a handler whose client left: it had a whole lease to finish; now its lease may lapse.
       if (
         !ticket.settled &&

@@ -112,9 +112,9 @@ export function captureResponse(res: ServerResponse, engine: IdempotencyEngine<n
   );
   Object.setPrototypeOf(res, capturing.prototype);
   captures.set(res, capture);
-  // Whether the client is still there is asked when it matters (the engine's lease renewals, the end of the
-  // response), rather than listened for on every response.
-  ticket.clientGone = () => res.destroyed;
+  // One shared listener, nothing per response: a closure over `res` kept by the capture would make the capture,
+  // the WeakMap's value, hold its own key, and every response would then outlive a young-generation collection.
+  res.on('close', onResponseClose);
   const socket = res.socket;
   if (socket !== null && !hookedSockets.has(socket)) watchSocket(socket);
 }
@@ -470,6 +470,15 @@ function toBuffer(chunk: unknown, encoding?: BufferEncoding): Buffer | undefined
   if (typeof chunk === 'string') return Buffer.from(chunk, encoding);
   if (chunk instanceof Uint8Array) return Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength);
   return undefined;
+}
+
+/**
+ * The client went away (or the connection was cut) before the handler ended its response. Nothing changes for
+ * the request: the handler keeps its lock and its response is stored when it ends.
+ */
+function onResponseClose(this: ServerResponse): void {
+  const capture = captures.get(this);
+  if (capture !== undefined && capture.state < SETTLING) capture.engine.clientLeft(capture.ticket);
 }
 
 /** Connections whose `destroy` is watched. */
