@@ -9,7 +9,10 @@ import { MemoryBackend } from '../dist/index.mjs';
 const mode = process.argv[2] ?? 'bare';
 const app = express();
 app.use(express.json());
-if (mode === 'idempotent') app.use(idempotencyHeader({ backend: new MemoryBackend({ maxEntries: 10_000_000, maxBytes: 4 * 1024 ** 3 }) }));
+if (mode === 'idempotent')
+  app.use(
+    idempotencyHeader({ backend: new MemoryBackend({ maxEntries: 10_000_000, maxBytes: 4 * 1024 ** 3 }) }),
+  );
 else if (mode !== 'bare') throw new Error(`unknown mode ${mode}`);
 
 let orders = 0;

@@ -717,11 +717,7 @@ export class IdempotencyEngine<Req = unknown> {
 }
 
 function isEventStream(contentType: string | undefined): boolean {
-  return (
-    contentType !== undefined &&
-    contentType.includes('event-stream') &&
-    essence(contentType) === 'text/event-stream'
-  );
+  return contentType?.includes('event-stream') === true && essence(contentType) === 'text/event-stream';
 }
 
 function backendError(error: unknown): IdempotencyError {

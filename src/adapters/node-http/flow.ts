@@ -1,10 +1,5 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
-import {
-  type BeginResult,
-  IdempotencyEngine,
-  isPromise,
-  type RequestIdempotency,
-} from '../../core/engine.js';
+import { type BeginResult, IdempotencyEngine, isPromise } from '../../core/engine.js';
 import { IdempotencyError } from '../../core/errors.js';
 import type { RequestBody } from '../../core/fingerprint.js';
 import type { IdempotencyOptions } from '../../core/options.js';
