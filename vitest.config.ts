@@ -6,5 +6,8 @@ export default defineConfig({
     testTimeout: 30_000,
     hookTimeout: 30_000,
     pool: 'forks',
+    // Most suites spend their time waiting on sockets, timers and servers, not on the CPU: four workers on two
+    // cores keep them busy without starving one another.
+    maxWorkers: 4,
   },
 });
