@@ -1,5 +1,5 @@
 import type { IdempotencyEngine, Ticket } from './engine.js';
-import { headerValue } from './responses.js';
+import { headerValue, isStoredHeader, REMOVED_HEADER } from './responses.js';
 import type { Awaitable, HeaderPair } from './types.js';
 
 /**
@@ -12,10 +12,12 @@ import type { Awaitable, HeaderPair } from './types.js';
 export type HeaderRecordValue = string | number | readonly string[] | undefined;
 
 /**
- * The headers to store from a record of a response's headers (`res.getHeaders()`, Fastify's `reply.getHeaders()`),
- * less those that middleware mounted before this one had set before the handler ran (`before`) and that the
- * handler left as they were: that middleware sets them again on a replay, for the replay's own request (CORS,
- * request ids, rate-limit headers).
+ * The headers to store from a record of a response's headers (`res.getHeaders()`, Fastify's `reply.getHeaders()`):
+ * what the handler (and middleware after this one) changed on top of what middleware mounted before this one had
+ * set before the handler ran (`before`). Headers still as that middleware set them are left out (it sets them
+ * again on a replay, for the replay's own request: CORS, request ids, rate-limit headers); headers the handler
+ * removed are stored as removals (`[REMOVED_HEADER, name]`); headers never stored (hop-by-hop, `set-cookie`,
+ * `date`, `content-length`) are left out at once.
  */
 export function handlerHeaders(
   headers: Readonly<Record<string, HeaderRecordValue>>,
@@ -26,8 +28,14 @@ export function handlerHeaders(
     const value = headers[name];
     if (value === undefined || sameValue(value, before[name])) continue;
     const lower = name.toLowerCase();
+    if (!isStoredHeader(lower)) continue;
     if (Array.isArray(value)) for (const item of value) pairs.push([lower, String(item)]);
     else pairs.push([lower, String(value)]);
+  }
+  for (const name in before) {
+    if (before[name] !== undefined && headers[name] === undefined && isStoredHeader(name.toLowerCase())) {
+      pairs.push([REMOVED_HEADER, name.toLowerCase()]);
+    }
   }
   return pairs;
 }

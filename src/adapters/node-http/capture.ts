@@ -1,8 +1,7 @@
 import type { OutgoingHttpHeader, OutgoingHttpHeaders, ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
+import { handlerHeaders } from '../../core/capture.js';
 import { type IdempotencyEngine, isPromise, type Ticket } from '../../core/engine.js';
-import { isStoredHeader, REMOVED_HEADER } from '../../core/responses.js';
-import type { HeaderPair } from '../../core/types.js';
 
 /**
  * Response capture for `node:http` responses (and Express's, which are the same objects).
@@ -432,32 +431,6 @@ function flushHeld(res: ServerResponse, capture: ResponseCapture): void {
   } finally {
     socket?.uncork();
   }
-}
-
-/**
- * The headers to store: what the handler (and middleware mounted after this one) changed on top of what
- * middleware mounted earlier had set before the handler ran. Headers that are still as that middleware set them
- * are left out (it sets them again on a replay, for the replay's own request: CORS, request ids, rate-limit
- * headers); headers the handler removed are stored as removals ({@link REMOVED_HEADER}).
- */
-function handlerHeaders(headers: OutgoingHttpHeaders, before: OutgoingHttpHeaders): HeaderPair[] {
-  const pairs: HeaderPair[] = [];
-  for (const name in headers) {
-    const value = headers[name];
-    if (value === undefined || !isStoredHeader(name) || sameValue(value, before[name])) continue;
-    if (Array.isArray(value)) for (const item of value) pairs.push([name, String(item)]);
-    else pairs.push([name, String(value)]);
-  }
-  for (const name in before) {
-    if (headers[name] === undefined && isStoredHeader(name)) pairs.push([REMOVED_HEADER, name]);
-  }
-  return pairs;
-}
-
-function sameValue(a: OutgoingHttpHeader, b: OutgoingHttpHeader | undefined): boolean {
-  if (b === undefined) return false;
-  if (!Array.isArray(a) || !Array.isArray(b)) return String(a) === String(b);
-  return a.length === b.length && a.every((item, i) => item === b[i]);
 }
 
 function contentType(head: Head): string | undefined {
