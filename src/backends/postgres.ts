@@ -1,5 +1,10 @@
 import { invalidOption } from '../core/errors.js';
-import type { AcquireResult, Backend, IdempotencyRecord } from '../core/types.js';
+import type {
+  AcquireResult,
+  BackendTransaction,
+  IdempotencyRecord,
+  TransactionalBackend,
+} from '../core/types.js';
 import {
   bodyBuffer,
   contended,
@@ -31,6 +36,23 @@ import {
  */
 export interface PgPoolLike {
   query(text: string, values?: unknown[]): Promise<PgResultLike>;
+  /** A connection of the pool's own, for the transactional mode (`pg`'s `Pool#connect`). */
+  connect?(): Promise<PgClientLike>;
+}
+
+/**
+ * A connection checked out of a `pg` `Pool` (`PoolClient`): what the transactional mode runs a request's
+ * transaction on, and hands to the handler.
+ *
+ * @example
+ * ```ts
+ * const client: PgClientLike = await pool.connect();
+ * ```
+ */
+export interface PgClientLike {
+  query(text: string, values?: unknown[]): Promise<PgResultLike>;
+  /** Gives the connection back; with an error, the pool discards it. */
+  release(error?: Error | boolean): void;
 }
 
 /**
@@ -75,6 +97,16 @@ export interface PostgresBackendOptions {
    * @default true
    */
   createTable?: boolean;
+  /**
+   * Runs every request that holds a key in a transaction of its own, on a connection checked out of `pool`: the
+   * handler writes through it (`idempotencyOf(req).db`, a `pg` `PoolClient`), the response is stored in the same
+   * transaction, and both commit together before the response is sent. A handler that throws, or a response that
+   * is not stored, rolls the handler's writes back with it and frees the key; a process killed mid-handler leaves
+   * neither its writes nor a record, and a retry runs once the lease lapses. Costs one pooled connection for as
+   * long as each handler runs (size the pool for it), besides the one the lock and the lease renewals use.
+   * @default false
+   */
+  transactional?: boolean;
 }
 
 /**
@@ -262,7 +294,9 @@ interface AcquireRow extends HeldRow {
  * app.use(idempotencyHeader({ backend: new PostgresBackend({ pool }) }));
  * ```
  */
-export class PostgresBackend implements Backend {
+export class PostgresBackend implements TransactionalBackend {
+  /** Whether every request that runs gets a transaction of its own (see {@link PostgresBackendOptions.transactional}). */
+  readonly transactional: boolean;
   readonly #pool: PgPoolLike;
   readonly #sql: Statements;
   /** Whether the table is known to exist: set once created (or when `createTable` is off). */
@@ -274,11 +308,17 @@ export class PostgresBackend implements Backend {
       pool,
       table = DEFAULT_POSTGRES_TABLE,
       createTable = true,
+      transactional = false,
     } = options ?? ({} as Partial<PostgresBackendOptions>);
     if (typeof pool !== 'object' || pool === null || typeof (pool as PgPoolLike).query !== 'function') {
       throw invalidOption('pool', 'a pg Pool (an object with a query(text, values) method)', pool);
     }
     if (typeof createTable !== 'boolean') throw invalidOption('createTable', 'a boolean', createTable);
+    if (typeof transactional !== 'boolean') throw invalidOption('transactional', 'a boolean', transactional);
+    if (transactional && typeof pool.connect !== 'function') {
+      throw invalidOption('pool', 'a pg Pool with connect(), for the transactional mode', pool);
+    }
+    this.transactional = transactional;
     this.#sql = statements(parseTableName(table, true));
     this.#pool = pool;
     this.#ready = !createTable;
@@ -307,10 +347,63 @@ export class PostgresBackend implements Backend {
     record: IdempotencyRecord,
     ttlMs: number | null,
   ): Promise<boolean> {
+    return this.#completeOn(this.#pool, key, token, record, ttlMs);
+  }
+
+  /**
+   * Opens a transaction on a connection of its own, for one request (the transactional mode): the engine hands
+   * its connection to the handler, stores the response in it, and commits or rolls back.
+   */
+  async openTransaction(): Promise<BackendTransaction> {
+    if (!this.#ready) await this.#createTable();
+    const client = await this.#pool.connect!();
+    try {
+      await client.query('BEGIN');
+    } catch (error) {
+      client.release(error instanceof Error ? error : true);
+      throw error;
+    }
+    let open = true;
+    const end = (error?: Error) => {
+      open = false;
+      client.release(error);
+    };
+    return {
+      client,
+      complete: (key, token, record, ttlMs) => this.#completeOn(client, key, token, record, ttlMs),
+      async commit() {
+        try {
+          await client.query('COMMIT');
+        } catch (error) {
+          end(error instanceof Error ? error : new Error(String(error)));
+          throw error;
+        }
+        end();
+      },
+      async rollback() {
+        if (!open) return;
+        try {
+          await client.query('ROLLBACK');
+          end();
+        } catch (error) {
+          // A connection that cannot roll back is broken: the pool discards it, and the server rolls back.
+          end(error instanceof Error ? error : new Error(String(error)));
+        }
+      },
+    };
+  }
+
+  async #completeOn(
+    on: PgPoolLike | PgClientLike,
+    key: string,
+    token: string,
+    record: IdempotencyRecord,
+    ttlMs: number | null,
+  ): Promise<boolean> {
     if (!isToken(token)) return false;
     if (!this.#ready) await this.#createTable();
     const response = record.response;
-    const result = await this.#pool.query(this.#sql.complete, [
+    const result = await on.query(this.#sql.complete, [
       keyHash(key),
       token,
       fingerprintBytes(record.fingerprint),

@@ -11,7 +11,15 @@ import {
   resolveOptions,
 } from './options.js';
 import { type EngineReply, errorReply, headerValue, storedHeaders } from './responses.js';
-import type { AcquireResult, Awaitable, HeaderPair, IdempotencyRecord, StoredResponse } from './types.js';
+import type {
+  AcquireResult,
+  Awaitable,
+  BackendTransaction,
+  HeaderPair,
+  IdempotencyRecord,
+  StoredResponse,
+  TransactionalBackend,
+} from './types.js';
 
 /** The request passes through untouched: fail-open after a backend error. */
 export interface PassResult {
@@ -32,6 +40,12 @@ export interface RequestIdempotency {
    * successor. Never aborted while the lease is held.
    */
   readonly signal: AbortSignal;
+  /**
+   * With a transactional backend (`new PostgresBackend({ pool, transactional: true })`): the connection the
+   * request's transaction runs on (a `pg` `PoolClient`). Write through it, and the writes commit together with the
+   * stored response, or roll back with it. `undefined` otherwise.
+   */
+  readonly db: unknown;
 }
 
 /**
@@ -49,6 +63,10 @@ export class Ticket implements RequestIdempotency {
   leaseLost = false;
   /** When the lease was last taken or renewed (`Date.now()`). */
   renewedAt = Date.now();
+  /** The request's transaction, with a transactional backend, until it commits or rolls back. */
+  transaction: BackendTransaction | undefined;
+  /** What the handler writes through: the transaction's connection (see {@link RequestIdempotency.db}). */
+  db: unknown;
   #controller: AbortController | undefined;
 
   constructor(
@@ -179,6 +197,8 @@ export class IdempotencyEngine<Req = unknown> {
   #renewTimer: ReturnType<typeof setInterval> | undefined;
   /** Running estimate of how long a first run takes here, in ms: the `Retry-After` hint while one runs. */
   #typicalRunMs: number | undefined;
+  /** The backend, when it opens a transaction for every request that runs. */
+  readonly #transactional: TransactionalBackend | undefined;
   /** Key hashes taken ahead by {@link begin} when hashing is asynchronous, the most recent first to stay. */
   readonly #keyHashes = new Map<string, string>();
 
@@ -186,6 +206,11 @@ export class IdempotencyEngine<Req = unknown> {
     const resolved = resolveOptions(options);
     this.options = resolved;
     this.#sha256 = runtime.sha256 ?? webSha256;
+    const backend = resolved.backend as Partial<TransactionalBackend>;
+    this.#transactional =
+      backend.transactional === true && typeof backend.openTransaction === 'function'
+        ? (backend as TransactionalBackend)
+        : undefined;
     this.headerName = resolved.headerNameLower;
     this.replayHeaderKey = resolved.replayHeaderKey;
     this.needsBody = resolved.fingerprint === true;
@@ -434,11 +459,12 @@ export class IdempotencyEngine<Req = unknown> {
     fingerprint: string,
     method: string,
     startedAt: number,
-  ): BeginResult {
+  ): Awaitable<BeginResult> {
     switch (result.state) {
       case 'acquired': {
         const ticket = new Ticket(key, storageKey, result.token, fingerprint, method, startedAt);
         this.#holdLease(ticket);
+        if (this.#transactional !== undefined) return this.#openTransaction(this.#transactional, ticket);
         return ticket;
       }
       case 'completed':
@@ -459,6 +485,29 @@ export class IdempotencyEngine<Req = unknown> {
           `Idempotency key '${key}' was already used for a different request`,
         );
     }
+  }
+
+  /**
+   * Opens the request's transaction once its lock is held (the lock itself was committed by the acquire, so that
+   * duplicates see it). A transaction that cannot be opened is a backend failure: the lock is released, and
+   * `onBackendError` decides.
+   */
+  #openTransaction(backend: TransactionalBackend, ticket: Ticket): Promise<BeginResult> {
+    return backend.openTransaction().then(
+      (transaction) => {
+        ticket.transaction = transaction;
+        ticket.db = transaction.client;
+        return ticket;
+      },
+      (error: unknown) => {
+        ticket.settled = true;
+        this.#leases.delete(ticket);
+        Promise.resolve()
+          .then(() => backend.release(ticket.storageKey, ticket.token))
+          .catch(noop);
+        return this.#acquireFailed(error, ticket.storageKey, ticket.method, ticket.startedAt);
+      },
+    );
   }
 
   #replay(
@@ -542,9 +591,58 @@ export class IdempotencyEngine<Req = unknown> {
     return this.#write(ticket, undefined, status, 'not-stored', 0);
   }
 
-  #abandon(ticket: Ticket, status: number | undefined): void {
+  #abandon(ticket: Ticket, status: number | undefined): Awaitable<void> {
     this.#leases.delete(ticket);
     this.#emitFor(ticket, 'abandoned', status);
+    return this.#rollBack(ticket);
+  }
+
+  /** Rolls the request's transaction back, if it has one still open. */
+  #rollBack(ticket: Ticket): Awaitable<void> {
+    const transaction = ticket.transaction;
+    if (transaction === undefined) return;
+    ticket.transaction = undefined;
+    return transaction.rollback().catch(noop);
+  }
+
+  /**
+   * Stores the response in the request's transaction and commits it with the handler's writes. A store the token
+   * no longer fences (the lease was lost) rolls everything back. A commit that fails leaves nothing of the request
+   * in the database: the key is released (fenced, so a commit that did land is not undone) and a retry runs again.
+   */
+  #completeInTransaction(
+    ticket: Ticket,
+    transaction: BackendTransaction,
+    record: IdempotencyRecord,
+    status: number,
+    outcome: IdempotencyOutcome,
+  ): Promise<void> {
+    ticket.transaction = undefined;
+    const { expiryMs } = this.options;
+    return transaction.complete(ticket.storageKey, ticket.token, record, expiryMs).then(
+      (held) => {
+        if (!held)
+          return transaction.rollback().then(() => this.#written(ticket, record, false, status, outcome));
+        return transaction.commit().then(
+          () => this.#written(ticket, record, true, status, outcome),
+          (error: unknown) => this.#commitFailed(ticket, transaction, status, error),
+        );
+      },
+      (error: unknown) => this.#commitFailed(ticket, transaction, status, error),
+    );
+  }
+
+  #commitFailed(
+    ticket: Ticket,
+    transaction: BackendTransaction,
+    status: number,
+    error: unknown,
+  ): Awaitable<void> {
+    this.#emitFor(ticket, 'store-failed', status, backendError(error));
+    return transaction
+      .rollback()
+      .catch(noop)
+      .then(() => this.#write(ticket, undefined, status, 'not-stored', 0, false));
   }
 
   /**
@@ -559,7 +657,17 @@ export class IdempotencyEngine<Req = unknown> {
     status: number,
     outcome: IdempotencyOutcome,
     retry: number,
+    report = true,
   ): Awaitable<void> {
+    const transaction = ticket.transaction;
+    if (transaction !== undefined) {
+      if (record !== undefined)
+        return this.#completeInTransaction(ticket, transaction, record, status, outcome);
+      // Nothing of the request is kept: its writes roll back with the transaction, then the key is released.
+      const rolledBack = this.#rollBack(ticket);
+      if (rolledBack !== undefined)
+        return rolledBack.then(() => this.#write(ticket, record, status, outcome, retry));
+    }
     const { backend, expiryMs } = this.options;
     let result: Awaitable<boolean>;
     try {
@@ -570,21 +678,24 @@ export class IdempotencyEngine<Req = unknown> {
     } catch (error) {
       return this.#writeFailed(ticket, record, status, outcome, retry, error);
     }
-    if (!isPromise(result)) return this.#written(ticket, record, result, status, outcome);
+    if (!isPromise(result))
+      return this.#written(ticket, record, result, status, report ? outcome : undefined);
     return result.then(
-      (held) => this.#written(ticket, record, held, status, outcome),
+      (held) => this.#written(ticket, record, held, status, report ? outcome : undefined),
       (error: unknown) => this.#writeFailed(ticket, record, status, outcome, retry, error),
     );
   }
 
+  /** `outcome` undefined: already reported (a failed commit, released afterwards). */
   #written(
     ticket: Ticket,
     record: IdempotencyRecord | undefined,
     held: boolean,
     status: number,
-    outcome: IdempotencyOutcome,
+    outcome: IdempotencyOutcome | undefined,
   ): void {
     this.#leases.delete(ticket);
+    if (outcome === undefined) return;
     // A release that finds the lock gone is as good as done; a store that does is a lost lease.
     this.#emitFor(ticket, record === undefined || held ? outcome : 'lease-lost', status);
   }

@@ -84,3 +84,28 @@ export interface Backend {
    */
   renew(key: string, token: string, leaseMs: number): Awaitable<boolean>;
 }
+
+/**
+ * A database transaction the engine opens for a request that runs, when the backend offers one (a backend with
+ * `transactional` on and {@link TransactionalBackend.openTransaction}): the handler writes through
+ * {@link BackendTransaction.client}, the engine stores the response in the same transaction, and both commit
+ * together, or neither does.
+ */
+export interface BackendTransaction {
+  /** What the handler runs its queries on, inside the transaction (for PostgreSQL, a `pg` `PoolClient`). */
+  readonly client: unknown;
+  /** {@link Backend.complete}, inside the transaction: fenced by the token the same way. */
+  complete(key: string, token: string, record: IdempotencyRecord, ttlMs: number | null): Promise<boolean>;
+  /** Commits, and gives the connection back. */
+  commit(): Promise<void>;
+  /** Rolls back, and gives the connection back. Never rejects. */
+  rollback(): Promise<void>;
+}
+
+/** A backend whose responses can be stored in the same transaction as the handler's own writes. */
+export interface TransactionalBackend extends Backend {
+  /** On: every request that runs gets a transaction of its own ({@link openTransaction}). */
+  readonly transactional: boolean;
+  /** Opens a transaction on a connection of its own, for one request. */
+  openTransaction(): Promise<BackendTransaction>;
+}
