@@ -17,7 +17,7 @@ import {
 } from '../core/engine.js';
 import type { RequestBody } from '../core/fingerprint.js';
 import type { IdempotencyOptions } from '../core/options.js';
-import type { EngineReply } from '../core/responses.js';
+import { type EngineReply, REMOVED_HEADER } from '../core/responses.js';
 import { createNodeEngine } from './node-http/flow.js';
 
 export type { RequestIdempotency } from '../core/engine.js';
@@ -97,6 +97,8 @@ const plugin: FastifyPluginCallback<FastifyIdempotencyOptions> = function idempo
   fastify.decorateRequest('idempotency', null);
 
   fastify.addHook('preHandler', function idempotencyPreHandler(request, reply, next) {
+    // `reply.callNotFound()` runs the 404 route's `preHandler` hooks for a request that already holds its key.
+    if (running.has(request)) return next();
     const engine = engineFor(request.routeOptions.config?.idempotency);
     const method = request.method;
     if (engine === undefined || !engine.handles(method)) return next();
@@ -174,12 +176,17 @@ function dispatch(
 
 /**
  * Sends an engine reply (error, conflict or replay) through `reply`, so that Fastify's `onSend` and `onResponse`
- * hooks and its logging run as for any response. Its headers replace those of the same name set before.
+ * hooks and its logging run as for any response. Its headers replace those of the same name set before; removals
+ * stored with a replay remove what hooks that ran before set again.
  */
 function sendReply(reply: FastifyReply, answer: EngineReply): void {
   reply.code(answer.status);
   const headers: Record<string, string | string[]> = {};
   for (const [name, value] of answer.headers) {
+    if (name === REMOVED_HEADER) {
+      reply.removeHeader(value);
+      continue;
+    }
     const previous = headers[name];
     headers[name] =
       previous === undefined ? value : Array.isArray(previous) ? [...previous, value] : [previous, value];
