@@ -145,6 +145,12 @@ const MAX_TIMER_DELAY_MS = 2 ** 31 - 1;
  * renewed. A response waits for them, so that a client that retries after receiving it finds the outcome.
  */
 const RETRY_DELAYS_MS: readonly number[] = [50, 250, 1000];
+/**
+ * After those, the response goes out and the write is tried again in the background, this long after the last
+ * attempt, doubling, for as long as the lease would last: a backend that comes back within it (a Redis restart)
+ * gets the response stored, or the key released, instead of leaving retries at 409 until the lease lapses.
+ */
+const BACKGROUND_RETRY_FIRST_MS = 2000;
 /** How many key hashes taken ahead (asynchronous hashing with `onEvent`) are kept for the events to come. */
 const KEY_HASHES_KEPT = 1024;
 /** Weight of the newest duration in the running estimate behind `Retry-After`. */
@@ -440,12 +446,17 @@ export class IdempotencyEngine<Req = unknown> {
     startedAt: number,
   ): Awaitable<BeginResult> {
     let answer: Awaitable<AcquireResult>;
+    const backend = this.options.backend;
     try {
-      answer = this.options.backend.acquire(storageKey, fingerprint, this.options.lockTimeoutMs);
+      answer = backend.acquire(storageKey, fingerprint, this.options.lockTimeoutMs);
     } catch (error) {
       return this.#acquireFailed(error, storageKey, method, startedAt);
     }
     if (!isPromise(answer)) return this.#decide(answer, key, storageKey, fingerprint, method, startedAt);
+    // An acquire that succeeds after its caller gave up took a lock nobody will use: free it at once.
+    answer = this.#bounded(answer, (late) => {
+      if (late.state === 'acquired') Promise.resolve(backend.release(storageKey, late.token)).catch(noop);
+    });
     return answer.then(
       (result) => this.#decide(result, key, storageKey, fingerprint, method, startedAt),
       (error) => this.#acquireFailed(error, storageKey, method, startedAt),
@@ -680,7 +691,7 @@ export class IdempotencyEngine<Req = unknown> {
     }
     if (!isPromise(result))
       return this.#written(ticket, record, result, status, report ? outcome : undefined);
-    return result.then(
+    return this.#bounded(result).then(
       (held) => this.#written(ticket, record, held, status, report ? outcome : undefined),
       (error: unknown) => this.#writeFailed(ticket, record, status, outcome, retry, error),
     );
@@ -713,13 +724,86 @@ export class IdempotencyEngine<Req = unknown> {
         this.#write(ticket, record, status, outcome, retry + 1),
       );
     }
-    this.#leases.delete(ticket);
-    this.#emitFor(
-      ticket,
-      record === undefined ? 'backend-error' : 'store-failed',
-      status,
-      backendError(error),
-    );
+    this.#retryInBackground(ticket, record, status, outcome, error);
+  }
+
+  /**
+   * Goes on trying a store or release that failed while the response was held, after it went out: fenced by the
+   * token like every write, so it never overwrites a request that took the key over. Its outcome is reported
+   * when it is known: the stored response (`executed`), or, once the lease would have lapsed, `store-failed` (or
+   * `backend-error` for a release), the key left to lapse.
+   */
+  #retryInBackground(
+    ticket: Ticket,
+    record: IdempotencyRecord | undefined,
+    status: number,
+    outcome: IdempotencyOutcome,
+    lastError: unknown,
+  ): void {
+    const giveUpAt = Date.now() + this.options.lockTimeoutMs;
+    const giveUp = (error: unknown) => {
+      this.#leases.delete(ticket);
+      this.#emitFor(
+        ticket,
+        record === undefined ? 'backend-error' : 'store-failed',
+        status,
+        backendError(error),
+      );
+    };
+    const attempt = (waitMs: number, error: unknown): void => {
+      if (Date.now() + waitMs >= giveUpAt) return giveUp(error);
+      const timer = setTimeout(() => {
+        let result: Awaitable<boolean>;
+        const { backend, expiryMs } = this.options;
+        try {
+          result =
+            record === undefined
+              ? backend.release(ticket.storageKey, ticket.token)
+              : backend.complete(ticket.storageKey, ticket.token, record, expiryMs);
+        } catch (thrown) {
+          return attempt(waitMs * 2, thrown);
+        }
+        (isPromise(result) ? this.#bounded(result) : Promise.resolve(result)).then(
+          (held) => this.#written(ticket, record, held, status, outcome),
+          (failed: unknown) => attempt(waitMs * 2, failed),
+        );
+      }, waitMs);
+      (timer as { unref?: () => void }).unref?.();
+    };
+    attempt(BACKGROUND_RETRY_FIRST_MS, lastError);
+  }
+
+  /**
+   * A backend call that answers within `backendTimeout`, or a rejection with `ERR_IDEMPOTENCY_BACKEND_TIMEOUT`:
+   * the middleware bounds a hung backend itself, whatever the client's settings. `late` is given an answer that
+   * came after the caller was told of the timeout.
+   */
+  #bounded<T>(call: Promise<T>, late?: (value: T) => void): Promise<T> {
+    const timeoutMs = this.options.backendTimeoutMs;
+    return new Promise<T>((resolve, reject) => {
+      let timedOut = false;
+      const timer = setTimeout(() => {
+        timedOut = true;
+        reject(
+          new IdempotencyError(
+            'ERR_IDEMPOTENCY_BACKEND_TIMEOUT',
+            `The idempotency backend did not answer within ${timeoutMs} ms`,
+          ),
+        );
+      }, timeoutMs);
+      (timer as { unref?: () => void }).unref?.();
+      call.then(
+        (value) => {
+          clearTimeout(timer);
+          if (!timedOut) resolve(value);
+          else late?.(value);
+        },
+        (error: unknown) => {
+          clearTimeout(timer);
+          if (!timedOut) reject(error);
+        },
+      );
+    });
   }
 
   #settle(ticket: Ticket): boolean {
@@ -766,7 +850,7 @@ export class IdempotencyEngine<Req = unknown> {
       };
       try {
         const result = backend.renew(ticket.storageKey, ticket.token, lockTimeoutMs);
-        if (isPromise(result)) result.then(renewed, noop);
+        if (isPromise(result)) this.#bounded(result).then(renewed, noop);
         else renewed(result);
       } catch {}
     }

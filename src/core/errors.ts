@@ -2,6 +2,8 @@
  * Stable codes of {@link IdempotencyError}:
  * - `ERR_IDEMPOTENCY_OPTION`: an option is invalid (thrown at construction).
  * - `ERR_IDEMPOTENCY_BACKEND`: the backend failed or could not be reached; `cause` holds the original error.
+ * - `ERR_IDEMPOTENCY_BACKEND_TIMEOUT`: the backend did not answer within `backendTimeout`; handled like any
+ *   backend failure.
  * - `ERR_IDEMPOTENCY_BACKEND_FULL`: `MemoryBackend` holds as many keys or bytes as it may; handled like any
  *   backend failure (`onBackendError`).
  * - `ERR_IDEMPOTENCY_BODY`: the request body could not be read.
@@ -11,6 +13,7 @@
 export type IdempotencyErrorCode =
   | 'ERR_IDEMPOTENCY_OPTION'
   | 'ERR_IDEMPOTENCY_BACKEND'
+  | 'ERR_IDEMPOTENCY_BACKEND_TIMEOUT'
   | 'ERR_IDEMPOTENCY_BACKEND_FULL'
   | 'ERR_IDEMPOTENCY_BODY'
   | 'ERR_IDEMPOTENCY_SCOPE'

@@ -169,6 +169,13 @@ export interface IdempotencyOptions<Req = unknown> {
    */
   onBackendError?: 'fail-closed' | 'fail-open';
   /**
+   * Seconds a backend call may take before it counts as failed (`onBackendError` then applies; a store or release
+   * is tried again): the middleware bounds a hung backend itself, whatever its client's settings. A lock taken by
+   * an acquire that answers too late is released at once.
+   * @default 2
+   */
+  backendTimeout?: number;
+  /**
    * Error bodies: `'detail'` sends `{"detail": "..."}` as `application/json`; `'problem'` sends RFC 9457
    * `application/problem+json`.
    * @default 'detail'
@@ -194,6 +201,8 @@ export const DEFAULT_MAX_KEY_LENGTH = 255;
 export const DEFAULT_MAX_REQUEST_BYTES = 1_048_576;
 /** Default of {@link IdempotencyOptions.maxResponseBytes}: 1 MiB. */
 export const DEFAULT_MAX_RESPONSE_BYTES = 1_048_576;
+/** Default of {@link IdempotencyOptions.backendTimeout}, in seconds. */
+export const DEFAULT_BACKEND_TIMEOUT = 2;
 /** Default of {@link IdempotencyOptions.releaseStatuses}. */
 export const DEFAULT_RELEASE_STATUSES: readonly number[] = Object.freeze([401, 403, 407, 408, 425, 429]);
 /** Shortest `lockTimeout` accepted, in seconds: the lease is renewed every third of it, which must be reliable. */
@@ -221,6 +230,7 @@ export interface ResolvedOptions<Req> {
   rememberUnstored: boolean;
   maxRequestBytes: number;
   failOpen: boolean;
+  backendTimeoutMs: number;
   errorFormat: 'detail' | 'problem';
   onEvent: ((event: IdempotencyEvent) => void) | undefined;
 }
@@ -248,6 +258,7 @@ const OPTION_NAMES: Record<keyof IdempotencyOptions, true> = {
   unstoredResponses: true,
   maxRequestBytes: true,
   onBackendError: true,
+  backendTimeout: true,
   errorFormat: true,
   onEvent: true,
 };
@@ -305,6 +316,8 @@ export function resolveOptions<Req>(options: IdempotencyOptions<Req>): ResolvedO
     maxRequestBytes: positiveInteger('maxRequestBytes', options.maxRequestBytes, DEFAULT_MAX_REQUEST_BYTES),
     failOpen:
       oneOf('onBackendError', options.onBackendError, ['fail-closed', 'fail-open'] as const) === 'fail-open',
+    backendTimeoutMs:
+      positiveSeconds('backendTimeout', options.backendTimeout, DEFAULT_BACKEND_TIMEOUT) * 1000,
     errorFormat: oneOf('errorFormat', options.errorFormat, ['detail', 'problem'] as const),
     onEvent: functionOption('onEvent', options.onEvent),
   };

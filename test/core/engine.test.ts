@@ -531,11 +531,16 @@ describe('IdempotencyEngine', () => {
         );
         const ticket = await beginTicket(engine, 'store-fails');
         const settled = Promise.resolve(engine.finish(ticket, response()));
+        // Four attempts while the response waits (about 1.3 s), then it may go out.
         await elapse(1400);
         await expect(settled).resolves.toBeUndefined();
         expect(spy.calls.complete).toBe(4);
+        expect(events).toHaveLength(0);
+        // Then in the background, 2 s later (the next, 4 s later, would outlast the lease): one more attempt.
+        await elapse(3000);
+        expect(spy.calls.complete).toBe(5);
         expect(spy.calls.release).toBe(0);
-        expect(spy.calls.renew).toBeGreaterThanOrEqual(1);
+        expect(spy.calls.renew).toBeGreaterThanOrEqual(2);
         expect(events).toHaveLength(1);
         expect(events[0]).toMatchObject({ outcome: 'store-failed', status: 201 });
         const error = events[0]!.error as IdempotencyError;
@@ -569,9 +574,32 @@ describe('IdempotencyEngine', () => {
         }).not.toThrow();
         await elapse(1400);
         await settled;
+        // The background attempts last as long as the lease (60 s by default).
+        await elapse(62_000);
         expect(events.map((event) => event.outcome)).toEqual(['store-failed']);
         expect((await beginReply(engine, 'store-throws')).status).toBe(409);
       });
+    });
+
+    it('stores the response in the background when the backend comes back after the response went out', async () => {
+      vi.useFakeTimers();
+      let down = true;
+      const { engine, events, spy } = setup(
+        {},
+        {
+          complete: (key, token, record, ttl) =>
+            down ? Promise.reject(new Error('restarting')) : spy.inner.complete(key, token, record, ttl),
+        },
+      );
+      const ticket = await beginTicket(engine, 'comes-back');
+      const settled = Promise.resolve(engine.finish(ticket, response()));
+      await elapse(1400);
+      await settled;
+      expect((await beginReply(engine, 'comes-back')).status).toBe(409);
+      down = false;
+      await elapse(2100);
+      expect(events.map((event) => event.outcome)).toEqual(['conflict', 'executed']);
+      expect((await beginReply(engine, 'comes-back')).replayed).toBe(true);
     });
 
     it('reports lease-lost when the backend refuses the fenced write', async () => {
@@ -699,6 +727,9 @@ describe('IdempotencyEngine', () => {
       await elapse(1400);
       await expect(settled).resolves.toBeUndefined();
       expect(spy.calls.release).toBe(4);
+      // Then in the background, 2, 4, 8, 16 s apart while the lease (60 s) lasts.
+      await elapse(62_000);
+      expect(spy.calls.release).toBe(8);
       expect(events).toHaveLength(1);
       expect(events[0]!.outcome).toBe('backend-error');
       expect((events[0]!.error as IdempotencyError).cause).toBe(failure);
@@ -721,6 +752,7 @@ describe('IdempotencyEngine', () => {
       }).not.toThrow();
       await elapse(1400);
       await settled;
+      await elapse(62_000);
       expect(events.map((event) => event.outcome)).toEqual(['backend-error']);
     });
   });
@@ -773,6 +805,59 @@ describe('IdempotencyEngine', () => {
       const problem = setup({ errorFormat: 'problem' }).engine.internalError;
       expect(problem.headers).toEqual([['content-type', 'application/problem+json']]);
       expect(JSON.parse(text(problem))).toMatchObject({ status: 500, title: 'Internal Server Error' });
+    });
+  });
+
+  describe('backendTimeout', () => {
+    const hanging = <T>() => new Promise<T>(() => {});
+
+    it('answers 503 once an acquire has not answered within backendTimeout', async () => {
+      vi.useFakeTimers();
+      const { engine, events } = setup({ backendTimeout: 1.5 }, { acquire: hanging });
+      const result = begin(engine, 'hung');
+      await elapse(1600);
+      const reply = (await result) as EngineReply;
+      expect(reply.status).toBe(503);
+      expect((events[0]!.error as IdempotencyError).code).toBe('ERR_IDEMPOTENCY_BACKEND_TIMEOUT');
+    });
+
+    it('runs the handler without idempotency, fail-open, once an acquire hangs', async () => {
+      vi.useFakeTimers();
+      const { engine } = setup({ onBackendError: 'fail-open' }, { acquire: hanging });
+      const result = begin(engine, 'hung');
+      await elapse(2100);
+      expect(await result).toEqual({ kind: 'pass' });
+    });
+
+    it('releases at once the lock of an acquire that answered after its caller gave up', async () => {
+      vi.useFakeTimers();
+      const { engine, spy } = setup({}, {});
+      let answer!: () => void;
+      spy.overrides.acquire = (key, fingerprint, lease) =>
+        new Promise((resolve) => {
+          answer = () => resolve(spy.inner.acquire(key, fingerprint, lease));
+        });
+      const result = begin(engine, 'late');
+      await elapse(2100);
+      expect(((await result) as EngineReply).status).toBe(503);
+      answer();
+      await elapse(1);
+      expect(spy.calls.release).toBe(1);
+      spy.overrides.acquire = undefined;
+      expect(await begin(engine, 'late')).toBeInstanceOf(Ticket);
+    });
+
+    it('treats a store that hangs like one that failed', async () => {
+      vi.useFakeTimers();
+      const { engine, spy } = setup({ backendTimeout: 1 }, { complete: hanging });
+      const ticket = await beginTicket(engine, 'store-hangs');
+      const settled = Promise.resolve(engine.finish(ticket, response()));
+      await elapse(1100);
+      expect(spy.calls.complete).toBe(2);
+      await elapse(5000);
+      await settled;
+      expect(spy.calls.complete).toBeGreaterThanOrEqual(4);
+      expect((await beginReply(engine, 'store-hangs')).status).toBe(409);
     });
   });
 
