@@ -33,9 +33,13 @@ process.once('exit', () => {
 /**
  * Starts the example with `node --import tsx` (so the process's pid is the server's) and resolves once it prints
  * the URL it listens on. `env` is added to this process's environment; `PORT` defaults to 0 (a free port).
+ * `script` (relative to the repository) runs another server that prints the same `Listening on` line.
  */
-export function startExample(env: Record<string, string>): Promise<ExampleProcess> {
-  const child = spawn(process.execPath, ['--import', 'tsx', 'examples/express/server.ts'], {
+export function startExample(
+  env: Record<string, string>,
+  script = 'examples/express/server.ts',
+): Promise<ExampleProcess> {
+  const child = spawn(process.execPath, ['--import', 'tsx', script], {
     cwd: ROOT,
     env: { ...process.env, PORT: '0', HOST: '127.0.0.1', ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
