@@ -90,6 +90,8 @@ export class MemoryBackend implements Backend {
   #sweeper: ReturnType<typeof setInterval> | undefined;
   #closed = false;
   #bytes = 0;
+  /** Who waits for each key's lock to end ({@link watch}), woken in this process by complete and release. */
+  readonly #watchers = new Map<string, Set<() => void>>();
   #tokenSequence = 0;
   #lastFullSweep = 0;
 
@@ -157,6 +159,7 @@ export class MemoryBackend implements Backend {
     const lock = this.#locks.get(key);
     if (lock?.token !== token) return false;
     this.#deleteLock(key, lock);
+    this.#wake(key);
     const entry = entryOf(key, record, ttlMs === null ? Number.POSITIVE_INFINITY : Date.now() + ttlMs);
     this.#records.set(key, entry);
     this.#bytes += entry.bytes;
@@ -167,7 +170,28 @@ export class MemoryBackend implements Backend {
     const lock = this.#locks.get(key);
     if (lock?.token !== token) return false;
     this.#deleteLock(key, lock);
+    this.#wake(key);
     return true;
+  }
+
+  /** Resolves once the key's lock is completed or released in this backend, or `signal` aborts. */
+  watch(key: string, signal: AbortSignal): Promise<void> {
+    return new Promise((resolve) => {
+      if (signal.aborted) return resolve();
+      let watchers = this.#watchers.get(key);
+      if (watchers === undefined) {
+        watchers = new Set();
+        this.#watchers.set(key, watchers);
+      }
+      const done = () => {
+        watchers.delete(done);
+        if (watchers.size === 0 && this.#watchers.get(key) === watchers) this.#watchers.delete(key);
+        signal.removeEventListener('abort', done);
+        resolve();
+      };
+      watchers.add(done);
+      signal.addEventListener('abort', done, { once: true });
+    });
   }
 
   renew(key: string, token: string, leaseMs: number): boolean {
@@ -209,6 +233,12 @@ export class MemoryBackend implements Backend {
       'ERR_IDEMPOTENCY_BACKEND_FULL',
       `MemoryBackend is full (${this.size} of ${this.#maxEntries} entries, ${this.#bytes} of ${this.#maxBytes} bytes); unexpired records are never evicted`,
     );
+  }
+
+  #wake(key: string): void {
+    if (this.#watchers.size === 0) return;
+    const watchers = this.#watchers.get(key);
+    if (watchers !== undefined) for (const wake of [...watchers]) wake();
   }
 
   #fits(bytes: number): boolean {

@@ -53,6 +53,8 @@ export interface PgClientLike {
   query(text: string, values?: unknown[]): Promise<PgResultLike>;
   /** Gives the connection back; with an error, the pool discards it. */
   release(error?: Error | boolean): void;
+  /** `pg`'s events: `'notification'` (`{ channel, payload }`) and `'error'`, for `notifications`. */
+  on?(event: string, listener: (...args: never[]) => void): unknown;
 }
 
 /**
@@ -107,6 +109,14 @@ export interface PostgresBackendOptions {
    * @default false
    */
   transactional?: boolean;
+  /**
+   * Announces every stored response and released lock with `NOTIFY`, and listens for them on one connection
+   * checked out of `pool` (held for the backend's life), so that duplicates waiting with
+   * `onConflict: 'wait'` are woken at once, in any process, instead of polling. Turn it on in every process that
+   * shares the table. Costs that one connection, and a notification per store and release.
+   * @default false
+   */
+  notifications?: boolean;
 }
 
 /**
@@ -178,6 +188,8 @@ interface Statements {
   readonly acquire: string;
   readonly complete: string;
   readonly release: string;
+  /** The notification channel, when notifications are on. */
+  readonly channel: string | undefined;
   readonly renew: string;
   readonly sweep: string;
 }
@@ -185,9 +197,18 @@ interface Statements {
 // Time is the database's: every statement reads statement_timestamp(), one instant for the whole statement (unlike
 // clock_timestamp(), which moves while it runs), taken by the server that all processes share. Process clocks
 // never decide whether a lease lapsed.
-function statements(parts: string[]): Statements {
+function statements(parts: string[], notify: boolean): Statements {
   const table = quoted(parts);
+  const channel = notify ? `idempotency_${parts.join('_')}`.slice(0, 63) : undefined;
+  // With notifications, the write runs in a CTE and the notification is sent only for a row it changed: the
+  // statement's row count stays the write's. The payload is the key's hash, in hex, as `watch` listens for it.
+  const notifying = (write: string) =>
+    channel === undefined
+      ? write
+      : `WITH done AS (${write} RETURNING key_hash)
+SELECT pg_notify('${channel}', encode(key_hash, 'hex')) FROM done`;
   return {
+    channel,
     // Runs only when the table is missing, so that an existing table is not locked by every process that starts
     // (CREATE INDEX IF NOT EXISTS takes a lock on the table before it finds the index exists).
     create: `DO $$ BEGIN
@@ -243,14 +264,17 @@ FROM (VALUES (1)) AS one LEFT JOIN live ON true`,
     FOR UPDATE SKIP LOCKED
   )
 )
-UPDATE ${table}
+${notifyingUpdate(
+  channel,
+  `UPDATE ${table}
 SET fingerprint = $3::bytea, token = NULL, expires_at = statement_timestamp() + $4::float8 ${MS},
   status = $5::smallint, headers = $6::text, body = $7::bytea, created_at = $8::bigint
 WHERE key_hash = $1::bytea AND token = $2::uuid`,
+)}`,
 
     // Atomicity: the token check and the DELETE are one statement, so a late release cannot free a key another
     // request has taken since; a completed record has no token and is never released.
-    release: `DELETE FROM ${table} WHERE key_hash = $1::bytea AND token = $2::uuid`,
+    release: notifying(`DELETE FROM ${table} WHERE key_hash = $1::bytea AND token = $2::uuid`),
 
     // Atomicity: the token check and the new lease end are one UPDATE; a lease another request took over (new
     // token) or that was swept is not revived.
@@ -264,6 +288,16 @@ WHERE key_hash = $1::bytea AND token = $2::uuid`,
   FOR UPDATE SKIP LOCKED
 )`,
   };
+}
+
+/**
+ * The complete statement's UPDATE, with its notification: it already is a statement with a `WITH` (the sweep),
+ * so the notifying part joins that `WITH` rather than nesting another.
+ */
+function notifyingUpdate(channel: string | undefined, update: string): string {
+  if (channel === undefined) return update;
+  return `, done AS (${update} RETURNING key_hash)
+SELECT pg_notify('${channel}', encode(key_hash, 'hex')) FROM done`;
 }
 
 /** The row the acquire statement returns. */
@@ -302,6 +336,12 @@ export class PostgresBackend implements TransactionalBackend {
   /** Whether the table is known to exist: set once created (or when `createTable` is off). */
   #ready: boolean;
   #creating: Promise<void> | undefined;
+  /** Who waits for each key (by its hash, in hex) to be stored or released, woken by `LISTEN`. */
+  readonly #watchers = new Map<string, Set<() => void>>();
+  /** The listening connection, once `LISTEN` was sent; `undefined` until the first {@link watch}. */
+  #listening: Promise<PgClientLike> | undefined;
+  /** Whether {@link #listening} has resolved: `LISTEN` is in place. */
+  #listenReady = false;
 
   constructor(options: PostgresBackendOptions) {
     const {
@@ -309,6 +349,7 @@ export class PostgresBackend implements TransactionalBackend {
       table = DEFAULT_POSTGRES_TABLE,
       createTable = true,
       transactional = false,
+      notifications = false,
     } = options ?? ({} as Partial<PostgresBackendOptions>);
     if (typeof pool !== 'object' || pool === null || typeof (pool as PgPoolLike).query !== 'function') {
       throw invalidOption('pool', 'a pg Pool (an object with a query(text, values) method)', pool);
@@ -318,8 +359,12 @@ export class PostgresBackend implements TransactionalBackend {
     if (transactional && typeof pool.connect !== 'function') {
       throw invalidOption('pool', 'a pg Pool with connect(), for the transactional mode', pool);
     }
+    if (typeof notifications !== 'boolean') throw invalidOption('notifications', 'a boolean', notifications);
+    if (notifications && typeof pool.connect !== 'function') {
+      throw invalidOption('pool', 'a pg Pool with connect(), for notifications', pool);
+    }
     this.transactional = transactional;
-    this.#sql = statements(parseTableName(table, true));
+    this.#sql = statements(parseTableName(table, true), notifications);
     this.#pool = pool;
     this.#ready = !createTable;
   }
@@ -428,6 +473,77 @@ export class PostgresBackend implements TransactionalBackend {
     if (!this.#ready) await this.#createTable();
     const result = await this.#pool.query(this.#sql.renew, [keyHash(key), token, wholeMilliseconds(leaseMs)]);
     return result.rowCount === 1;
+  }
+
+  /**
+   * Resolves once the key may have been stored or released, as announced by `NOTIFY` from any process (with
+   * `notifications` on), or once `signal` aborts. Without `notifications`, `undefined`: the key is polled.
+   */
+  watch(key: string, signal: AbortSignal): Promise<void> | undefined {
+    const channel = this.#sql.channel;
+    if (channel === undefined) return undefined;
+    return new Promise((resolve) => {
+      if (signal.aborted) return resolve();
+      const hash = keyHash(key).toString('hex');
+      let watchers = this.#watchers.get(hash);
+      if (watchers === undefined) {
+        watchers = new Set();
+        this.#watchers.set(hash, watchers);
+      }
+      const done = () => {
+        watchers.delete(done);
+        if (watchers.size === 0 && this.#watchers.get(hash) === watchers) this.#watchers.delete(hash);
+        signal.removeEventListener('abort', done);
+        resolve();
+      };
+      watchers.add(done);
+      signal.addEventListener('abort', done, { once: true });
+      // Until the connection listens, a notification could pass unheard: a watch begun before `LISTEN` is in
+      // place (or failed) wakes its waiter then, to look again.
+      if (!this.#listenReady) (this.#listening ?? this.#listen(channel)).then(done, done);
+    });
+  }
+
+  /** Stops listening (with `notifications`) and gives the listening connection back to the pool. */
+  async close(): Promise<void> {
+    const listening = this.#listening;
+    this.#listening = undefined;
+    this.#listenReady = false;
+    if (listening === undefined) return;
+    const client = await listening.catch(() => undefined);
+    client?.release(true);
+  }
+
+  #listen(channel: string): Promise<PgClientLike> {
+    const listening = (async () => {
+      const client = await this.#pool.connect!();
+      client.on?.('notification', ((message: { channel?: string; payload?: string }) => {
+        if (message.channel !== channel || message.payload === undefined) return;
+        const watchers = this.#watchers.get(message.payload);
+        if (watchers !== undefined) for (const wake of [...watchers]) wake();
+      }) as never);
+      // A listening connection that breaks is given up; the next watch opens another.
+      client.on?.('error', (() => {
+        if (this.#listening === listening) {
+          this.#listening = undefined;
+          this.#listenReady = false;
+        }
+        client.release(true);
+      }) as never);
+      try {
+        await client.query(`LISTEN "${channel}"`);
+      } catch (error) {
+        client.release(true);
+        throw error;
+      }
+      this.#listenReady = true;
+      return client;
+    })();
+    listening.catch(() => {
+      if (this.#listening === listening) this.#listening = undefined;
+    });
+    this.#listening = listening;
+    return listening;
   }
 
   /**

@@ -14,6 +14,7 @@ import { type EngineReply, errorReply, headerValue, storedHeaders } from './resp
 import type {
   AcquireResult,
   Awaitable,
+  Backend,
   BackendTransaction,
   HeaderPair,
   IdempotencyRecord,
@@ -151,6 +152,8 @@ const RETRY_DELAYS_MS: readonly number[] = [50, 250, 1000];
  * gets the response stored, or the key released, instead of leaving retries at 409 until the lease lapses.
  */
 const BACKGROUND_RETRY_FIRST_MS = 2000;
+/** How often `onConflict: 'wait'` looks again at a key whose backend cannot tell when it changes. */
+const WAIT_POLL_MS = 200;
 /** How many key hashes taken ahead (asynchronous hashing with `onEvent`) are kept for the events to come. */
 const KEY_HASHES_KEPT = 1024;
 /** Weight of the newest duration in the running estimate behind `Retry-After`. */
@@ -453,10 +456,7 @@ export class IdempotencyEngine<Req = unknown> {
       return this.#acquireFailed(error, storageKey, method, startedAt);
     }
     if (!isPromise(answer)) return this.#decide(answer, key, storageKey, fingerprint, method, startedAt);
-    // An acquire that succeeds after its caller gave up took a lock nobody will use: free it at once.
-    answer = this.#bounded(answer, (late) => {
-      if (late.state === 'acquired') Promise.resolve(backend.release(storageKey, late.token)).catch(noop);
-    });
+    answer = this.#bounded(answer, releaseLateLock(backend, storageKey));
     return answer.then(
       (result) => this.#decide(result, key, storageKey, fingerprint, method, startedAt),
       (error) => this.#acquireFailed(error, storageKey, method, startedAt),
@@ -470,6 +470,7 @@ export class IdempotencyEngine<Req = unknown> {
     fingerprint: string,
     method: string,
     startedAt: number,
+    waited = false,
   ): Awaitable<BeginResult> {
     switch (result.state) {
       case 'acquired': {
@@ -481,6 +482,9 @@ export class IdempotencyEngine<Req = unknown> {
       case 'completed':
         return this.#replay(result.record.response, key, storageKey, method, startedAt);
       case 'in-flight':
+        if (this.options.waitOnConflict && !waited) {
+          return this.#waitForHolder(key, storageKey, fingerprint, method, startedAt, result.retryAfterMs);
+        }
         this.#emit('conflict', storageKey, method, 409, startedAt);
         return errorReply(
           this.options.errorFormat,
@@ -495,6 +499,56 @@ export class IdempotencyEngine<Req = unknown> {
           422,
           `Idempotency key '${key}' was already used for a different request`,
         );
+    }
+  }
+
+  /**
+   * `onConflict: 'wait'`: waits for the request that holds the key, up to `waitTimeout`, then answers as the key
+   * stands (the replay, a run of its own if the holder released the key, 422, or 409 if it still runs). Each round
+   * starts watching the key before it looks again, so that a holder finishing in between is not missed; a backend
+   * without `watch` is looked at again every {@link WAIT_POLL_MS}.
+   */
+  async #waitForHolder(
+    key: string,
+    storageKey: string,
+    fingerprint: string,
+    method: string,
+    startedAt: number,
+    leaseLeftMs: number,
+  ): Promise<BeginResult> {
+    const backend = this.options.backend;
+    const deadline = Date.now() + this.options.waitTimeoutMs;
+    for (;;) {
+      // A holder that stops renewing sends no notification: its lease's end is a reason to look again too.
+      const remaining = Math.min(deadline - Date.now(), leaseLeftMs + 1);
+      const stop = new AbortController();
+      const watched = backend.watch?.(storageKey, stop.signal);
+      const round = watched === undefined ? Math.min(remaining, WAIT_POLL_MS) : remaining;
+      const timer = setTimeout(() => stop.abort(), Math.max(0, round));
+      const woken =
+        watched ??
+        new Promise<void>((resolve) =>
+          stop.signal.addEventListener('abort', () => resolve(), { once: true }),
+        );
+      let result: AcquireResult;
+      try {
+        const answer = backend.acquire(storageKey, fingerprint, this.options.lockTimeoutMs);
+        result = isPromise(answer)
+          ? await this.#bounded(answer, releaseLateLock(backend, storageKey))
+          : answer;
+      } catch (error) {
+        clearTimeout(timer);
+        stop.abort();
+        return this.#acquireFailed(error, storageKey, method, startedAt);
+      }
+      if (result.state !== 'in-flight' || Date.now() >= deadline) {
+        clearTimeout(timer);
+        stop.abort();
+        return this.#decide(result, key, storageKey, fingerprint, method, startedAt, true);
+      }
+      leaseLeftMs = result.retryAfterMs;
+      await woken;
+      clearTimeout(timer);
     }
   }
 
@@ -909,6 +963,13 @@ export class IdempotencyEngine<Req = unknown> {
       report();
     }, report);
   }
+}
+
+/** An acquire that succeeds after its caller gave up took a lock nobody will use: it is freed at once. */
+function releaseLateLock(backend: Backend, storageKey: string): (late: AcquireResult) => void {
+  return (late) => {
+    if (late.state === 'acquired') Promise.resolve(backend.release(storageKey, late.token)).catch(noop);
+  };
 }
 
 function isEventStream(contentType: string | undefined): boolean {

@@ -169,6 +169,20 @@ export interface IdempotencyOptions<Req = unknown> {
    */
   onBackendError?: 'fail-closed' | 'fail-open';
   /**
+   * A repeat that arrives while the first request with its key is still running: `'reject'` answers 409 at once
+   * (with `Retry-After`); `'wait'` waits up to `waitTimeout` for the first to finish and answers with its stored
+   * response (or runs, if the first released the key), and 409 only after the wait. Waiters are woken by the
+   * backend's notification where it has one (memory; Redis and PostgreSQL with `notifications: true`), else by
+   * polling.
+   * @default 'reject'
+   */
+  onConflict?: 'reject' | 'wait';
+  /**
+   * Seconds a repeat waits with `onConflict: 'wait'` before it gets 409.
+   * @default 10
+   */
+  waitTimeout?: number;
+  /**
    * Seconds a backend call may take before it counts as failed (`onBackendError` then applies; a store or release
    * is tried again): the middleware bounds a hung backend itself, whatever its client's settings. A lock taken by
    * an acquire that answers too late is released at once.
@@ -201,6 +215,8 @@ export const DEFAULT_MAX_KEY_LENGTH = 255;
 export const DEFAULT_MAX_REQUEST_BYTES = 1_048_576;
 /** Default of {@link IdempotencyOptions.maxResponseBytes}: 1 MiB. */
 export const DEFAULT_MAX_RESPONSE_BYTES = 1_048_576;
+/** Default of {@link IdempotencyOptions.waitTimeout}, in seconds. */
+export const DEFAULT_WAIT_TIMEOUT = 10;
 /** Default of {@link IdempotencyOptions.backendTimeout}, in seconds. */
 export const DEFAULT_BACKEND_TIMEOUT = 2;
 /** Default of {@link IdempotencyOptions.releaseStatuses}. */
@@ -231,6 +247,8 @@ export interface ResolvedOptions<Req> {
   maxRequestBytes: number;
   failOpen: boolean;
   backendTimeoutMs: number;
+  waitOnConflict: boolean;
+  waitTimeoutMs: number;
   errorFormat: 'detail' | 'problem';
   onEvent: ((event: IdempotencyEvent) => void) | undefined;
 }
@@ -259,6 +277,8 @@ const OPTION_NAMES: Record<keyof IdempotencyOptions, true> = {
   maxRequestBytes: true,
   onBackendError: true,
   backendTimeout: true,
+  onConflict: true,
+  waitTimeout: true,
   errorFormat: true,
   onEvent: true,
 };
@@ -318,6 +338,8 @@ export function resolveOptions<Req>(options: IdempotencyOptions<Req>): ResolvedO
       oneOf('onBackendError', options.onBackendError, ['fail-closed', 'fail-open'] as const) === 'fail-open',
     backendTimeoutMs:
       positiveSeconds('backendTimeout', options.backendTimeout, DEFAULT_BACKEND_TIMEOUT) * 1000,
+    waitOnConflict: oneOf('onConflict', options.onConflict, ['reject', 'wait'] as const) === 'wait',
+    waitTimeoutMs: positiveSeconds('waitTimeout', options.waitTimeout, DEFAULT_WAIT_TIMEOUT) * 1000,
     errorFormat: oneOf('errorFormat', options.errorFormat, ['detail', 'problem'] as const),
     onEvent: functionOption('onEvent', options.onEvent),
   };

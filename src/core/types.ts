@@ -83,6 +83,13 @@ export interface Backend {
    * @returns `false` when the token no longer holds the key.
    */
   renew(key: string, token: string, leaseMs: number): Awaitable<boolean>;
+  /**
+   * Optional: resolves once the key's lock may have ended (stored, released) — woken by the backend's own
+   * notification, in any process — or once `signal` aborts. Never rejects. Used by `onConflict: 'wait'`, which
+   * looks the key up again after it resolves. `undefined` (or no `watch` at all): this backend cannot tell, and
+   * the key is polled instead.
+   */
+  watch?(key: string, signal: AbortSignal): Promise<void> | undefined;
 }
 
 /**

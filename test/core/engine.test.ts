@@ -808,6 +808,97 @@ describe('IdempotencyEngine', () => {
     });
   });
 
+  describe("onConflict: 'wait'", () => {
+    function waiting(options: Partial<IdempotencyOptions<FakeRequest>> = {}) {
+      const backend = memory();
+      const events: IdempotencyEvent[] = [];
+      const engine = new IdempotencyEngine<FakeRequest>(
+        { backend, onConflict: 'wait', onEvent: (event) => events.push(event), ...options },
+        { sha256: nodeSha256 },
+      );
+      return { engine, backend, events };
+    }
+
+    it('answers a repeat with the replay as soon as the first request finishes', async () => {
+      const { engine } = waiting();
+      const ticket = await beginTicket(engine, 'k');
+      const repeat = begin(engine, 'k');
+      await sleep(30);
+      const finishedAt = performance.now();
+      await engine.finish(ticket, response(201, '{"first":true}'));
+      const reply = (await repeat) as EngineReply;
+      expect(performance.now() - finishedAt).toBeLessThan(50);
+      expect(reply.replayed).toBe(true);
+      expect(text(reply)).toBe('{"first":true}');
+    });
+
+    it('answers 50 waiters with the one stored response, woken together', async () => {
+      const { engine, events } = waiting();
+      const ticket = await beginTicket(engine, 'many');
+      const waiters = Array.from({ length: 50 }, () => begin(engine, 'many'));
+      await sleep(20);
+      await engine.finish(ticket, response(201, '{"once":true}'));
+      const replies = (await Promise.all(waiters)) as EngineReply[];
+      expect(replies.every((reply) => reply.replayed && text(reply) === '{"once":true}')).toBe(true);
+      expect(events.filter((event) => event.outcome === 'executed')).toHaveLength(1);
+      expect(events.filter((event) => event.outcome === 'replayed')).toHaveLength(50);
+    });
+
+    it('answers 409 once waitTimeout passed and the first still runs', async () => {
+      const { engine } = waiting({ waitTimeout: 0.2 });
+      const ticket = await beginTicket(engine, 'long');
+      const startedAt = performance.now();
+      const reply = (await begin(engine, 'long')) as EngineReply;
+      expect(reply.status).toBe(409);
+      expect(performance.now() - startedAt).toBeGreaterThanOrEqual(190);
+      engine.fail(ticket);
+    });
+
+    it('lets one waiter run when the first released the key, and the others wait for it', async () => {
+      const { engine } = waiting();
+      const first = await beginTicket(engine, 'released');
+      const waiters = [begin(engine, 'released'), begin(engine, 'released')];
+      await sleep(10);
+      await engine.finish(first, response(503));
+      const [a, b] = await Promise.race([
+        Promise.all([waiters[0]!, Promise.resolve(undefined)]),
+        Promise.all([waiters[1]!, Promise.resolve(undefined)]),
+      ]);
+      expect(a).toBeInstanceOf(Ticket);
+      expect(b).toBeUndefined();
+      await engine.finish(a as Ticket, response(201, '{"second":true}'));
+      const results = await Promise.all(waiters);
+      const replays = results.filter((result) => result !== a) as EngineReply[];
+      expect(replays).toHaveLength(1);
+      expect(text(replays[0]!)).toBe('{"second":true}');
+    });
+
+    it('polls a backend that cannot notify, and still answers with the replay', async () => {
+      const { engine, spy } = setup({ onConflict: 'wait' });
+      const ticket = await beginTicket(engine, 'polled');
+      const repeat = begin(engine, 'polled');
+      await sleep(50);
+      await engine.finish(ticket, response(201, '{"polled":true}'));
+      const reply = (await repeat) as EngineReply;
+      expect(reply.replayed).toBe(true);
+      expect(spy.calls.acquire).toBeGreaterThanOrEqual(3);
+    });
+
+    it("looks again when a crashed holder's lease lapses, and runs", async () => {
+      const { engine, backend } = waiting({ lockTimeout: 1, waitTimeout: 5 });
+      // The holder took the lock and died: no notification will come.
+      expect(
+        backend.acquire('-crashed', computeFingerprint('POST', '/orders', BODY, nodeSha256) as string, 300)
+          .state,
+      ).toBe('acquired');
+      const startedAt = performance.now();
+      const result = await begin(engine, 'crashed');
+      expect(result).toBeInstanceOf(Ticket);
+      expect(performance.now() - startedAt).toBeLessThan(1000);
+      engine.fail(result as Ticket);
+    });
+  });
+
   describe('backendTimeout', () => {
     const hanging = <T>() => new Promise<T>(() => {});
 
