@@ -539,6 +539,33 @@ export function describeAdapterContract(name: string, config: AdapterContractCon
         expect(app.runs('/slow')).toBe(1);
       });
 
+      it("makes duplicates wait for the first request with onConflict: 'wait', and answers them with its response", async () => {
+        const app = await start({ onConflict: 'wait', waitTimeout: 5 });
+        const key = randomUUID();
+        const first = app.send('/slow', { key, body });
+        await app.gate.started.promise;
+        const duplicates = Array.from({ length: 10 }, () => app.send('/slow', { key, body }));
+        await sleep(100);
+        app.gate.release();
+        const original = await first;
+        expectFresh(original, 201);
+        for (const duplicate of await Promise.all(duplicates)) expectReplayOf(duplicate, original);
+        expect(app.runs('/slow')).toBe(1);
+      });
+
+      it('answers 409 after waitTimeout when the first request still runs', async () => {
+        const app = await start({ onConflict: 'wait', waitTimeout: 0.3 });
+        const key = randomUUID();
+        const first = app.send('/slow', { key, body });
+        await app.gate.started.promise;
+        const startedAt = Date.now();
+        const duplicate = await app.send('/slow', { key, body });
+        expect(duplicate.status).toBe(409);
+        expect(Date.now() - startedAt).toBeGreaterThanOrEqual(250);
+        app.gate.release();
+        expectFresh(await first, 201);
+      });
+
       it('runs the handler exactly once for 30 parallel identical requests', async () => {
         const app = await start();
         const key = randomUUID();
