@@ -13,6 +13,7 @@ export const entries = {
   postgres: 'src/backends/postgres.ts',
   mysql: 'src/backends/mysql.ts',
   sqlite: 'src/backends/sqlite.ts',
+  opentelemetry: 'src/opentelemetry.ts',
 };
 
 export default defineConfig({

@@ -68,6 +68,10 @@ export class Ticket implements RequestIdempotency {
   transaction: BackendTransaction | undefined;
   /** What the handler writes through: the transaction's connection (see {@link RequestIdempotency.db}). */
   db: unknown;
+  /** Milliseconds spent waiting for the backend on this request's behalf, for events. */
+  backendMs = 0;
+  /** When the current store or release was sent (`performance.now()`). */
+  writeStartedAt = 0;
   #controller: AbortController | undefined;
 
   constructor(
@@ -450,15 +454,37 @@ export class IdempotencyEngine<Req = unknown> {
   ): Awaitable<BeginResult> {
     let answer: Awaitable<AcquireResult>;
     const backend = this.options.backend;
+    const sentAt = performance.now();
     try {
       answer = backend.acquire(storageKey, fingerprint, this.options.lockTimeoutMs);
     } catch (error) {
       return this.#acquireFailed(error, storageKey, method, startedAt);
     }
-    if (!isPromise(answer)) return this.#decide(answer, key, storageKey, fingerprint, method, startedAt);
+    if (!isPromise(answer)) {
+      return this.#decide(
+        answer,
+        key,
+        storageKey,
+        fingerprint,
+        method,
+        startedAt,
+        false,
+        performance.now() - sentAt,
+      );
+    }
     answer = this.#bounded(answer, releaseLateLock(backend, storageKey));
     return answer.then(
-      (result) => this.#decide(result, key, storageKey, fingerprint, method, startedAt),
+      (result) =>
+        this.#decide(
+          result,
+          key,
+          storageKey,
+          fingerprint,
+          method,
+          startedAt,
+          false,
+          performance.now() - sentAt,
+        ),
       (error) => this.#acquireFailed(error, storageKey, method, startedAt),
     );
   }
@@ -471,21 +497,23 @@ export class IdempotencyEngine<Req = unknown> {
     method: string,
     startedAt: number,
     waited = false,
+    backendMs = 0,
   ): Awaitable<BeginResult> {
     switch (result.state) {
       case 'acquired': {
         const ticket = new Ticket(key, storageKey, result.token, fingerprint, method, startedAt);
+        ticket.backendMs = backendMs;
         this.#holdLease(ticket);
         if (this.#transactional !== undefined) return this.#openTransaction(this.#transactional, ticket);
         return ticket;
       }
       case 'completed':
-        return this.#replay(result.record.response, key, storageKey, method, startedAt);
+        return this.#replay(result.record.response, key, storageKey, method, startedAt, backendMs);
       case 'in-flight':
         if (this.options.waitOnConflict && !waited) {
           return this.#waitForHolder(key, storageKey, fingerprint, method, startedAt, result.retryAfterMs);
         }
-        this.#emit('conflict', storageKey, method, 409, startedAt);
+        this.#emit('conflict', storageKey, method, 409, startedAt, undefined, false, backendMs);
         return errorReply(
           this.options.errorFormat,
           409,
@@ -493,7 +521,7 @@ export class IdempotencyEngine<Req = unknown> {
           [['retry-after', String(this.#retryAfterSeconds(result.retryAfterMs))]],
         );
       case 'mismatch':
-        this.#emit('mismatch', storageKey, method, 422, startedAt);
+        this.#emit('mismatch', storageKey, method, 422, startedAt, undefined, false, backendMs);
         return errorReply(
           this.options.errorFormat,
           422,
@@ -581,16 +609,17 @@ export class IdempotencyEngine<Req = unknown> {
     storageKey: string,
     method: string,
     startedAt: number,
+    backendMs: number,
   ): EngineReply {
     if (response === null) {
-      this.#emit('not-replayable', storageKey, method, 410, startedAt);
+      this.#emit('not-replayable', storageKey, method, 410, startedAt, undefined, false, backendMs);
       return errorReply(
         this.options.errorFormat,
         410,
         `The request with idempotency key '${key}' already ran, but its response was too large to store or a stream; it cannot be replayed`,
       );
     }
-    this.#emit('replayed', storageKey, method, response.status, startedAt);
+    this.#emit('replayed', storageKey, method, response.status, startedAt, undefined, false, backendMs);
     return {
       kind: 'reply',
       status: response.status,
@@ -734,6 +763,7 @@ export class IdempotencyEngine<Req = unknown> {
         return rolledBack.then(() => this.#write(ticket, record, status, outcome, retry));
     }
     const { backend, expiryMs } = this.options;
+    ticket.writeStartedAt = performance.now();
     let result: Awaitable<boolean>;
     try {
       result =
@@ -760,6 +790,7 @@ export class IdempotencyEngine<Req = unknown> {
     outcome: IdempotencyOutcome | undefined,
   ): void {
     this.#leases.delete(ticket);
+    ticket.backendMs += performance.now() - ticket.writeStartedAt;
     if (outcome === undefined) return;
     // A release that finds the lock gone is as good as done; a store that does is a lost lease.
     this.#emitFor(ticket, record === undefined || held ? outcome : 'lease-lost', status);
@@ -919,6 +950,7 @@ export class IdempotencyEngine<Req = unknown> {
       ticket.startedAt,
       error,
       ticket.clientGoneAt !== undefined,
+      ticket.backendMs,
     );
   }
 
@@ -930,6 +962,7 @@ export class IdempotencyEngine<Req = unknown> {
     startedAt: number,
     error?: unknown,
     clientGone?: boolean,
+    backendMs?: number,
   ): void {
     const onEvent = this.options.onEvent;
     if (onEvent === undefined) return;
@@ -942,6 +975,7 @@ export class IdempotencyEngine<Req = unknown> {
     };
     if (error !== undefined) event.error = error;
     if (clientGone) event.clientGone = true;
+    if (backendMs !== undefined) event.backendMs = backendMs;
     const report = () => {
       try {
         onEvent(event);

@@ -55,6 +55,8 @@ export interface IdempotencyEvent {
   durationMs: number;
   /** The backend error, for `backend-error` and `store-failed`. */
   error?: unknown;
+  /** Milliseconds spent waiting for the backend on the request's behalf (lookup, store or release). */
+  backendMs?: number;
   /**
    * `true` when the client had gone away (timed out, disconnected) before its response was complete. The
    * request still ran to the end and its outcome stands: a retry gets 409 meanwhile and the replay after.

@@ -1268,8 +1268,11 @@ describe('IdempotencyEngine', () => {
         method: 'POST',
         status: 201,
         durationMs: expect.any(Number),
+        backendMs: expect.any(Number),
       });
       expect(event!.durationMs).toBeGreaterThanOrEqual(4);
+      expect(event!.backendMs).toBeGreaterThanOrEqual(0);
+      expect(event!.backendMs).toBeLessThan(event!.durationMs);
     });
 
     it('has its exceptions swallowed', async () => {

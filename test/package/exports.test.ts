@@ -41,6 +41,7 @@ const PROMISED: Record<string, string[]> = {
   './postgres': ['PostgresBackend', 'postgresSchema'],
   './mysql': ['MysqlBackend', 'mysqlSchema'],
   './sqlite': ['SqliteBackend', 'sqliteSchema'],
+  './opentelemetry': ['openTelemetry'],
 };
 
 const requireFromRepo = createRequire(join(REPO_ROOT, 'package.json'));
