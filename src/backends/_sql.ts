@@ -193,3 +193,34 @@ export function contended(database: string): IdempotencyError {
     `${database}: the key changed hands between every read and write of ${MAX_ACQUIRE_ATTEMPTS} attempts to acquire it`,
   );
 }
+
+/**
+ * A backend's one-time set-up (creating its table, finding out what the server supports): the first caller runs
+ * it, concurrent callers share that attempt, and a failed attempt is forgotten so that the next call tries again.
+ * `done` is read on every operation, so that a set-up that succeeded costs nothing more.
+ */
+export class SetUpOnce {
+  /** Whether the set-up has succeeded (or was not needed). */
+  done: boolean;
+  readonly #run: () => Promise<void>;
+  #attempt: Promise<void> | undefined;
+
+  constructor(run: () => Promise<void>, done = false) {
+    this.#run = run;
+    this.done = done;
+  }
+
+  /** Runs the set-up, or joins the attempt under way. */
+  ensure(): Promise<void> {
+    this.#attempt ??= this.#run().then(
+      () => {
+        this.done = true;
+      },
+      (error: unknown) => {
+        this.#attempt = undefined;
+        throw error;
+      },
+    );
+    return this.#attempt;
+  }
+}

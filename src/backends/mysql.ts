@@ -12,6 +12,7 @@ import {
   MAX_ACQUIRE_ATTEMPTS,
   newToken,
   parseTableName,
+  SetUpOnce,
   SWEEP_BATCH_ROWS,
   SWEEP_CALL_BATCH_ROWS,
   tokenBytes,
@@ -300,8 +301,8 @@ export class MysqlBackend implements Backend {
   /** Whether acquire uses {@link Statements.upsert}; `undefined` until detected. */
   #returning: boolean | undefined;
   /** Whether the table exists and `#returning` is known. */
-  #ready: boolean;
-  #settingUp: Promise<void> | undefined;
+  /** Creates the table and finds out whether the server has RETURNING, once. */
+  readonly #setUp: SetUpOnce;
   #completes = 0;
   #sweeping = false;
 
@@ -328,11 +329,11 @@ export class MysqlBackend implements Backend {
     this.#pool = promisePool;
     this.#createTable = createTable;
     this.#returning = returning;
-    this.#ready = !createTable && returning !== undefined;
+    this.#setUp = new SetUpOnce(() => this.#runSetUp(), !createTable && returning !== undefined);
   }
 
   async acquire(key: string, fingerprint: string, leaseMs: number): Promise<AcquireResult> {
-    if (!this.#ready) await this.#setUp();
+    if (!this.#setUp.done) await this.#setUp.ensure();
     const hash = keyHash(key);
     const fingerprintValue = fingerprintBytes(fingerprint);
     const lease = micro(leaseMs);
@@ -391,7 +392,7 @@ export class MysqlBackend implements Backend {
   ): Promise<boolean> {
     const tokenValue = tokenBytes(token);
     if (tokenValue === undefined) return false;
-    if (!this.#ready) await this.#setUp();
+    if (!this.#setUp.done) await this.#setUp.ensure();
     const response = record.response;
     const header = await this.#query(this.#sql.complete, [
       fingerprintBytes(record.fingerprint),
@@ -411,14 +412,14 @@ export class MysqlBackend implements Backend {
   async release(key: string, token: string): Promise<boolean> {
     const tokenValue = tokenBytes(token);
     if (tokenValue === undefined) return false;
-    if (!this.#ready) await this.#setUp();
+    if (!this.#setUp.done) await this.#setUp.ensure();
     return matchedRows(await this.#query(this.#sql.release, [keyHash(key), tokenValue])) === 1;
   }
 
   async renew(key: string, token: string, leaseMs: number): Promise<boolean> {
     const tokenValue = tokenBytes(token);
     if (tokenValue === undefined) return false;
-    if (!this.#ready) await this.#setUp();
+    if (!this.#setUp.done) await this.#setUp.ensure();
     const header = await this.#query(this.#sql.renew, [micro(leaseMs), keyHash(key), tokenValue]);
     return matchedRows(header) === 1;
   }
@@ -429,7 +430,7 @@ export class MysqlBackend implements Backend {
    * scheduled job after a burst of traffic followed by silence.
    */
   async sweep(): Promise<number> {
-    if (!this.#ready) await this.#setUp();
+    if (!this.#setUp.done) await this.#setUp.ensure();
     let deleted = 0;
     for (;;) {
       const { found, removed } = await this.#sweepBatch(SWEEP_CALL_BATCH_ROWS);
@@ -460,23 +461,6 @@ export class MysqlBackend implements Backend {
   async #query(sql: string, values: unknown[]): Promise<unknown> {
     const [result] = await this.#pool.query({ sql, rowsAsArray: false }, values);
     return result;
-  }
-
-  /**
-   * Creates the table and finds out whether the server has RETURNING, once: concurrent callers share the attempt,
-   * and a failed attempt is retried next time.
-   */
-  #setUp(): Promise<void> {
-    this.#settingUp ??= this.#runSetUp().then(
-      () => {
-        this.#ready = true;
-      },
-      (error: unknown) => {
-        this.#settingUp = undefined;
-        throw error;
-      },
-    );
-    return this.#settingUp;
   }
 
   async #runSetUp(): Promise<void> {

@@ -18,6 +18,7 @@ import {
   MAX_ACQUIRE_ATTEMPTS,
   newToken,
   parseTableName,
+  SetUpOnce,
   SWEEP_BATCH_ROWS,
   SWEEP_CALL_BATCH_ROWS,
   unexpectedRow,
@@ -333,9 +334,8 @@ export class PostgresBackend implements TransactionalBackend {
   readonly transactional: boolean;
   readonly #pool: PgPoolLike;
   readonly #sql: Statements;
-  /** Whether the table is known to exist: set once created (or when `createTable` is off). */
-  #ready: boolean;
-  #creating: Promise<void> | undefined;
+  /** Creates the table once, unless `createTable` is off. */
+  readonly #setUp: SetUpOnce;
   /** Who waits for each key (by its hash, in hex) to be stored or released, woken by `LISTEN`. */
   readonly #watchers = new Map<string, Set<() => void>>();
   /** The listening connection, once `LISTEN` was sent; `undefined` until the first {@link watch}. */
@@ -366,11 +366,11 @@ export class PostgresBackend implements TransactionalBackend {
     this.transactional = transactional;
     this.#sql = statements(parseTableName(table, true), notifications);
     this.#pool = pool;
-    this.#ready = !createTable;
+    this.#setUp = new SetUpOnce(() => this.#runCreate(), !createTable);
   }
 
   async acquire(key: string, fingerprint: string, leaseMs: number): Promise<AcquireResult> {
-    if (!this.#ready) await this.#createTable();
+    if (!this.#setUp.done) await this.#setUp.ensure();
     const hash = keyHash(key);
     const fingerprintValue = fingerprintBytes(fingerprint);
     const lease = wholeMilliseconds(leaseMs);
@@ -400,7 +400,7 @@ export class PostgresBackend implements TransactionalBackend {
    * its connection to the handler, stores the response in it, and commits or rolls back.
    */
   async openTransaction(): Promise<BackendTransaction> {
-    if (!this.#ready) await this.#createTable();
+    if (!this.#setUp.done) await this.#setUp.ensure();
     const client = await this.#pool.connect!();
     try {
       await client.query('BEGIN');
@@ -446,7 +446,7 @@ export class PostgresBackend implements TransactionalBackend {
     ttlMs: number | null,
   ): Promise<boolean> {
     if (!isToken(token)) return false;
-    if (!this.#ready) await this.#createTable();
+    if (!this.#setUp.done) await this.#setUp.ensure();
     const response = record.response;
     const result = await on.query(this.#sql.complete, [
       keyHash(key),
@@ -463,14 +463,14 @@ export class PostgresBackend implements TransactionalBackend {
 
   async release(key: string, token: string): Promise<boolean> {
     if (!isToken(token)) return false;
-    if (!this.#ready) await this.#createTable();
+    if (!this.#setUp.done) await this.#setUp.ensure();
     const result = await this.#pool.query(this.#sql.release, [keyHash(key), token]);
     return result.rowCount === 1;
   }
 
   async renew(key: string, token: string, leaseMs: number): Promise<boolean> {
     if (!isToken(token)) return false;
-    if (!this.#ready) await this.#createTable();
+    if (!this.#setUp.done) await this.#setUp.ensure();
     const result = await this.#pool.query(this.#sql.renew, [keyHash(key), token, wholeMilliseconds(leaseMs)]);
     return result.rowCount === 1;
   }
@@ -552,27 +552,13 @@ export class PostgresBackend implements TransactionalBackend {
    * burst of traffic followed by silence.
    */
   async sweep(): Promise<number> {
-    if (!this.#ready) await this.#createTable();
+    if (!this.#setUp.done) await this.#setUp.ensure();
     let deleted = 0;
     for (;;) {
       const { rowCount } = await this.#pool.query(this.#sql.sweep);
       deleted += rowCount ?? 0;
       if ((rowCount ?? 0) < SWEEP_CALL_BATCH_ROWS) return deleted;
     }
-  }
-
-  /** Creates the table once; concurrent callers share the attempt, and a failed attempt is retried next time. */
-  #createTable(): Promise<void> {
-    this.#creating ??= this.#runCreate().then(
-      () => {
-        this.#ready = true;
-      },
-      (error: unknown) => {
-        this.#creating = undefined;
-        throw error;
-      },
-    );
-    return this.#creating;
   }
 
   async #runCreate(): Promise<void> {
