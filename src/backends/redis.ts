@@ -144,74 +144,61 @@ function script(lua: string): Script {
   return { lua, sha: createHash('sha1').update(lua).digest('hex') };
 }
 
-// Storage layout: one Redis hash per idempotency key, at `prefix + key`, so that every script touches exactly one
-// key (one hash slot: Cluster safe) and a lock turns into its record in place.
-//   in flight: state=lock,  token, fingerprint;                                   key TTL = the lease
-//   completed: state=done,  fingerprint, status, headers (JSON), body (raw bytes), createdAt; key TTL = expiry
-// A crashed process's lock lapses with the key's TTL; nothing else needs cleaning up.
+// Storage layout: one Redis string per idempotency key, at `prefix + key`, so that every step touches exactly one
+// key (one hash slot: Cluster safe) and a lock turns into its record in place. The value is packed:
+//   in flight: L<token>\n<lease end, ms since the epoch> <lease ms>\n<fingerprint>           key TTL = the lease
+//   completed: D<fingerprint bytes> <createdAt> <status or -> <headers bytes>\n<fingerprint><headers JSON><body>
+//              (a record remembered without its response: status `-`, no headers, no body)  key TTL = expiry
+// One value rather than a hash of fields: a step reads or writes it with one plain command (SET, GET), where a
+// hash took a command per field and its TTL another. A crashed process's lock lapses with the key's TTL; nothing
+// else needs cleaning up.
 
-// Atomicity: Redis runs a script to completion with no other command in between, so reading the key's state and
-// taking the lock are one step: of N concurrent acquires on a free key exactly one sees it free. HSET and PEXPIRE
-// run in the same step, so a lock never exists without its lease. The token is made by the caller (ARGV[3]) so
-// the script stays deterministic.
-// KEYS[1] = the key; ARGV = fingerprint, lease ms, new token.
-const ACQUIRE = script(`local key = KEYS[1]
-local entry = redis.call('HMGET', key, 'state', 'fingerprint')
-local state = entry[1]
-if not state then
-  redis.call('HSET', key, 'state', 'lock', 'token', ARGV[3], 'fingerprint', ARGV[1])
-  redis.call('PEXPIRE', key, ARGV[2])
-  return {'acquired'}
+// Acquire is not a script: `SET key <lock> NX PX <lease> GET` (Redis 7+) takes the key if it is free and returns
+// what holds it otherwise, in one atomic command: of N concurrent acquires on a free key exactly one gets nil
+// back. The lock carries its lease, so a lapsed lock is simply gone. Before Redis 7, where SET refuses NX with
+// GET, the same step runs as this script (GET, then SET only if there was nothing: atomic, as every script is).
+// KEYS[1] = the key; ARGV = lock value, lease ms.
+const ACQUIRE = script(`local value = redis.call('GET', KEYS[1])
+if value then
+  return value
 end
-if entry[2] ~= ARGV[1] then
-  return {'mismatch'}
-end
-if state == 'lock' then
-  local ttl = redis.call('PTTL', key)
-  if ttl < 1 then ttl = 1 end
-  return {'in-flight', ttl}
-end
-local record = redis.call('HMGET', key, 'status', 'headers', 'body', 'createdAt')
-return {'completed', record[1], record[2], record[3], record[4]}`);
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false`);
 
 // Atomicity: the token check and the write are one step, so a request whose lease lapsed (its key expired or was
-// taken over by another token) cannot overwrite anything. DEL + HSET replace the lock by the record and drop the
-// lease's TTL in the same step; PEXPIRE then sets the record's expiry (none when ARGV[2] is empty), so the record
-// never exists without its expiry and never outlives it.
-// KEYS[1] = the key; ARGV = token, ttl ms or '', fingerprint, createdAt, then status, headers, body (absent for a
-// request remembered without its response).
-const COMPLETE = script(`local key = KEYS[1]
-if redis.call('HGET', key, 'token') ~= ARGV[1] then
+// taken over by another token) cannot overwrite anything. The SET replaces the lock by the record and its TTL by
+// the record's expiry (none: a SET without PX clears it), so the record never outlives its expiry.
+// KEYS[1] = the key; ARGV = 'L' .. token .. '\n' (the lock's first bytes), record value, ttl ms or ''.
+const COMPLETE = script(`local value = redis.call('GET', KEYS[1])
+if not value or string.sub(value, 1, #ARGV[1]) ~= ARGV[1] then
   return 0
 end
-redis.call('DEL', key)
-if ARGV[5] then
-  redis.call('HSET', key, 'state', 'done', 'fingerprint', ARGV[3], 'createdAt', ARGV[4], 'status', ARGV[5],
-    'headers', ARGV[6], 'body', ARGV[7])
+if ARGV[3] == '' then
+  redis.call('SET', KEYS[1], ARGV[2])
 else
-  redis.call('HSET', key, 'state', 'done', 'fingerprint', ARGV[3], 'createdAt', ARGV[4])
-end
-if ARGV[2] ~= '' then
-  redis.call('PEXPIRE', key, ARGV[2])
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 end
 return 1`);
 
 // Atomicity: the token check and the DEL are one step, so a late release cannot free a key another request has
-// taken since; a completed record has no token field, so it is never released by mistake.
-// KEYS[1] = the key; ARGV = token.
-const RELEASE = script(`if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then
+// taken since; a completed record starts with D, so it is never released by mistake.
+// KEYS[1] = the key; ARGV = 'L' .. token .. '\n'.
+const RELEASE = script(`local value = redis.call('GET', KEYS[1])
+if not value or string.sub(value, 1, #ARGV[1]) ~= ARGV[1] then
   return 0
 end
 redis.call('DEL', KEYS[1])
 return 1`);
 
-// Atomicity: the token check and the PEXPIRE are one step, so only the current holder's lease is extended; a
-// lapsed lease (the key expired) is not revived.
-// KEYS[1] = the key; ARGV = token, lease ms.
-const RENEW = script(`if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then
+// Atomicity: the token check and the SET are one step, so only the current holder's lease is extended; a lapsed
+// lease (the key expired) is not revived. The lock is rewritten with its new lease end, fingerprint kept.
+// KEYS[1] = the key; ARGV = 'L' .. token .. '\n', lease ms, lease end.
+const RENEW = script(`local value = redis.call('GET', KEYS[1])
+if not value or string.sub(value, 1, #ARGV[1]) ~= ARGV[1] then
   return 0
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local rest = string.find(value, '\\n', #ARGV[1] + 1, true)
+redis.call('SET', KEYS[1], ARGV[1] .. ARGV[3] .. ' ' .. ARGV[2] .. string.sub(value, rest), 'PX', ARGV[2])
 return 1`);
 
 /** RESP type bytes of node-redis v5+'s `RESP_TYPES.BLOB_STRING` and `SIMPLE_STRING`, mapped to `Buffer`. */
@@ -221,8 +208,9 @@ const MISMATCH: AcquireResult = Object.freeze({ state: 'mismatch' });
 
 /**
  * Keeps keys, locks and responses in Redis, shared by every process that uses the same server or cluster.
- * Each method is one Lua script on one key: one round trip (EVALSHA; after a `SCRIPT FLUSH` or on a new server,
- * one more to send the script with EVAL), atomic and Cluster safe.
+ * Each method is one atomic step on one key, in one round trip: `acquire` a plain `SET … NX PX … GET` (a Lua
+ * script before Redis 7), `complete`, `release` and `renew` a Lua script (EVALSHA; after a `SCRIPT FLUSH` or on a
+ * new server, one more round trip to send the script with EVAL). Cluster safe.
  *
  * Works with `ioredis` (`Redis`, `Cluster`) and `redis` (node-redis v4+ client, pool, cluster or sentinel);
  * neither is imported, the client is recognised by its shape. Client errors reject the returned promise
@@ -266,6 +254,8 @@ export class RedisBackend implements Backend {
   readonly #send: Send;
   readonly #prefix: string;
   #evictionChecked = false;
+  /** Whether the server takes `SET … NX GET` (Redis 7+); cleared by the first syntax error. */
+  #setGet = true;
 
   constructor(options: RedisBackendOptions) {
     const { redis, prefix = DEFAULT_REDIS_PREFIX } = options ?? ({} as Partial<RedisBackendOptions>);
@@ -283,26 +273,27 @@ export class RedisBackend implements Backend {
   }
 
   async acquire(key: string, fingerprint: string, leaseMs: number): Promise<AcquireResult> {
+    const redisKey = this.#prefix + key;
     if (!this.#evictionChecked) {
       this.#evictionChecked = true;
-      void this.#warnIfEvicting(this.#prefix + key);
+      void this.#warnIfEvicting(redisKey);
     }
     const token = randomUUID();
-    const reply = await this.#run(ACQUIRE, key, [fingerprint, milliseconds(leaseMs), token]);
-    const fields = Array.isArray(reply) ? reply : [];
-    const state = fields.length > 0 ? text(fields[0]) : undefined;
-    switch (state) {
-      case 'acquired':
-        return { state, token };
-      case 'in-flight':
-        return { state, retryAfterMs: Number(text(fields[1])) };
-      case 'mismatch':
-        return MISMATCH;
-      case 'completed':
-        return { state, record: recordFrom(fingerprint, fields) };
-      default:
-        throw unexpectedReply('acquire', reply);
+    const lease = milliseconds(leaseMs);
+    const lock = `L${token}\n${Date.now() + Number(lease)} ${lease}\n${fingerprint}`;
+    let reply: unknown;
+    if (this.#setGet) {
+      try {
+        reply = await this.#send(redisKey, ['SET', redisKey, lock, 'NX', 'PX', lease, 'GET']);
+      } catch (error) {
+        // Before Redis 7, SET does not take NX with GET: from now on, the script does the same.
+        if (!isSyntaxError(error)) throw error;
+        this.#setGet = false;
+      }
     }
+    if (!this.#setGet) reply = await this.#run(ACQUIRE, redisKey, [lock, lease]);
+    if (reply === null || reply === undefined) return { state: 'acquired', token };
+    return heldBy(fingerprint, value(reply));
   }
 
   async complete(
@@ -311,30 +302,26 @@ export class RedisBackend implements Backend {
     record: IdempotencyRecord,
     ttlMs: number | null,
   ): Promise<boolean> {
-    const response = record.response;
-    const reply = await this.#run(COMPLETE, key, [
-      token,
+    const reply = await this.#run(COMPLETE, this.#prefix + key, [
+      lockHead(token),
+      packRecord(record),
       ttlMs === null ? '' : milliseconds(ttlMs),
-      record.fingerprint,
-      String(record.createdAt),
-      // A request remembered without its response stores no status, headers or body.
-      ...(response === null
-        ? []
-        : [
-            String(response.status),
-            JSON.stringify(response.headers),
-            Buffer.from(response.body.buffer, response.body.byteOffset, response.body.byteLength),
-          ]),
     ]);
     return flag('complete', reply);
   }
 
   async release(key: string, token: string): Promise<boolean> {
-    return flag('release', await this.#run(RELEASE, key, [token]));
+    return flag('release', await this.#run(RELEASE, this.#prefix + key, [lockHead(token)]));
   }
 
   async renew(key: string, token: string, leaseMs: number): Promise<boolean> {
-    return flag('renew', await this.#run(RENEW, key, [token, milliseconds(leaseMs)]));
+    const lease = milliseconds(leaseMs);
+    const reply = await this.#run(RENEW, this.#prefix + key, [
+      lockHead(token),
+      lease,
+      String(Date.now() + Number(lease)),
+    ]);
+    return flag('renew', reply);
   }
 
   /**
@@ -361,8 +348,7 @@ export class RedisBackend implements Backend {
   }
 
   /** Runs a cached script in one round trip; only if Redis lost it (NOSCRIPT), sends it once more with EVAL. */
-  async #run(script: Script, key: string, args: RedisArgument[]): Promise<unknown> {
-    const redisKey = this.#prefix + key;
+  async #run(script: Script, redisKey: string, args: RedisArgument[]): Promise<unknown> {
     try {
       return await this.#send(redisKey, ['EVALSHA', script.sha, '1', redisKey, ...args]);
     } catch (error) {
@@ -372,17 +358,74 @@ export class RedisBackend implements Backend {
   }
 }
 
-/** The record in an acquire reply: `completed`, status, headers, body, createdAt (status absent: no response). */
-function recordFrom(fingerprint: string, fields: unknown[]): IdempotencyRecord {
-  const status = fields[1];
-  return {
-    fingerprint,
-    createdAt: Number(text(fields[4])),
-    response:
-      status === null || status === undefined
-        ? null
-        : { status: Number(text(status)), headers: parseHeaders(text(fields[2])), body: bytes(fields[3]) },
-  };
+/** The first bytes of a lock taken with `token`: what complete, release and renew compare. */
+function lockHead(token: string): string {
+  return `L${token}\n`;
+}
+
+/** A completed record as one value: a header line of lengths and numbers, then fingerprint, headers and body. */
+function packRecord(record: IdempotencyRecord): Buffer {
+  const { response, fingerprint, createdAt } = record;
+  const fingerprintBytes = Buffer.byteLength(fingerprint);
+  if (response === null) {
+    return Buffer.from(`D${fingerprintBytes} ${createdAt} - 0\n${fingerprint}`);
+  }
+  const headers = JSON.stringify(response.headers);
+  const head = `D${fingerprintBytes} ${createdAt} ${response.status} ${Buffer.byteLength(headers)}\n${fingerprint}${headers}`;
+  const headBytes = Buffer.byteLength(head);
+  const packed = Buffer.allocUnsafe(headBytes + response.body.byteLength);
+  packed.write(head, 0);
+  packed.set(response.body, headBytes);
+  return packed;
+}
+
+/**
+ * What an acquire found holding the key: a lock (in flight) or a record (completed), either `mismatch` if its
+ * fingerprint differs. The Retry-After hint of a lock is its lease end by the holder's clock, within its lease.
+ */
+function heldBy(fingerprint: string, held: Buffer): AcquireResult {
+  const newline = held.indexOf(10);
+  if (held[0] === 0x4c /* L */ && newline !== -1) {
+    const second = held.indexOf(10, newline + 1);
+    if (second !== -1) {
+      if (held.toString('utf8', second + 1) !== fingerprint) return MISMATCH;
+      const [end, lease] = held
+        .toString('latin1', newline + 1, second)
+        .split(' ')
+        .map(Number);
+      if (Number.isFinite(end) && Number.isFinite(lease)) {
+        return { state: 'in-flight', retryAfterMs: Math.min(lease!, Math.max(1, end! - Date.now())) };
+      }
+    }
+  } else if (held[0] === 0x44 /* D */ && newline !== -1) {
+    const [fingerprintBytes, createdAt, status, headersBytes] = held
+      .toString('latin1', 1, newline)
+      .split(' ')
+      .map((field) => (field === '-' ? Number.NaN : Number(field)));
+    const headersAt = newline + 1 + fingerprintBytes!;
+    const bodyAt = headersAt + headersBytes!;
+    if (Number.isInteger(createdAt) && Number.isInteger(headersBytes) && bodyAt <= held.byteLength) {
+      if (held.toString('utf8', newline + 1, headersAt) !== fingerprint) return MISMATCH;
+      return {
+        state: 'completed',
+        record: {
+          fingerprint,
+          createdAt: createdAt!,
+          response: Number.isInteger(status)
+            ? {
+                status: status!,
+                headers: parseHeaders(held.toString('utf8', headersAt, bodyAt)),
+                body: held.subarray(bodyAt),
+              }
+            : null,
+        },
+      };
+    }
+  }
+  throw new IdempotencyError(
+    'ERR_IDEMPOTENCY_BACKEND',
+    `The Redis key holds a value RedisBackend did not write (${held.byteLength} bytes): is another program using the prefix?`,
+  );
 }
 
 /** A `CONFIG GET` reply's value for `name`: a flat list (RESP2), or a map (RESP3), of Buffers or strings. */
@@ -427,23 +470,22 @@ function isNoScript(error: unknown): boolean {
   return error instanceof Error && error.message.startsWith('NOSCRIPT');
 }
 
+function isSyntaxError(error: unknown): boolean {
+  return error instanceof Error && /^ERR syntax error/i.test(error.message);
+}
+
 /** PEXPIRE takes whole milliseconds, at least 1 (0 would delete the key). */
 function milliseconds(ms: number): string {
   return String(Math.max(1, Math.ceil(ms)));
 }
 
-function text(value: unknown): string {
-  if (Buffer.isBuffer(value)) return value.toString('utf8');
-  if (typeof value === 'string' || typeof value === 'number' || typeof value === 'bigint')
-    return String(value);
-  throw unexpectedReply('read', value);
-}
-
-function bytes(value: unknown): Uint8Array {
-  if (value instanceof Uint8Array) return value;
+/** A value read from Redis, as bytes. */
+function value(reply: unknown): Buffer {
+  if (Buffer.isBuffer(reply)) return reply;
+  if (reply instanceof Uint8Array) return Buffer.from(reply.buffer, reply.byteOffset, reply.byteLength);
   // A client that ignored the request for Buffer replies: only correct for UTF-8 text bodies.
-  if (typeof value === 'string') return Buffer.from(value, 'utf8');
-  throw unexpectedReply('read', value);
+  if (typeof reply === 'string') return Buffer.from(reply, 'utf8');
+  throw unexpectedReply('acquire', reply);
 }
 
 function parseHeaders(json: string): HeaderPair[] {

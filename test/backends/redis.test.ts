@@ -72,6 +72,22 @@ function countingIoredis(redis: Redis): CountingClient {
   return { calls, client };
 }
 
+/** An ioredis client that refuses `SET … NX … GET` as servers before Redis 7 do (NX and GET together). */
+function withoutSetNxGet(redis: Redis): CountingClient {
+  const calls: string[][] = [];
+  const client: IoredisClientLike = {
+    callBuffer(command, ...args) {
+      calls.push([command, ...args.map(String)]);
+      const words = args.map((arg) => String(arg).toUpperCase());
+      if (command === 'SET' && words.includes('NX') && words.includes('GET')) {
+        return Promise.reject(new Error('ERR syntax error'));
+      }
+      return redis.callBuffer(command, ...args);
+    },
+  };
+  return { calls, client };
+}
+
 function countingNodeRedis(redis: NodeRedisClientLike): CountingClient {
   const calls: string[][] = [];
   const client: NodeRedisClientLike = {
@@ -89,6 +105,18 @@ describe.runIf(redisUp)('RedisBackend', () => {
     const prefix = uniquePrefix('ioredis');
     return {
       backend: new RedisBackend({ redis, prefix }),
+      async teardown() {
+        await deleteKeysWithPrefix(redis, prefix);
+        await redis.quit();
+      },
+    };
+  });
+
+  describeBackendContract('RedisBackend on a server without SET NX GET (before Redis 7)', async () => {
+    const redis = new Redis(REDIS_URL);
+    const prefix = uniquePrefix('pre-7');
+    return {
+      backend: new RedisBackend({ redis: withoutSetNxGet(redis).client, prefix }),
       async teardown() {
         await deleteKeysWithPrefix(redis, prefix);
         await redis.quit();
@@ -132,18 +160,20 @@ describe.runIf(redisUp)('RedisBackend', () => {
     ] as const;
 
     describe('key layout', () => {
-      it('keeps a lock at exactly prefix + key, as a hash whose TTL is the lease', async () => {
+      it('keeps a lock at exactly prefix + key, as a string (token, lease, fingerprint) whose TTL is the lease', async () => {
         const backend = new RedisBackend({ redis: admin, prefix });
         const key = `layout:${randomUUID()}`;
+        const before = Date.now();
         const result = await backend.acquire(key, FINGERPRINT, 5_000);
-        expect(result.state).toBe('acquired');
+        if (result.state !== 'acquired') throw new Error('not acquired');
         expect(await keysWithPrefix(admin, `${prefix}layout:`)).toEqual([prefix + key]);
-        expect(await admin.type(prefix + key)).toBe('hash');
-        expect(await admin.hgetall(prefix + key)).toEqual({
-          state: 'lock',
-          token: result.state === 'acquired' ? result.token : undefined,
-          fingerprint: FINGERPRINT,
-        });
+        expect(await admin.type(prefix + key)).toBe('string');
+        const lock = /^L(.+)\n(\d+) (\d+)\n(.*)$/s.exec((await admin.get(prefix + key))!);
+        expect(lock?.[1]).toBe(result.token);
+        expect(Number(lock?.[2])).toBeGreaterThanOrEqual(before + 5_000);
+        expect(Number(lock?.[2])).toBeLessThanOrEqual(Date.now() + 5_000);
+        expect(lock?.[3]).toBe('5000');
+        expect(lock?.[4]).toBe(FINGERPRINT);
         const ttl = await admin.pttl(prefix + key);
         expect(ttl).toBeGreaterThan(0);
         expect(ttl).toBeLessThanOrEqual(5_000);
@@ -157,23 +187,26 @@ describe.runIf(redisUp)('RedisBackend', () => {
         const record = makeRecord(randomBytes(1024));
         expect(await backend.complete(key, acquired.token, record, 90_000)).toBe(true);
 
-        const stored = await admin.hgetallBuffer(prefix + key);
-        expect(Object.keys(stored).sort()).toEqual([
-          'body',
-          'createdAt',
-          'fingerprint',
-          'headers',
-          'state',
-          'status',
-        ]);
-        expect(stored.state?.toString()).toBe('done');
-        expect(stored.body?.equals(Buffer.from(record.response!.body))).toBe(true);
-        expect(stored.status?.toString()).toBe('201');
-        expect(JSON.parse(stored.headers!.toString())).toEqual(record.response!.headers);
-        expect(Number(stored.createdAt?.toString())).toBe(record.createdAt);
+        const stored = (await admin.getBuffer(prefix + key))!;
+        const headers = JSON.stringify(record.response!.headers);
+        const head = `D${FINGERPRINT.length} ${record.createdAt} 201 ${headers.length}\n${FINGERPRINT}${headers}`;
+        expect(stored.subarray(0, head.length).toString()).toBe(head);
+        expect(stored.subarray(head.length).equals(Buffer.from(record.response!.body))).toBe(true);
         const ttl = await admin.pttl(prefix + key);
         expect(ttl).toBeGreaterThan(LEASE_MS);
         expect(ttl).toBeLessThanOrEqual(90_000);
+      });
+
+      it('stores a record remembered without its response as its header line and fingerprint only', async () => {
+        const backend = new RedisBackend({ redis: admin, prefix });
+        const key = `layout:${randomUUID()}`;
+        const acquired = await backend.acquire(key, FINGERPRINT, LEASE_MS);
+        if (acquired.state !== 'acquired') throw new Error('not acquired');
+        const record: IdempotencyRecord = { fingerprint: FINGERPRINT, createdAt: Date.now(), response: null };
+        expect(await backend.complete(key, acquired.token, record, 60_000)).toBe(true);
+        expect(await admin.get(prefix + key)).toBe(
+          `D${FINGERPRINT.length} ${record.createdAt} - 0\n${FINGERPRINT}`,
+        );
       });
 
       it('stores a record completed with ttlMs null without any expiry', async () => {
@@ -220,9 +253,14 @@ describe.runIf(redisUp)('RedisBackend', () => {
         await backend.complete(key, result.token, makeRecord(), 60_000);
         await backend.acquire(key, FINGERPRINT, LEASE_MS);
         await backend.release(key, result.token);
-        const scripts = calls.filter(([command]) => command !== 'CONFIG');
-        expect(scripts.length).toBeGreaterThanOrEqual(6);
-        for (const [command, , numberOfKeys, redisKey] of scripts) {
+        const commands = calls.filter(([command]) => command !== 'CONFIG');
+        expect(commands.length).toBeGreaterThanOrEqual(6);
+        for (const [command, ...args] of commands) {
+          if (command === 'SET') {
+            expect(args[0]).toBe(prefix + key);
+            continue;
+          }
+          const [, numberOfKeys, redisKey] = args;
           expect(['EVALSHA', 'EVAL']).toContain(command);
           expect(numberOfKeys).toBe('1');
           expect(redisKey).toBe(prefix + key);
@@ -270,9 +308,40 @@ describe.runIf(redisUp)('RedisBackend', () => {
           ).toBe(1);
           expect(await roundTrips(() => backend.complete(key, token, makeRecord(), 60_000))).toBe(1);
           expect(await roundTrips(() => backend.acquire(key, FINGERPRINT, LEASE_MS))).toBe(1); // replay
-          expect(calls.slice(-7).every(([command]) => command === 'EVALSHA')).toBe(true);
+          // acquire and replay are a plain SET … NX GET; the fenced steps are scripts.
+          expect(calls.slice(-7).map(([command]) => command)).toEqual([
+            'SET',
+            'SET',
+            'EVALSHA',
+            'EVALSHA',
+            'SET',
+            'EVALSHA',
+            'SET',
+          ]);
         },
       );
+    });
+
+    describe('servers before Redis 7', () => {
+      it('switches acquire to a script after the first refusal of SET NX GET, and never sends it again', async () => {
+        const { client, calls } = withoutSetNxGet(admin);
+        const backend = new RedisBackend({ redis: client, prefix });
+        const key = `pre-7:${randomUUID()}`;
+        const acquired = await backend.acquire(key, FINGERPRINT, LEASE_MS);
+        if (acquired.state !== 'acquired') throw new Error('not acquired');
+        expect(commandsSince(calls, 0)[0]).toBe('SET');
+        let before = calls.length;
+        expect((await backend.acquire(key, FINGERPRINT, LEASE_MS)).state).toBe('in-flight');
+        expect(commandsSince(calls, before)).toEqual(['EVALSHA']);
+        expect(await backend.complete(key, acquired.token, makeRecord(), 60_000)).toBe(true);
+        before = calls.length;
+        const replay = await backend.acquire(key, FINGERPRINT, LEASE_MS);
+        expect(replay.state === 'completed' && Buffer.from(replay.record.response!.body).toString()).toBe(
+          '{"ok":true}',
+        );
+        expect(commandsSince(calls, before)).toEqual(['EVALSHA']);
+        expect(calls.filter(([command]) => command === 'SET')).toHaveLength(1);
+      });
     });
 
     describe('errors', () => {
@@ -282,11 +351,26 @@ describe.runIf(redisUp)('RedisBackend', () => {
           const { client } = counting();
           const backend = new RedisBackend({ redis: client, prefix });
           const key = `wrong-type:${randomUUID()}`;
-          await admin.set(prefix + key, 'not a hash');
+          await admin.hset(prefix + key, 'field', 'not a string');
           await expect(backend.acquire(key, FINGERPRINT, LEASE_MS)).rejects.toThrow(/WRONGTYPE/);
           await expect(backend.complete(key, 'token', makeRecord(), 1_000)).rejects.toThrow(/WRONGTYPE/);
           await expect(backend.release(key, 'token')).rejects.toThrow(/WRONGTYPE/);
           await expect(backend.renew(key, 'token', 1_000)).rejects.toThrow(/WRONGTYPE/);
+        },
+      );
+
+      it.each(clients)(
+        'rejects an acquire on a value it did not write, and leaves that value alone (%s)',
+        async (_name, counting) => {
+          const { client } = counting();
+          const backend = new RedisBackend({ redis: client, prefix });
+          const key = `foreign:${randomUUID()}`;
+          await admin.set(prefix + key, 'written by someone else');
+          await expect(backend.acquire(key, FINGERPRINT, LEASE_MS)).rejects.toThrow(/did not write/);
+          expect(await backend.complete(key, 'token', makeRecord(), 1_000)).toBe(false);
+          expect(await backend.release(key, 'token')).toBe(false);
+          expect(await backend.renew(key, 'token', 1_000)).toBe(false);
+          expect(await admin.get(prefix + key)).toBe('written by someone else');
         },
       );
 
@@ -390,7 +474,7 @@ describe.runIf(redisUp)('RedisBackend', () => {
         // The eviction check (CONFIG GET) goes to the node that holds the key, too.
         expect(seen).toEqual([
           { firstKey: `${prefix}k`, isReadonly: false, command: 'CONFIG' },
-          { firstKey: `${prefix}k`, isReadonly: false, command: 'EVALSHA' },
+          { firstKey: `${prefix}k`, isReadonly: false, command: 'SET' },
         ]);
       } finally {
         await deleteKeysWithPrefix(admin, prefix);
@@ -435,7 +519,7 @@ describe.runIf(redisUp)('RedisBackend', () => {
       ['ioredis', () => countingIoredis(admin)],
       ['node-redis', () => countingNodeRedis(nodeRedis)],
     ] as const)(
-      'keeps working after SCRIPT FLUSH, with one extra round trip to reload (%s)',
+      'keeps working after SCRIPT FLUSH, with one extra round trip to reload a script (%s)',
       async (_name, counting) => {
         const { client, calls } = counting();
         const backend = new RedisBackend({ redis: client, prefix: 'flush:' });
@@ -457,19 +541,18 @@ describe.runIf(redisUp)('RedisBackend', () => {
           'complete',
           async () => expect(await backend.complete(key, token, makeRecord(), 60_000)).toBe(true),
         ]);
-        for (const [, step] of steps) {
+        for (const [name, step] of steps) {
           await admin.script('FLUSH');
           const before = calls.length;
           await step();
-          // The first acquire of a backend also asks once whether the server may evict keys (CONFIG GET).
-          expect(commandsSince(calls, before)).toEqual(['EVALSHA', 'EVAL']);
+          // acquire is no script; the first acquire of a backend also asks once whether the server may evict keys
+          // (CONFIG GET).
+          expect(commandsSince(calls, before)).toEqual(name === 'acquire' ? ['SET'] : ['EVALSHA', 'EVAL']);
         }
-        // The last flush also dropped acquire's script: the first replay reloads it, the second is one round trip.
-        for (const expected of [['EVALSHA', 'EVAL'], ['EVALSHA']]) {
-          const before = calls.length;
-          expect((await backend.acquire(key, FINGERPRINT, LEASE_MS)).state).toBe('completed');
-          expect(commandsSince(calls, before)).toEqual(expected);
-        }
+        // A replay is one SET … NX GET, flushed scripts or not.
+        const before = calls.length;
+        expect((await backend.acquire(key, FINGERPRINT, LEASE_MS)).state).toBe('completed');
+        expect(commandsSince(calls, before)).toEqual(['SET']);
       },
     );
   });
