@@ -14,6 +14,7 @@
  *
  * Usage: npm run bench [-- --quick] [-- --variants express-redis,powertools-redis --modes fresh,replay]
  *   [--rounds 2 --warmup 3 --duration 8 --connections 50] [--no-race] [--redis-url redis://…] [--out path]
+ *   [--dist dir] (another build of the package, e.g. of an earlier commit, to compare)
  * Writes <out>.md, <out>.svg and <out>.json (default bench/results/latest; bench/results/partial for a --quick
  * or filtered run).
  */
@@ -182,6 +183,7 @@ const { values } = parseArgs({
     'no-race': { type: 'boolean', default: false },
     'redis-url': { type: 'string' },
     out: { type: 'string' },
+    dist: { type: 'string' },
   },
 });
 
@@ -220,6 +222,8 @@ const command = `npm run bench${process.argv.length > 2 ? ` -- ${process.argv.sl
 
 const runTag = `bench_${randomBytes(4).toString('hex')}`;
 const scratch = mkdtempSync(join(tmpdir(), 'idempotency-bench-'));
+// Inside node_modules, so that the copy resolves the peer dependencies some entries import (fastify-plugin).
+const distSnapshot = join(ROOT, 'node_modules', '.cache', 'idempotency-bench', runTag, 'dist');
 let measurementCount = 0;
 const children = new Set<ChildProcess>();
 const log = (line: string) => process.stderr.write(`${line}\n`);
@@ -247,8 +251,7 @@ if (selected.some((v) => v.kind === 'peer') && !ensurePeers()) {
 }
 
 // The servers load a copy of dist/: another build of the working tree during the run does not change what runs.
-const distSnapshot = join(scratch, 'dist');
-cpSync(join(ROOT, 'dist'), distSnapshot, { recursive: true });
+cpSync(resolve(values.dist ?? join(ROOT, 'dist')), distSnapshot, { recursive: true });
 const sqliteDir = join(scratch, 'sqlite');
 mkdirSync(sqliteDir);
 
@@ -797,6 +800,43 @@ function backendCpuText(row: Row): string {
   return fixed(row.backendCpuUs, 1);
 }
 
+/** One line per variant: the ratios in every mode, then the first-run costs. */
+function summaryTable(rows: Row[], races: RaceResult[]): string {
+  const head = [
+    'variant',
+    ...modes.map((mode) => `${mode} × bare`),
+    'fresh req/s',
+    'fresh p50 / p99 ms',
+    'server CPU µs/req fresh',
+    'backend round trips/req fresh / replay',
+    'backend CPU µs/req fresh',
+    'RSS MiB fresh',
+    ...(races.length > 0 ? [`handler runs, ${RACE.requests} racing POSTs`] : []),
+  ];
+  const lines = [`| ${head.join(' | ')} |`, `| --- |${' ---: |'.repeat(head.length - 1)}`];
+  for (const variant of selected) {
+    const row = (mode: Mode) => rows.find((r) => r.variant === variant && r.mode === mode);
+    const fresh = row('fresh');
+    const replay = row('replay');
+    const race = races.find((r) => r.variant === variant.name);
+    const cells = [
+      variant.kind === 'ours' ? `**${variant.label}**` : variant.label,
+      ...modes.map((mode) => (variant.kind === 'bare' ? '1' : fixed(row(mode)?.ratio ?? Number.NaN, 2))),
+      thousands(fresh?.rps ?? Number.NaN),
+      `${fixed(fresh?.p50 ?? Number.NaN, 0)} / ${fixed(fresh?.p99 ?? Number.NaN, 0)}`,
+      fixed(fresh?.cpuUs ?? Number.NaN, 0),
+      variant.backend && variant.backend !== 'memory'
+        ? `${fixed(fresh?.trips ?? Number.NaN, 2)} / ${fixed(replay?.trips ?? Number.NaN, 2)}`
+        : '—',
+      fresh ? backendCpuText(fresh) : '—',
+      fixed(fresh?.rssMiB ?? Number.NaN, 0),
+      ...(races.length > 0 ? [race ? String(race.runs) : '—'] : []),
+    ];
+    lines.push(`| ${cells.join(' | ')} |`);
+  }
+  return lines.join('\n');
+}
+
 function markdownTable(rows: Row[], mode: Mode): string {
   const lines = [
     '| variant | req/s | × bare | p50 ms | p99 ms | RSS MiB | server CPU µs/req | handler runs per 2xx | backend round trips/req | backend CPU µs/req | responses |',
@@ -931,6 +971,7 @@ async function cleanUp(): Promise<void> {
   await pgPool?.end().catch(() => {});
   await mysqlPool?.end().catch(() => {});
   rmSync(scratch, { recursive: true, force: true });
+  rmSync(dirname(distSnapshot), { recursive: true, force: true });
 }
 for (const signal of ['SIGINT', 'SIGTERM'] as const) {
   process.once(signal, () => {
@@ -949,14 +990,26 @@ async function main(): Promise<void> {
     `${selected.length} variants × ${modes.length} modes × ${rounds} rounds = ${total} measurements of ${warmup} s warm-up + ${duration} s, ${connections} connections${redisPrivate ? `; private Redis at ${redisUrl}` : redisUrl ? `; Redis at ${redisUrl}` : ''}`,
   );
   const measurements: Measurement[] = [];
+  const failures: string[] = [];
   let done = 0;
   for (let round = 0; round < rounds; round++) {
     for (const mode of modes) {
       const order = round % 2 === 0 ? selected : [...selected].reverse();
       for (const variant of order) {
-        const m = await measure(variant, mode, round);
-        measurements.push(m);
         done++;
+        let m: Measurement;
+        try {
+          m = await measure(variant, mode, round);
+        } catch (error) {
+          failures.push(
+            `${variant.name} ${mode} round ${round + 1}: ${(error as Error).message.split('\n')[0]}`,
+          );
+          log(
+            `[${done}/${total}] round ${round + 1} ${mode} ${variant.name} FAILED: ${(error as Error).message}`,
+          );
+          continue;
+        }
+        measurements.push(m);
         log(
           `[${done}/${total}] round ${round + 1} ${mode.padEnd(8)} ${variant.name.padEnd(27)} ${thousands(m.rps).padStart(7)} req/s  p99 ${fixed(m.p99, 0).padStart(4)} ms  ${fixed(m.cpuUs, 0).padStart(4)} µs CPU/req  others ${m.othersCores.toFixed(2)} cores${m.stderr ? `  stderr: ${m.stderr.split('\n')[0]}` : ''}`,
         );
@@ -966,12 +1019,17 @@ async function main(): Promise<void> {
   const races: RaceResult[] = [];
   if (!values['no-race']) {
     for (const variant of selected) {
-      races.push(await race(variant));
-      log(`race ${variant.name}: ${races.at(-1)!.runs} handler runs`);
+      try {
+        races.push(await race(variant));
+        log(`race ${variant.name}: ${races.at(-1)!.runs} handler runs`);
+      } catch (error) {
+        failures.push(`${variant.name} race check: ${(error as Error).message.split('\n')[0]}`);
+      }
     }
   }
   const rows = summarise(measurements);
   const others = measurements.map((m) => m.othersCores);
+  if (failures.length > 0) log(`failed:\n  ${failures.join('\n  ')}`);
   const svgPath = `${outStem}.svg`;
   const md = [
     `Measured ${started.toISOString().slice(0, 16).replace('T', ' ')} UTC on ${machineText()}, commit ${gitDescribe()}, with \`${command}\`.`,
@@ -981,6 +1039,7 @@ async function main(): Promise<void> {
     `Load from other processes during the measured windows: ${median(others).toFixed(2)} cores median (min ${Math.min(...others).toFixed(2)}, max ${Math.max(...others).toFixed(2)}) of ${cpus().length}; load average ${load1.toFixed(2)} at the start, ${loadavg()[0]!.toFixed(2)} at the end.`,
     '',
   ];
+  md.push('### Summary', '', summaryTable(rows, races), '');
   for (const mode of modes) {
     const heading = {
       fresh: 'fresh: a new key with every request',
@@ -989,6 +1048,7 @@ async function main(): Promise<void> {
     }[mode];
     md.push(`### ${heading}`, '', markdownTable(rows, mode), '');
   }
+  if (failures.length > 0) md.push('Failed measurements:', '', ...failures.map((f) => `- ${f}`), '');
   const redis = redisTable(rows);
   if (redis)
     md.push(
