@@ -22,10 +22,18 @@ export {
   type PassResult,
   type RequestIdempotency,
   type ResponsePlan,
+  storageKeyOf,
   type Ticket,
 } from './core/engine.js';
 export { IdempotencyError, type IdempotencyErrorCode } from './core/errors.js';
 export type { RequestBody } from './core/fingerprint.js';
+export {
+  type ForgetOptions,
+  type ForgetResult,
+  forgetKey,
+  inspectKey,
+  type KeyLocation,
+} from './core/operator.js';
 export {
   DEFAULT_APPLICABLE_METHODS,
   DEFAULT_EXPIRY,
@@ -47,10 +55,15 @@ export type {
   AcquireResult,
   Awaitable,
   Backend,
+  BackendTransaction,
+  CompletedKeyState,
   CompletedResult,
   HeaderPair,
   IdempotencyRecord,
+  InFlightKeyState,
   InFlightResult,
+  KeyState,
   MismatchResult,
   StoredResponse,
+  TransactionalBackend,
 } from './core/types.js';

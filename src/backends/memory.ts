@@ -1,5 +1,5 @@
 import { IdempotencyError, invalidOption } from '../core/errors.js';
-import type { AcquireResult, Backend, HeaderPair, IdempotencyRecord } from '../core/types.js';
+import type { AcquireResult, Backend, HeaderPair, IdempotencyRecord, KeyState } from '../core/types.js';
 
 /** Options of {@link MemoryBackend}. */
 export interface MemoryBackendOptions {
@@ -198,6 +198,41 @@ export class MemoryBackend implements Backend {
     const lock = this.#locks.get(key);
     if (lock === undefined || lock.token !== token) return false;
     lock.leaseEndsAt = Date.now() + leaseMs;
+    return true;
+  }
+
+  /** The key's state: see {@link Backend.inspect}. */
+  inspect(key: string): KeyState | undefined {
+    const now = Date.now();
+    const entry = this.#records.get(key);
+    if (entry !== undefined && entry.expiresAt > now) {
+      return {
+        state: 'completed',
+        fingerprint: entry.fingerprint,
+        status: entry.status,
+        storedAt: entry.createdAt,
+        expiresAt: Number.isFinite(entry.expiresAt) ? entry.expiresAt : null,
+        size: entry.body?.byteLength ?? 0,
+      };
+    }
+    const lock = this.#locks.get(key);
+    if (lock !== undefined && lock.leaseEndsAt > now) {
+      return { state: 'in-flight', fingerprint: lock.fingerprint, leaseLeftMs: lock.leaseEndsAt - now };
+    }
+    return undefined;
+  }
+
+  /** Deletes the key's record, and its lock only with `force`: see {@link Backend.forget}. */
+  forget(key: string, force: boolean): boolean {
+    const entry = this.#records.get(key);
+    if (entry !== undefined) {
+      this.#deleteRecord(key, entry);
+      return true;
+    }
+    const lock = this.#locks.get(key);
+    if (lock === undefined || !force) return false;
+    this.#deleteLock(key, lock);
+    this.#wake(key);
     return true;
   }
 

@@ -214,6 +214,11 @@ export class IdempotencyEngine<Req = unknown> {
   readonly #transactional: TransactionalBackend | undefined;
   /** Key hashes taken ahead by {@link begin} when hashing is asynchronous, the most recent first to stay. */
   readonly #keyHashes = new Map<string, string>();
+  /**
+   * Requests a store of which answered `true` after it had timed out: a later attempt that finds the key no longer
+   * locked found its own record, not another request's, and is no lost lease.
+   */
+  readonly #storedLate = new WeakSet<Ticket>();
 
   constructor(options: IdempotencyOptions<Req>, runtime: EngineRuntime = {}) {
     const resolved = resolveOptions(options);
@@ -427,15 +432,13 @@ export class IdempotencyEngine<Req = unknown> {
   #storageKey(req: Req, key: string): string {
     const scopeOf = this.options.scope;
     const scope = scopeOf === undefined ? undefined : scopeOf(req);
-    if (scope === undefined) return `-${key}`;
-    if (typeof scope !== 'string') {
+    if (scope !== undefined && typeof scope !== 'string') {
       throw new IdempotencyError(
         'ERR_IDEMPOTENCY_SCOPE',
         `The \`scope\` function must return a string or undefined, but returned ${scope === null ? 'null' : typeof scope}`,
       );
     }
-    // Length-prefixed, so that no scope and key pair can spell another pair's storage key.
-    return `${scope.length}:${scope}:${key}`;
+    return storageKeyOf(key, scope);
   }
 
   #fingerprint(req: Req, method: string, url: string, body: RequestBody): Awaitable<string> {
@@ -775,7 +778,7 @@ export class IdempotencyEngine<Req = unknown> {
     }
     if (!isPromise(result))
       return this.#written(ticket, record, result, status, report ? outcome : undefined);
-    return this.#bounded(result).then(
+    return this.#bounded(result, record === undefined ? undefined : this.#lateStore(ticket)).then(
       (held) => this.#written(ticket, record, held, status, report ? outcome : undefined),
       (error: unknown) => this.#writeFailed(ticket, record, status, outcome, retry, error),
     );
@@ -793,7 +796,15 @@ export class IdempotencyEngine<Req = unknown> {
     ticket.backendMs += performance.now() - ticket.writeStartedAt;
     if (outcome === undefined) return;
     // A release that finds the lock gone is as good as done; a store that does is a lost lease.
-    this.#emitFor(ticket, record === undefined || held ? outcome : 'lease-lost', status);
+    const stored = held || this.#storedLate.has(ticket);
+    this.#emitFor(ticket, record === undefined || stored ? outcome : 'lease-lost', status);
+  }
+
+  /** Notes a store that answered `true` after it timed out (see {@link #storedLate}). */
+  #lateStore(ticket: Ticket): (held: boolean) => void {
+    return (held) => {
+      if (held) this.#storedLate.add(ticket);
+    };
   }
 
   #writeFailed(
@@ -804,7 +815,9 @@ export class IdempotencyEngine<Req = unknown> {
     retry: number,
     error: unknown,
   ): Awaitable<void> {
-    if (retry < RETRY_DELAYS_MS.length) {
+    // A write that did not answer within backendTimeout is not retried while the response waits: the backend is
+    // hung, a new attempt would queue behind the first and wait as long, and the response would wait for each.
+    if (retry < RETRY_DELAYS_MS.length && !isTimeout(error)) {
       return delay(RETRY_DELAYS_MS[retry]!).then(() =>
         this.#write(ticket, record, status, outcome, retry + 1),
       );
@@ -848,7 +861,10 @@ export class IdempotencyEngine<Req = unknown> {
         } catch (thrown) {
           return attempt(waitMs * 2, thrown);
         }
-        (isPromise(result) ? this.#bounded(result) : Promise.resolve(result)).then(
+        (isPromise(result)
+          ? this.#bounded(result, record === undefined ? undefined : this.#lateStore(ticket))
+          : Promise.resolve(result)
+        ).then(
           (held) => this.#written(ticket, record, held, status, outcome),
           (failed: unknown) => attempt(waitMs * 2, failed),
         );
@@ -999,6 +1015,14 @@ export class IdempotencyEngine<Req = unknown> {
   }
 }
 
+/**
+ * The key a backend stores an idempotency key under: the key alone (`-key`), or with its scope, length-prefixed
+ * (`<length of scope>:<scope>:<key>`), so that no scope and key pair can spell another pair's storage key.
+ */
+export function storageKeyOf(key: string, scope?: string): string {
+  return scope === undefined ? `-${key}` : `${scope.length}:${scope}:${key}`;
+}
+
 /** An acquire that succeeds after its caller gave up took a lock nobody will use: it is freed at once. */
 function releaseLateLock(backend: Backend, storageKey: string): (late: AcquireResult) => void {
   return (late) => {
@@ -1008,6 +1032,10 @@ function releaseLateLock(backend: Backend, storageKey: string): (late: AcquireRe
 
 function isEventStream(contentType: string | undefined): boolean {
   return contentType?.includes('event-stream') === true && essence(contentType) === 'text/event-stream';
+}
+
+function isTimeout(error: unknown): boolean {
+  return error instanceof IdempotencyError && error.code === 'ERR_IDEMPOTENCY_BACKEND_TIMEOUT';
 }
 
 function backendError(error: unknown): IdempotencyError {

@@ -90,6 +90,39 @@ export interface Backend {
    * the key is polled instead.
    */
   watch?(key: string, signal: AbortSignal): Promise<void> | undefined;
+  /** Optional, for operators: the key's state, or `undefined` when nothing is held for it. See {@link KeyState}. */
+  inspect?(key: string): Awaitable<KeyState | undefined>;
+  /**
+   * Optional, for operators: deletes the key's record, so that the next request with the key runs again. A lock
+   * (a request still running) is deleted only with `force`. Resolves to whether anything was deleted.
+   */
+  forget?(key: string, force: boolean): Awaitable<boolean>;
+}
+
+/** What {@link Backend.inspect} tells of a key. */
+export type KeyState = InFlightKeyState | CompletedKeyState;
+
+/** A request with the key is running (or its process died and its lease has not lapsed yet). */
+export interface InFlightKeyState {
+  readonly state: 'in-flight';
+  /** SHA-256 (hex) of the request's method, path and body. */
+  readonly fingerprint: string;
+  /** Milliseconds left on the lease. */
+  readonly leaseLeftMs: number;
+}
+
+/** A request with the key ran; its response is stored (or it was remembered without one). */
+export interface CompletedKeyState {
+  readonly state: 'completed';
+  readonly fingerprint: string;
+  /** The stored status; `null` for a request remembered without its response (retries get 410). */
+  readonly status: number | null;
+  /** Milliseconds since the epoch, when it was stored. */
+  readonly storedAt: number;
+  /** Milliseconds since the epoch, when it expires; `null`: never. */
+  readonly expiresAt: number | null;
+  /** Bytes of the stored body (0 without one). */
+  readonly size: number;
 }
 
 /**
