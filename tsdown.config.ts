@@ -14,14 +14,28 @@ export const entries = {
   mysql: 'src/backends/mysql.ts',
   sqlite: 'src/backends/sqlite.ts',
   opentelemetry: 'src/opentelemetry.ts',
+  client: 'src/client.ts',
 };
 
-export default defineConfig({
-  entry: entries,
-  format: ['esm', 'cjs'],
-  dts: true,
-  platform: 'node',
-  target: 'node20',
-  clean: true,
-  sourcemap: false,
-});
+export default defineConfig([
+  {
+    entry: entries,
+    format: ['esm', 'cjs'],
+    dts: true,
+    platform: 'node',
+    target: 'node20',
+    clean: true,
+    sourcemap: false,
+  },
+  // The `idempotency-header` executable (package.json `bin`): not a subpath, so not in `entries`. ESM only, as
+  // it is run and never imported; dist/ is cleaned once for both builds.
+  {
+    entry: { cli: 'src/proxy/cli.ts' },
+    format: 'esm',
+    dts: false,
+    platform: 'node',
+    target: 'node20',
+    clean: false,
+    sourcemap: false,
+  },
+]);

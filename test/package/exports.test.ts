@@ -42,6 +42,7 @@ const PROMISED: Record<string, string[]> = {
   './mysql': ['MysqlBackend', 'mysqlSchema'],
   './sqlite': ['SqliteBackend', 'sqliteSchema'],
   './opentelemetry': ['openTelemetry'],
+  './client': ['idempotentFetch', 'createIdempotentFetch'],
 };
 
 const requireFromRepo = createRequire(join(REPO_ROOT, 'package.json'));

@@ -3,7 +3,7 @@
  * ES modules and CommonJS, serving real HTTP requests; and the tarball checked by publint and
  * @arethetypeswrong/cli.
  */
-import { execFile } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
 import {
   copyFileSync,
   mkdirSync,
@@ -13,6 +13,9 @@ import {
   symlinkSync,
   writeFileSync,
 } from 'node:fs';
+import { readFile } from 'node:fs/promises';
+import { createServer } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -108,6 +111,111 @@ describe('npm pack', () => {
         /^(dist\/.+\.(mjs|cjs|d\.mts|d\.cts)|package\.json|README\.md|LICENSE(\.md)?)$/,
       );
     }
+  });
+});
+
+describe('the installed tarball’s executable and client', () => {
+  it('publishes the executable with its shebang', async () => {
+    expect(packedFiles).toContain('dist/cli.mjs');
+    const pkg = JSON.parse(
+      await readFile(join(project, 'node_modules', 'idempotency-header', 'package.json'), 'utf8'),
+    );
+    expect(pkg.bin).toEqual({ 'idempotency-header': './dist/cli.mjs' });
+    const cli = await readFile(
+      join(project, 'node_modules', 'idempotency-header', 'dist', 'cli.mjs'),
+      'utf8',
+    );
+    expect(cli.startsWith('#!/usr/bin/env node\n')).toBe(true);
+  });
+
+  it('runs `npx idempotency-header proxy --help`, documenting every flag', async () => {
+    const { stdout } = await exec('npx', ['--no', 'idempotency-header', 'proxy', '--help'], {
+      cwd: project,
+      env: NPM_ENV,
+      timeout: 30_000,
+    });
+    expect(stdout).toMatch(/^idempotency-header \d+\.\d+\.\d+: a reverse proxy/);
+    for (const flag of [
+      '--upstream URL',
+      '--backend SPEC',
+      '--lock-timeout SECONDS',
+      '--required, --no-required',
+    ]) {
+      expect(stdout).toContain(flag);
+    }
+  }, 30_000);
+
+  it('proxies a service: runs a keyed POST once, replays it, and stops on SIGTERM', async () => {
+    let runs = 0;
+    const upstream = createServer((req, res) => {
+      req.resume();
+      req.on('end', () => {
+        runs++;
+        res.writeHead(201, { 'content-type': 'application/json' }).end(JSON.stringify({ run: runs }));
+      });
+    });
+    await new Promise<void>((resolve) => upstream.listen(0, '127.0.0.1', resolve));
+    const { port } = upstream.address() as AddressInfo;
+    const child = spawn(
+      join(project, 'node_modules', '.bin', 'idempotency-header'),
+      ['proxy', '--upstream', `http://127.0.0.1:${port}`, '--port', '0'],
+      { cwd: project, stdio: ['ignore', 'pipe', 'pipe'] },
+    );
+    try {
+      let output = '';
+      const url = await new Promise<string>((resolve, reject) => {
+        child.stdout.on('data', (chunk: Buffer) => {
+          output += chunk.toString();
+          const match = /"msg":"listening","time":"[^"]+","url":"([^"]+)"/.exec(output);
+          if (match !== null) resolve(match[1]!);
+        });
+        child.once('exit', (code) => reject(new Error(`exited with ${code}: ${output}`)));
+      });
+      const send = () =>
+        fetch(`${url}/orders`, { method: 'POST', headers: { 'idempotency-key': 'pack-1' }, body: '{}' });
+      const first = await send();
+      expect(first.status).toBe(201);
+      expect(await first.text()).toBe('{"run":1}');
+      const replay = await send();
+      expect(replay.headers.get('idempotent-replayed')).toBe('true');
+      expect(await replay.text()).toBe('{"run":1}');
+      expect(runs).toBe(1);
+      const exited = new Promise<number | null>((resolve) => child.once('exit', resolve));
+      child.kill('SIGTERM');
+      expect(await exited).toBe(0);
+    } finally {
+      child.kill('SIGKILL');
+      upstream.close();
+    }
+  }, 30_000);
+
+  it('names the driver to install when the backend needs one that is missing', async () => {
+    const failure = await exec(
+      join(project, 'node_modules', '.bin', 'idempotency-header'),
+      ['proxy', '--upstream', 'http://127.0.0.1:1', '--backend', 'redis://127.0.0.1:6379'],
+      { cwd: project, timeout: 30_000 },
+    ).catch((error: { code: number; stderr: string }) => error);
+    expect(failure).toMatchObject({ code: 2 });
+    expect((failure as { stderr: string }).stderr).toMatch(
+      /needs the `ioredis` or `redis` package.*npm install ioredis/,
+    );
+  }, 30_000);
+
+  it.each([
+    [
+      'ESM',
+      [
+        '--input-type=module',
+        '-e',
+        "import * as c from 'idempotency-header/client'; console.log(Object.keys(c).sort().join())",
+      ],
+    ],
+    ['CommonJS', ['-e', "console.log(Object.keys(require('idempotency-header/client')).sort().join())"]],
+  ])('loads idempotency-header/client as %s', async (_, args) => {
+    const { stdout } = await exec(process.execPath, args, { cwd: project, timeout: 20_000 });
+    expect(stdout.trim().split(',')).toEqual(
+      expect.arrayContaining(['createIdempotentFetch', 'idempotentFetch']),
+    );
   });
 });
 
