@@ -70,13 +70,16 @@ async function memoryBackend() {
 async function redisBackend() {
   const { Redis } = await import('ioredis');
   const { RedisBackend } = await ours('redis');
-  const redis = new Redis(values['redis-url'], { enableOfflineQueue: true, maxRetriesPerRequest: 1 });
+  const redis = new Redis(values['redis-url'], { maxRetriesPerRequest: 1 });
   redis.on('error', (error) => console.error(error));
-  const callBuffer = redis.callBuffer;
-  redis.callBuffer = function countedCallBuffer(...args) {
-    stats.backendCalls++;
-    return callBuffer.apply(this, args);
-  };
+  // Every command the backend sends goes through one of these.
+  for (const name of ['callBuffer', 'setBuffer', 'evalshaBuffer', 'evalBuffer']) {
+    const original = redis[name];
+    redis[name] = function countedCommand(...args) {
+      stats.backendCalls++;
+      return original.apply(this, args);
+    };
+  }
   await redis.ping();
   return new RedisBackend({ redis, prefix });
 }

@@ -449,8 +449,15 @@ function senderFor(redis: unknown): Send | undefined {
   >;
   // ioredis first: its clients also have a `sendCommand`, with another signature.
   if (typeof client.callBuffer === 'function') {
-    const ioredis = redis as IoredisClientLike;
-    return async (_key, [command, ...args]) => ioredis.callBuffer(command as string, ...args);
+    const ioredis = redis as IoredisClientLike & Partial<Record<string, unknown>>;
+    return async (_key, [command, ...args]) => {
+      // The command's own method (setBuffer, evalshaBuffer) where the client has one: with enableAutoPipelining,
+      // ioredis 6 drops callBuffer's command name and sends the key as the command.
+      const method = ioredis[`${(command as string).toLowerCase()}Buffer`];
+      return typeof method === 'function'
+        ? (method as (...args: RedisArgument[]) => Promise<unknown>).apply(ioredis, args)
+        : ioredis.callBuffer(command as string, ...args);
+    };
   }
   if (typeof client.sendCommand !== 'function') return undefined;
   // node-redis's cluster and sentinel take routing arguments before the command.

@@ -112,6 +112,18 @@ describe.runIf(redisUp)('RedisBackend', () => {
     };
   });
 
+  describeBackendContract('RedisBackend with ioredis and enableAutoPipelining', async () => {
+    const redis = new Redis(REDIS_URL, { enableAutoPipelining: true });
+    const prefix = uniquePrefix('ioredis-pipelined');
+    return {
+      backend: new RedisBackend({ redis, prefix }),
+      async teardown() {
+        await deleteKeysWithPrefix(redis, prefix);
+        await redis.quit();
+      },
+    };
+  });
+
   describeBackendContract('RedisBackend on a server without SET NX GET (before Redis 7)', async () => {
     const redis = new Redis(REDIS_URL);
     const prefix = uniquePrefix('pre-7');
