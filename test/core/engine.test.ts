@@ -938,17 +938,56 @@ describe('IdempotencyEngine', () => {
       expect(await begin(engine, 'late')).toBeInstanceOf(Ticket);
     });
 
-    it('treats a store that hangs like one that failed', async () => {
+    it('lets the response go after one backendTimeout when the store hangs, and goes on in the background', async () => {
       vi.useFakeTimers();
       const { engine, spy } = setup({ backendTimeout: 1 }, { complete: hanging });
       const ticket = await beginTicket(engine, 'store-hangs');
+      let sent = false;
+      Promise.resolve(engine.finish(ticket, response())).then(() => {
+        sent = true;
+      });
+      await elapse(1100);
+      // Not an attempt per retry (4 × backendTimeout and more): a new attempt would queue behind the hung one.
+      expect(sent).toBe(true);
+      expect(spy.calls.complete).toBe(1);
+      // In the background: 2 s after the timeout, then 4 s after that attempt's own timeout.
+      await elapse(7000);
+      expect(spy.calls.complete).toBe(3);
+      expect((await beginReply(engine, 'store-hangs')).status).toBe(409);
+    });
+
+    it('reports executed, not lease-lost, when a store that timed out landed and a later attempt finds its record', async () => {
+      vi.useFakeTimers();
+      const { engine, spy, events } = setup({ backendTimeout: 1 });
+      let land!: () => void;
+      spy.overrides.complete = (key, token, record, ttlMs) =>
+        new Promise((resolve) => {
+          land = () => resolve(spy.inner.complete(key, token, record, ttlMs));
+        });
+      const ticket = await beginTicket(engine, 'late-store');
       const settled = Promise.resolve(engine.finish(ticket, response()));
       await elapse(1100);
-      expect(spy.calls.complete).toBe(2);
-      await elapse(5000);
       await settled;
-      expect(spy.calls.complete).toBeGreaterThanOrEqual(4);
-      expect((await beginReply(engine, 'store-hangs')).status).toBe(409);
+      // The hung backend wakes and runs the store after its caller gave up on it.
+      land();
+      spy.overrides.complete = undefined;
+      await elapse(2100);
+      expect(spy.calls.complete).toBe(2);
+      expect(events.map((event) => event.outcome)).toEqual(['executed']);
+      expect((await beginReply(engine, 'late-store')).replayed).toBe(true);
+    });
+
+    it('still reports lease-lost when the key was taken over and no attempt of the store landed', async () => {
+      vi.useFakeTimers();
+      const { engine, spy, events } = setup({ backendTimeout: 1 });
+      spy.overrides.complete = () => new Promise<boolean>(() => {});
+      const ticket = await beginTicket(engine, 'taken-over');
+      const settled = Promise.resolve(engine.finish(ticket, response()));
+      await elapse(1100);
+      await settled;
+      spy.overrides.complete = () => false;
+      await elapse(2100);
+      expect(events.map((event) => event.outcome)).toEqual(['lease-lost']);
     });
   });
 
