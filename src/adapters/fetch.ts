@@ -1,7 +1,7 @@
 import { IdempotencyEngine, type RequestIdempotency } from '../core/engine.js';
 import type { IdempotencyOptions } from '../core/options.js';
-import type { HeaderPair } from '../core/types.js';
-import { captureResponse, readBody, replyResponse, responseHeaders, TOO_LARGE } from './web/response.js';
+import { builtinSha256 } from '../runtime/builtin-sha256.js';
+import { captureResponse, readBody, replyResponse, TOO_LARGE } from './web/response.js';
 
 export type { RequestIdempotency } from '../core/engine.js';
 
@@ -67,7 +67,8 @@ export function withIdempotency<Req extends Request = Request, Rest extends unkn
   options: FetchIdempotencyOptions<Req>,
 ): (request: Req, ...rest: Rest) => Promise<Response> {
   if (typeof handler !== 'function') throw new TypeError('withIdempotency: `handler` must be a function');
-  const engine = new IdempotencyEngine<Req>(options);
+  const sha256 = builtinSha256();
+  const engine = new IdempotencyEngine<Req>(options, sha256 === undefined ? {} : { sha256 });
   return async function idempotentHandler(request, ...rest) {
     const method = request.method;
     if (!engine.handles(method)) return handler(request, ...rest);
@@ -92,17 +93,15 @@ export function withIdempotency<Req extends Request = Request, Rest extends unkn
     // The client going away changes nothing for the request; the engine only notes when it happened.
     const clientLeft = () => engine.clientLeft(result);
     request.signal?.addEventListener('abort', clientLeft, { once: true });
-    let response: Response;
-    let headers: HeaderPair[];
+    let sent: Response;
     try {
-      response = await handler(request, ...rest);
-      headers = responseHeaders(response.headers);
+      // Rejects only when the handler failed, or answered with something that is not a `Response`.
+      sent = await captureResponse(engine, result, await handler(request, ...rest));
     } catch (error) {
       request.signal?.removeEventListener('abort', clientLeft);
       await engine.fail(result);
       throw error;
     }
-    const sent = await captureResponse(engine, result, response, headers);
     request.signal?.removeEventListener('abort', clientLeft);
     return sent;
   };

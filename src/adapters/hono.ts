@@ -2,8 +2,9 @@ import type { Context, MiddlewareHandler } from 'hono';
 import type { ContentfulStatusCode } from 'hono/utils/http-status';
 import { IdempotencyEngine, type RequestIdempotency } from '../core/engine.js';
 import type { IdempotencyOptions } from '../core/options.js';
-import type { EngineReply } from '../core/responses.js';
-import { captureResponse, readBody, responseHeaders, TOO_LARGE } from './web/response.js';
+import { type EngineReply, REMOVED_HEADER } from '../core/responses.js';
+import { builtinSha256 } from '../runtime/builtin-sha256.js';
+import { captureResponse, readBody, responseInHand, TOO_LARGE } from './web/response.js';
 
 export type { RequestIdempotency } from '../core/engine.js';
 
@@ -52,7 +53,8 @@ export interface HonoIdempotencyEnv {
  * ```
  */
 export function idempotencyHeader(options: HonoIdempotencyOptions): MiddlewareHandler<HonoIdempotencyEnv> {
-  const engine = new IdempotencyEngine<Context>(options);
+  const sha256 = builtinSha256();
+  const engine = new IdempotencyEngine<Context>(options, sha256 === undefined ? {} : { sha256 });
   return async function idempotencyHeader(c, next) {
     const method = c.req.method;
     if (!engine.handles(method)) return next();
@@ -69,9 +71,7 @@ export function idempotencyHeader(options: HonoIdempotencyOptions): MiddlewareHa
     const result = await engine.begin(c, method, c.req.url, key, body, startedAt);
     if (result.kind === 'pass') return next();
     if (result.kind === 'reply') return reply(c, result);
-    // What middleware mounted before this one set so far: set again by it on a replay, so not stored. A copy:
-    // `@hono/node-server`'s own `Response` keeps the very `Headers` it was given, which the handler goes on to fill.
-    const before = new Headers(c.newResponse(null).headers);
+    const before = headersSetBefore(c);
     c.set('idempotency', result);
     const signal = c.req.raw.signal;
     const clientLeft = () => engine.clientLeft(result);
@@ -84,7 +84,8 @@ export function idempotencyHeader(options: HonoIdempotencyOptions): MiddlewareHa
     // A handler that threw comes back as `c.error`, its response the app's `onError` answer: sent as it is.
     if (c.error !== undefined) return void (await engine.fail(result));
     const response = c.res;
-    const sent = await captureResponse(engine, result, response, responseHeaders(response.headers, before));
+    const sent = await captureResponse(engine, result, response, before);
+    if (sent === response) return;
     // Cleared first, so that Hono does not copy the handler's headers onto their own copy again.
     c.res = undefined;
     c.res = sent;
@@ -92,19 +93,40 @@ export function idempotencyHeader(options: HonoIdempotencyOptions): MiddlewareHa
 }
 
 /**
- * Sends an engine reply through `c.body`, as a handler would: headers that middleware mounted before set with
- * `c.header()` stay, the reply's own replace those of the same name.
+ * What middleware mounted before this one set with `c.header()` so far (`undefined`: nothing): set again by it on
+ * a replay, so not stored. Read from a response made the way Hono makes the handler's, without touching `c.res`
+ * (reading it would make Hono copy those headers onto a `Response` the handler returns, which it does not do
+ * otherwise). A copy where it is needed: `@hono/node-server`'s own `Response` keeps the very `Headers` Hono goes on
+ * filling as the handler sets its own.
+ */
+function headersSetBefore(c: Context): Headers | undefined {
+  const probe = c.newResponse(null);
+  const inHand = responseInHand(probe);
+  const headers = inHand === undefined ? probe.headers : inHand[2];
+  if (headers === undefined || headers === null) return undefined;
+  if (!(headers instanceof Headers)) return new Headers(headers as ConstructorParameters<typeof Headers>[0]);
+  if (headers.keys().next().done) return undefined;
+  return inHand === undefined ? headers : new Headers(headers);
+}
+
+/**
+ * Sends an engine reply through `c.header` and `c.body`, as a handler would: headers that middleware mounted
+ * before set stay, the reply's own replace those of the same name, and stored removals remove them. Set with
+ * `c.header`, which writes where the handler's own went: once middleware before read `c.res`, Hono copies that
+ * response's headers over a returned one, so headers passed to `c.body` would lose to the earlier values.
  */
 function reply(c: Context, answer: EngineReply): Response {
-  const headers: Record<string, string | string[]> = {};
+  const seen = new Set<string>();
   for (const [name, value] of answer.headers) {
-    const previous = headers[name];
-    headers[name] =
-      previous === undefined ? value : Array.isArray(previous) ? [...previous, value] : [previous, value];
+    if (name === REMOVED_HEADER) c.header(value, undefined);
+    else {
+      c.header(name, value, { append: seen.has(name) });
+      seen.add(name);
+    }
   }
-  if (answer.status === 204 || answer.status === 304) return c.body(null, answer.status, headers);
-  headers['content-length'] = String(answer.body.byteLength);
-  return c.body(answer.body as Uint8Array<ArrayBuffer>, answer.status as ContentfulStatusCode, headers);
+  if (answer.status === 204 || answer.status === 304) return c.body(null, answer.status);
+  c.header('content-length', String(answer.body.byteLength));
+  return c.body(answer.body as Uint8Array<ArrayBuffer>, answer.status as ContentfulStatusCode);
 }
 
 /**
@@ -115,22 +137,46 @@ function reply(c: Context, answer: EngineReply): Response {
  */
 async function readRequestBody(c: Context, limit: number): Promise<Uint8Array | typeof TOO_LARGE> {
   const raw = c.req.raw;
+  // Hono keeps promises in its cache (typed as the methods that make them).
+  const cache = c.req.bodyCache as Record<string, unknown>;
+  for (const _read in cache) return new Uint8Array(await c.req.arrayBuffer());
   const length = raw.headers.get('content-length');
-  const cache = c.req.bodyCache;
-  if (Object.keys(cache).length > 0) return new Uint8Array(await c.req.arrayBuffer());
   if (length !== null && Number(length) > limit) return TOO_LARGE;
+  let bytes: Uint8Array | typeof TOO_LARGE;
   if (length !== null || raw.body === null) {
-    const bytes = new Uint8Array(await c.req.arrayBuffer());
-    return bytes.byteLength > limit ? TOO_LARGE : bytes;
-  }
-  const bytes = await readBody(raw.body, limit, null);
-  if (bytes !== TOO_LARGE) {
+    bytes = new Uint8Array(await c.req.arrayBuffer());
+    if (bytes.byteLength > limit) return TOO_LARGE;
+  } else {
+    bytes = await readBody(raw.body, limit, null);
+    if (bytes === TOO_LARGE) return TOO_LARGE;
     const exact =
       bytes.byteOffset === 0 && bytes.byteLength === bytes.buffer.byteLength
         ? bytes.buffer
         : bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength);
-    // Hono keeps promises in its cache (typed as the methods that make them).
-    (cache as Record<string, unknown>).arrayBuffer = Promise.resolve(exact);
+    cache.arrayBuffer = Promise.resolve(exact);
   }
+  offerText(cache, bytes);
   return bytes;
+}
+
+const decoder = new TextDecoder();
+
+/**
+ * Offers the body as text in Hono's cache, decoded only if read. `c.req.json()` and `c.req.text()` read the
+ * cache's text, and when only the bytes are there they make it through a whole new `Response` (a stream and a
+ * copy of the body per request). The decoding is the one `Request.text()` does: UTF-8, a byte order mark dropped.
+ */
+function offerText(cache: Record<string, unknown>, bytes: Uint8Array): void {
+  let text: unknown;
+  Object.defineProperty(cache, 'text', {
+    configurable: true,
+    enumerable: true,
+    get: () => {
+      text ??= Promise.resolve(decoder.decode(bytes));
+      return text;
+    },
+    set: (value: unknown) => {
+      text = value;
+    },
+  });
 }

@@ -118,13 +118,14 @@ export async function listenOn(server: Server): Promise<Listening> {
   };
 }
 
-/** The request every case gets: a JSON body, and the key. */
+/** The request every case gets: a JSON body, an `Origin` (for CORS middleware), and the key. */
 export function corpusRequest(path: string, key: string): RawRequest {
   return {
     method: 'POST',
     path,
     headers: [
       ['Content-Type', 'application/json'],
+      ['Origin', 'http://a.example'],
       ['Idempotency-Key', key],
     ],
     body: Buffer.from('{"item":"book","quantity":2}'),

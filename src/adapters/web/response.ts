@@ -1,6 +1,6 @@
 import { captureBody, finishWithBody } from '../../core/capture.js';
 import type { IdempotencyEngine, Ticket } from '../../core/engine.js';
-import type { EngineReply } from '../../core/responses.js';
+import { type EngineReply, REMOVED_HEADER } from '../../core/responses.js';
 import type { HeaderPair } from '../../core/types.js';
 
 /**
@@ -13,40 +13,126 @@ import type { HeaderPair } from '../../core/types.js';
 const NULL_BODY_STATUSES = new Set([101, 103, 204, 205, 304]);
 const EMPTY = new Uint8Array(0);
 
-/** An engine reply (error, conflict or replay) as a `Response`: its status, headers and exact body bytes. */
+/**
+ * An engine reply (error, conflict or replay) as a `Response`: its status, headers and exact body bytes. Stored
+ * removals have nothing to remove here (no middleware ran before), and are left out.
+ */
 export function replyResponse(reply: EngineReply): Response {
-  const headers = new Headers(reply.headers as HeaderPair[]);
+  const headers = new Headers();
+  for (const [name, value] of reply.headers) if (name !== REMOVED_HEADER) headers.append(name, value);
   if (NULL_BODY_STATUSES.has(reply.status)) return new Response(null, { status: reply.status, headers });
   headers.set('content-length', String(reply.body.byteLength));
   return new Response(reply.body as Uint8Array<ArrayBuffer>, { status: reply.status, headers });
 }
 
 /**
- * The headers of a handler's response as the engine takes them: every header, less those that middleware
- * mounted before this one had set before the handler ran (`before`) and that the handler left as they were.
+ * The headers of a handler's response as the engine takes them: every header (lower-case names), less those that
+ * middleware mounted before this one had set before the handler ran (`before`) and that the handler left as they
+ * were; those it removed (or dropped by answering with a `Response` of its own) are stored as removals, so that a
+ * replay removes them again after that middleware set them.
  */
-export function responseHeaders(headers: Headers, before?: Headers): HeaderPair[] {
+export function responseHeaders(entries: Iterable<[string, string]>, before?: Headers): HeaderPair[] {
   const pairs: HeaderPair[] = [];
-  for (const [name, value] of headers) {
-    if (before !== undefined && before.get(name) === value) continue;
-    pairs.push([name, value]);
+  const names = before === undefined ? undefined : new Set<string>();
+  for (const [name, value] of entries) {
+    const lower = name.toLowerCase();
+    if (before !== undefined) {
+      names!.add(lower);
+      if (before.get(lower) === value) continue;
+    }
+    pairs.push([lower, value]);
+  }
+  if (before !== undefined) {
+    for (const [name] of before) if (!names!.has(name)) pairs.push([REMOVED_HEADER, name]);
   }
   return pairs;
 }
 
 /**
- * Hands the handler's `Response` to the engine and returns the `Response` to send: the same status and headers,
- * its body either read whole and stored before anything is sent, or relayed as it comes with its end held back
- * until the engine settled (see `captureBody`). Never rejects.
+ * A response whose body is already in hand: its status, its body (a string, bytes, or none) and the headers it was
+ * built with (`HeadersInit`, or `undefined`).
+ */
+export type InHand = readonly [status: number, body: string | Uint8Array | null, init: unknown];
+
+/** The symbol under which `@hono/node-server`'s `Response` keeps what it was built with, once found. */
+let inHandKey: symbol | undefined;
+
+/**
+ * What a `Response` was built with, when its body is a string or bytes and no web `Response` exists behind it yet:
+ * `@hono/node-server`'s own `Response` (which it puts in place of the global one) keeps its status, body and
+ * headers under a symbol described as `cache`, writes them straight to the socket, and builds a web `Response`,
+ * with a stream for its body, only when something reads its body or status text. Reading them here instead keeps
+ * the response exactly as it was, and spares a stream and a `Response` per request. Any other `Response` (other
+ * runtimes, stream and `Blob` bodies, a shape this does not recognise) is `undefined`: its body is read as a
+ * stream.
+ */
+export function responseInHand(response: Response): InHand | undefined {
+  let key = inHandKey;
+  if (key === undefined || !(key in response)) {
+    key = undefined;
+    for (const own of Object.getOwnPropertySymbols(response)) {
+      if (own.description === 'cache') key = own;
+    }
+    if (key === undefined) return undefined;
+    inHandKey = key;
+  }
+  const cache = (response as unknown as Record<symbol, unknown>)[key];
+  if (!Array.isArray(cache) || cache.length !== 3 || typeof cache[0] !== 'number') return undefined;
+  const body: unknown = cache[1];
+  if (body !== null && typeof body !== 'string' && !(body instanceof Uint8Array)) return undefined;
+  return cache as unknown as InHand;
+}
+
+/** `@hono/node-server`'s type for a body sent without one. */
+const DEFAULT_TYPE = 'text/plain; charset=UTF-8';
+
+/**
+ * The header lines `@hono/node-server` writes for a response in hand, in its order: a `Headers` (or a list) gets
+ * its default type when it has a body and no `Content-Type`; a plain record goes out as it is; no headers at all
+ * get the default type for a body.
+ */
+function inHandHeaders(init: unknown, hasBody: boolean): Iterable<[string, string]> {
+  if (init === undefined || init === null) return hasBody ? [['content-type', DEFAULT_TYPE]] : [];
+  if (init instanceof Headers || Array.isArray(init)) {
+    const headers = init instanceof Headers ? init : new Headers(init as [string, string][]);
+    if (!hasBody || headers.has('content-type')) return headers;
+    return [...headers, ['content-type', DEFAULT_TYPE]];
+  }
+  const record = init as Record<string, unknown>;
+  const pairs: [string, string][] = [];
+  for (const name in record) pairs.push([name, String(record[name])]);
+  return pairs;
+}
+
+/**
+ * Hands the handler's `Response` to the engine and returns the `Response` to send. A body in hand (see
+ * {@link responseInHand}) is handed over as it is, and the very same `Response` is sent. Any other body is read as a
+ * stream: whole, and stored before anything is sent, or relayed as it comes with its end held back until the
+ * engine settled (see `captureBody`); the `Response` sent has the same status and headers. `before`: see
+ * {@link responseHeaders}. Never rejects for a `Response`.
  */
 export async function captureResponse(
   engine: IdempotencyEngine<never>,
   ticket: Ticket,
   response: Response,
-  headers: readonly HeaderPair[],
+  before?: Headers,
 ): Promise<Response> {
-  const head = { status: response.status, headers };
+  const cache = responseInHand(response);
+  if (cache !== undefined) {
+    const [status, body, init] = cache;
+    const head = { status, headers: responseHeaders(inHandHeaders(init, body !== null), before) };
+    const bytes =
+      body === null || NULL_BODY_STATUSES.has(status)
+        ? EMPTY
+        : typeof body === 'string'
+          ? encoder.encode(body)
+          : body;
+    await finishWithBody(engine, ticket, head, bytes);
+    return response;
+  }
+  // The body first: reading it settles what some `Response`s report as their type (a `Blob`'s own type).
   const source = response.body;
+  const head = { status: response.status, headers: responseHeaders(response.headers, before) };
   if (source === null || NULL_BODY_STATUSES.has(response.status)) {
     await finishWithBody(engine, ticket, head, EMPTY);
     return response;
@@ -60,6 +146,8 @@ export async function captureResponse(
   if (captured.kind === 'kept') return new Response(captured.body as Uint8Array<ArrayBuffer>, init);
   return new Response(streamOf(captured.chunks), init);
 }
+
+const encoder = new TextEncoder();
 
 /** A `ReadableStream`'s chunks; stopping early cancels the stream, as a runtime does when its client leaves. */
 async function* chunksOf(stream: ReadableStream<Uint8Array>): AsyncGenerator<Uint8Array> {
