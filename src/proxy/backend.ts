@@ -27,6 +27,11 @@ export interface BackendSettings {
   prefix?: string;
   /** SQL table. @default 'idempotency_keys' */
   table?: string;
+  /**
+   * PostgreSQL: announce stores and releases with `NOTIFY`, so that repeats waiting with `onConflict: 'wait'` are
+   * woken at once instead of polling. @default false
+   */
+  notifications?: boolean;
   /** Reports driver errors (connection lost, reconnecting) so that they are seen, never thrown. */
   onDriverError?: (driver: string, error: Error) => void;
 }
@@ -223,6 +228,7 @@ async function openRedis(
 interface PoolLike {
   on(event: 'error', listener: (error: Error) => void): unknown;
   query(text: string): Promise<unknown>;
+  connect(): Promise<unknown>;
   end(): Promise<unknown>;
 }
 
@@ -238,11 +244,17 @@ async function openPostgres(
   // An idle client's error (the server restarted) is reported on the pool; unheard, it would end the process.
   pool.on('error', (error) => report('pg', error));
   await waitFor(pool.query('SELECT 1').catch((error: Error) => report('pg', error)));
+  const backend = new PostgresBackend({
+    pool: pool as never,
+    table: settings.table,
+    notifications: settings.notifications ?? false,
+  });
   return {
-    backend: new PostgresBackend({ pool: pool as never, table: settings.table }),
+    backend,
     name: 'PostgresBackend',
     location: redact(url),
     close: async () => {
+      await backend.close().catch(() => {});
       await pool.end().catch(() => {});
     },
   };

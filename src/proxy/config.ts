@@ -378,7 +378,8 @@ export const FLAGS: readonly Flag[] = [
     value: 'reject|wait',
     help:
       'A repeat that arrives while the first request with its key runs: reject answers 409 at once (with ' +
-      'Retry-After); wait holds it up to --wait-timeout for the first to finish and answers with its response.',
+      'Retry-After); wait holds it up to --wait-timeout for the first to finish and answers with its response ' +
+      '(on PostgreSQL this turns LISTEN/NOTIFY on, to wake it at once: give every proxy the same setting).',
     fallback: 'reject',
     section: 'middleware',
     apply: middleware('onConflict', (value, name) => oneOf(value, name, ['reject', 'wait'])),

@@ -74,6 +74,8 @@ export async function main(
     opened = await openBackend(config.backend, {
       prefix: config.prefix,
       table: config.table,
+      // Waiting repeats are woken by PostgreSQL's notifications rather than by polling.
+      notifications: config.middleware.onConflict === 'wait',
       onDriverError(driver, error) {
         const text = `${driver}: ${error.message}`;
         if (text === lastDriverError) return;

@@ -215,6 +215,56 @@ describe('two proxies sharing a SQL backend', () => {
     }
   });
 
+  it.runIf(postgresUp)(
+    'PostgreSQL with --on-conflict wait: a repeat on another proxy waits for the run',
+    async () => {
+      const table = uniqueTable('proxy_wait');
+      const [a, b] = await Promise.all(
+        [0, 1].map(() =>
+          startProxy([
+            '--upstream',
+            upstream.url,
+            '--backend',
+            POSTGRES_URL,
+            '--table',
+            table,
+            '--on-conflict',
+            'wait',
+          ]),
+        ),
+      );
+      try {
+        const key = `wait-${table}`;
+        const send = (proxy: ProxyProcess) =>
+          fetch(`${proxy.url}/orders?delay=800`, {
+            method: 'POST',
+            headers: { 'content-type': 'application/json', 'idempotency-key': key },
+            body: '{}',
+          }).then(async (response) => ({
+            status: response.status,
+            replayed: response.headers.get('idempotent-replayed'),
+            text: await response.text(),
+            at: performance.now(),
+          }));
+        const first = send(a!);
+        await new Promise((resolve) => setTimeout(resolve, 300));
+        const repeat = await send(b!);
+        const done = await first;
+        expect(done.status).toBe(201);
+        expect(repeat).toMatchObject({ status: 201, replayed: 'true', text: done.text });
+        // Woken by the notification as the first run was stored, not by a poll seconds later.
+        expect(repeat.at - done.at).toBeLessThan(500);
+        expect((await upstream.counts())[key]).toBe(1);
+        expect(b!.lines().find((line) => line.msg === 'request')).toMatchObject({ outcome: 'replayed' });
+      } finally {
+        await stopAll([a!, b!]);
+        const pool = postgresPool();
+        await dropPostgresTable(pool, table);
+        await pool.end();
+      }
+    },
+  );
+
   it.runIf(mysqlUp)('MariaDB/MySQL: runs each key once', async () => {
     const table = uniqueTable('proxy');
     try {
