@@ -1,6 +1,6 @@
 import { captureBody, finishWithBody } from '../../core/capture.js';
 import type { IdempotencyEngine, Ticket } from '../../core/engine.js';
-import { type EngineReply, REMOVED_HEADER } from '../../core/responses.js';
+import { type EngineReply, headerValue, REMOVED_HEADER } from '../../core/responses.js';
 import type { HeaderPair } from '../../core/types.js';
 
 /**
@@ -18,10 +18,16 @@ const EMPTY = new Uint8Array(0);
  * removals have nothing to remove here (no middleware ran before), and are left out.
  */
 export function replyResponse(reply: EngineReply): Response {
-  const headers = new Headers();
-  for (const [name, value] of reply.headers) if (name !== REMOVED_HEADER) headers.append(name, value);
+  // A record keeps the stored order where the runtime writes headers in the order given (`@hono/node-server`); a
+  // repeated name is joined as `Headers` would join it (`set-cookie`, the exception, is never stored).
+  const headers: Record<string, string> = Object.create(null);
+  for (const [name, value] of reply.headers) {
+    if (name === REMOVED_HEADER) continue;
+    const previous = headers[name];
+    headers[name] = previous === undefined ? value : `${previous}, ${value}`;
+  }
   if (NULL_BODY_STATUSES.has(reply.status)) return new Response(null, { status: reply.status, headers });
-  headers.set('content-length', String(reply.body.byteLength));
+  headers['content-length'] = String(reply.body.byteLength);
   return new Response(reply.body as Uint8Array<ArrayBuffer>, { status: reply.status, headers });
 }
 
@@ -49,22 +55,25 @@ export function responseHeaders(entries: Iterable<[string, string]>, before?: He
 }
 
 /**
- * A response whose body is already in hand: its status, its body (a string, bytes, or none) and the headers it was
- * built with (`HeadersInit`, or `undefined`).
+ * What a `Response` was built with, as `@hono/node-server` keeps it: status, body (a string, bytes, a `Blob`, a
+ * stream, or none) and the headers as given (`HeadersInit`, or `undefined`).
  */
-export type InHand = readonly [status: number, body: string | Uint8Array | null, init: unknown];
+export type InHand = readonly [
+  status: number,
+  body: string | Uint8Array | Blob | ReadableStream<Uint8Array> | null,
+  init: unknown,
+];
 
 /** The symbol under which `@hono/node-server`'s `Response` keeps what it was built with, once found. */
 let inHandKey: symbol | undefined;
 
 /**
- * What a `Response` was built with, when its body is a string or bytes and no web `Response` exists behind it yet:
- * `@hono/node-server`'s own `Response` (which it puts in place of the global one) keeps its status, body and
- * headers under a symbol described as `cache`, writes them straight to the socket, and builds a web `Response`,
- * with a stream for its body, only when something reads its body or status text. Reading them here instead keeps
- * the response exactly as it was, and spares a stream and a `Response` per request. Any other `Response` (other
- * runtimes, stream and `Blob` bodies, a shape this does not recognise) is `undefined`: its body is read as a
- * stream.
+ * What a `Response` was built with, while no web `Response` exists behind it: `@hono/node-server`'s own `Response`
+ * (which it puts in place of the global one) keeps its status, body and headers under a symbol described as
+ * `cache`, writes them to the socket as they are, and builds a web `Response` (with a stream for its body, its
+ * headers sorted) only when something reads its body or status text. Reading them here keeps the response exactly
+ * as the runtime would have sent it, and spares a stream and a `Response` per request. `undefined` for any other
+ * `Response` (other runtimes, other bodies, a shape this does not recognise): it is read through its public API.
  */
 export function responseInHand(response: Response): InHand | undefined {
   let key = inHandKey;
@@ -79,8 +88,16 @@ export function responseInHand(response: Response): InHand | undefined {
   const cache = (response as unknown as Record<symbol, unknown>)[key];
   if (!Array.isArray(cache) || cache.length !== 3 || typeof cache[0] !== 'number') return undefined;
   const body: unknown = cache[1];
-  if (body !== null && typeof body !== 'string' && !(body instanceof Uint8Array)) return undefined;
-  return cache as unknown as InHand;
+  if (
+    body === null ||
+    typeof body === 'string' ||
+    body instanceof Uint8Array ||
+    body instanceof Blob ||
+    typeof (body as ReadableStream).getReader === 'function'
+  ) {
+    return cache as unknown as InHand;
+  }
+  return undefined;
 }
 
 /** `@hono/node-server`'s type for a body sent without one. */
@@ -89,7 +106,7 @@ const DEFAULT_TYPE = 'text/plain; charset=UTF-8';
 /**
  * The header lines `@hono/node-server` writes for a response in hand, in its order: a `Headers` (or a list) gets
  * its default type when it has a body and no `Content-Type`; a plain record goes out as it is; no headers at all
- * get the default type for a body.
+ * get the default type for a body (a `Blob`'s own type is not used).
  */
 function inHandHeaders(init: unknown, hasBody: boolean): Iterable<[string, string]> {
   if (init === undefined || init === null) return hasBody ? [['content-type', DEFAULT_TYPE]] : [];
@@ -105,10 +122,10 @@ function inHandHeaders(init: unknown, hasBody: boolean): Iterable<[string, strin
 }
 
 /**
- * Hands the handler's `Response` to the engine and returns the `Response` to send. A body in hand (see
- * {@link responseInHand}) is handed over as it is, and the very same `Response` is sent. Any other body is read as a
- * stream: whole, and stored before anything is sent, or relayed as it comes with its end held back until the
- * engine settled (see `captureBody`); the `Response` sent has the same status and headers. `before`: see
+ * Hands the handler's `Response` to the engine and returns the `Response` to send, with the same status and
+ * headers. A body in hand (see {@link responseInHand}) that is a string, bytes or a `Blob` is handed over as it
+ * is, and the very same `Response` is sent. A streamed body is read: whole, and stored before anything is sent,
+ * or relayed as it comes with its end held back until the engine settled (see `captureBody`). `before`: see
  * {@link responseHeaders}. Never rejects for a `Response`.
  */
 export async function captureResponse(
@@ -121,16 +138,34 @@ export async function captureResponse(
   if (cache !== undefined) {
     const [status, body, init] = cache;
     const head = { status, headers: responseHeaders(inHandHeaders(init, body !== null), before) };
-    const bytes =
-      body === null || NULL_BODY_STATUSES.has(status)
-        ? EMPTY
-        : typeof body === 'string'
-          ? encoder.encode(body)
-          : body;
-    await finishWithBody(engine, ticket, head, bytes);
-    return response;
+    if (body === null || NULL_BODY_STATUSES.has(status)) {
+      await finishWithBody(engine, ticket, head, EMPTY);
+      return response;
+    }
+    if (typeof body === 'string') {
+      await finishWithBody(engine, ticket, head, encoder.encode(body));
+      return response;
+    }
+    if (body instanceof Uint8Array) {
+      await finishWithBody(engine, ticket, head, body);
+      return response;
+    }
+    if (body instanceof Blob) {
+      // Read only when it is kept: a `Blob` can be read again, by the runtime when it sends it.
+      const keep =
+        body.size <= engine.maxResponseBytes &&
+        engine.plan(status, headerValue(head.headers, 'content-type')) === 'store';
+      const bytes = keep ? new Uint8Array(await body.arrayBuffer()) : undefined;
+      await engine.finish(ticket, { status, headers: head.headers, body: bytes });
+      return response;
+    }
+    // A stream: the `Response` sent is built with the headers as they were given, for the runtime to write them
+    // in the same order and case. Its status text is not kept: `@hono/node-server` never writes one.
+    const captured = await captureBody(engine, ticket, head, chunksOf(body));
+    const sent = { status, headers: init as ResponseInit['headers'] };
+    if (captured.kind === 'kept') return new Response(captured.body as Uint8Array<ArrayBuffer>, sent);
+    return new Response(streamOf(captured.chunks), sent);
   }
-  // The body first: reading it settles what some `Response`s report as their type (a `Blob`'s own type).
   const source = response.body;
   const head = { status: response.status, headers: responseHeaders(response.headers, before) };
   if (source === null || NULL_BODY_STATUSES.has(response.status)) {
