@@ -264,10 +264,16 @@ export class MemoryBackend implements Backend {
       this.sweep();
       if (this.#fits(bytes)) return;
     }
-    throw new IdempotencyError(
+    // Without a stack trace: once the store is full, a flood of fresh keys meets this on every request, and
+    // capturing the stack made a refusal cost more than twice a replay (the stack would only ever point here).
+    const stackTraceLimit = Error.stackTraceLimit;
+    Error.stackTraceLimit = 0;
+    const full = new IdempotencyError(
       'ERR_IDEMPOTENCY_BACKEND_FULL',
       `MemoryBackend is full (${this.size} of ${this.#maxEntries} entries, ${this.#bytes} of ${this.#maxBytes} bytes); unexpired records are never evicted`,
     );
+    Error.stackTraceLimit = stackTraceLimit;
+    throw full;
   }
 
   #wake(key: string): void {

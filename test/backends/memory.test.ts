@@ -136,6 +136,18 @@ describe('MemoryBackend', () => {
       expect(backend.size).toBe(100);
       expect(backend.acquire('precious', FINGERPRINT, LEASE_MS).state).toBe('completed');
     });
+
+    it('refuses a key without capturing a stack trace, so that a flood’s refusals stay cheap', () => {
+      const backend = create({ maxEntries: 1 });
+      store(backend, 'k1');
+      const limit = Error.stackTraceLimit;
+      const error = captureError(() => backend.acquire('k2', FINGERPRINT, LEASE_MS)) as IdempotencyError;
+      expect(error.code).toBe('ERR_IDEMPOTENCY_BACKEND_FULL');
+      expect(error.stack).not.toMatch(/\n\s+at /);
+      // The limit is put back for every other error.
+      expect(Error.stackTraceLimit).toBe(limit);
+      expect(new Error('other').stack).toMatch(/\n\s+at /);
+    });
   });
 
   describe('sweeping', () => {
