@@ -12,8 +12,9 @@
  * - `pass`: GET /orders, no key (ours passes it through: the cost of the proxy alone).
  * Each measurement starts fresh proxy processes, warms up, then runs a fixed duration at fixed connections.
  * Rounds repeat every measurement, in reverse order every other round, so that drift in a shared machine falls
- * on all of them; each figure is the median over rounds. The load average before and after is printed: on a
- * busy machine, compare ratios within a run rather than absolute figures across runs.
+ * on all of them; each figure is the median over rounds. Beside throughput and latency, the CPU time each server
+ * process spent per request (from /proc): on a busy machine throughput says how much CPU was left over, CPU per
+ * request what the proxy itself costs. The load average before and after is printed with the results.
  *
  * Usage: npm run bench:proxy [-- --rounds 3 --warmup 2 --duration 5 --connections 50 --modes fresh,pass
  *   --targets direct,plain,proxy-memory --redis-url redis://127.0.0.1:6379 --out bench/results/proxy]
@@ -21,7 +22,7 @@
  */
 import { type ChildProcess, spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
-import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { cpus, loadavg } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
@@ -74,7 +75,24 @@ process.once('exit', () => {
 
 interface Running {
   url: string;
+  /** The server's process, for its CPU time; `undefined` where no process of its own serves. */
+  pid: number | undefined;
   stop(): Promise<void>;
+}
+
+/**
+ * CPU time (user + system) a process has used so far, in microseconds, from /proc (Linux; clock ticks of 10 ms).
+ * Per request, it says what a server costs whatever else the machine is doing, which throughput does not.
+ */
+function cpuMicros(pid: number | undefined): number | undefined {
+  if (pid === undefined) return undefined;
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return (Number(fields[11]) + Number(fields[12])) * 10_000;
+  } catch {
+    return undefined;
+  }
 }
 
 function freePort(): Promise<number> {
@@ -104,6 +122,7 @@ async function start(command: string, argv: string[], port: number, readyPath: s
   }
   return {
     url,
+    pid: child.pid,
     async stop() {
       child.kill('SIGTERM');
       const timer = setTimeout(() => child.kill('SIGKILL'), 5_000);
@@ -118,7 +137,7 @@ async function startTarget(target: Target, upstream: string, prefix: string): Pr
   const port = await freePort();
   switch (target) {
     case 'direct':
-      return { url: upstream, stop: async () => {} };
+      return { url: upstream, pid: undefined, stop: async () => {} };
     case 'plain':
       return start(
         process.execPath,
@@ -160,6 +179,10 @@ interface Measurement {
   p99: number;
   errors: number;
   non2xx: number;
+  /** CPU per request of the proxy's process, in µs (none for `direct`). */
+  proxyCpuUs: number | undefined;
+  /** CPU per request of the upstream's process, in µs. */
+  upstreamCpuUs: number | undefined;
 }
 
 function load(url: string, mode: Mode, seconds: number, nextKey: () => string): Promise<autocannon.Result> {
@@ -183,10 +206,10 @@ function load(url: string, mode: Mode, seconds: number, nextKey: () => string): 
   });
 }
 
-async function measure(target: Target, mode: Mode, round: number, upstream: string): Promise<Measurement> {
+async function measure(target: Target, mode: Mode, round: number, upstream: Running): Promise<Measurement> {
   const run = randomUUID().slice(0, 8);
   const prefix = `bench-proxy:${run}:`;
-  const running = await startTarget(target, upstream, prefix);
+  const running = await startTarget(target, upstream.url, prefix);
   try {
     let n = 0;
     const replayKeys = Array.from({ length: REPLAY_KEYS }, (_, i) => `${run}-replay-${i}`);
@@ -207,7 +230,11 @@ async function measure(target: Target, mode: Mode, round: number, upstream: stri
     }
     const nextKey = mode === 'replay' ? () => replayKeys[n++ % REPLAY_KEYS]! : () => `${run}-fresh-${n++}`;
     await load(running.url, mode, WARMUP, nextKey);
+    const proxyCpu = cpuMicros(running.pid);
+    const upstreamCpu = cpuMicros(upstream.pid);
     const result = await load(running.url, mode, DURATION, nextKey);
+    const perRequest = (before: number | undefined, after: number | undefined) =>
+      before === undefined || after === undefined ? undefined : (after - before) / result.requests.total;
     return {
       target,
       mode,
@@ -217,6 +244,8 @@ async function measure(target: Target, mode: Mode, round: number, upstream: stri
       p99: result.latency.p99,
       errors: result.errors + result.timeouts,
       non2xx: result.non2xx,
+      proxyCpuUs: perRequest(proxyCpu, cpuMicros(running.pid)),
+      upstreamCpuUs: perRequest(upstreamCpu, cpuMicros(upstream.pid)),
     };
   } finally {
     await running.stop();
@@ -230,6 +259,15 @@ function median(values: number[]): number {
   const sorted = [...values].sort((a, b) => a - b);
   const middle = Math.floor(sorted.length / 2);
   return sorted.length % 2 === 1 ? sorted[middle]! : (sorted[middle - 1]! + sorted[middle]!) / 2;
+}
+
+function medianOf(values: (number | undefined)[]): number | undefined {
+  const known = values.filter((value): value is number => value !== undefined);
+  return known.length === 0 ? undefined : median(known);
+}
+
+function formatUs(us: number | undefined): string {
+  return us === undefined ? '–' : `${Math.round(us)}`;
 }
 
 async function redisAvailable(url: string): Promise<Redis | undefined> {
@@ -279,12 +317,14 @@ async function main(): Promise<void> {
     const plan = MODES.flatMap((mode) => targets.map((target) => ({ target, mode })));
     for (let round = 1; round <= ROUNDS; round++) {
       for (const { target, mode } of round % 2 === 1 ? plan : [...plan].reverse()) {
-        const measured = await measure(target, mode, round, upstream.url);
+        const measured = await measure(target, mode, round, upstream);
         measurements.push(measured);
         console.log(
           `  round ${round} ${mode.padEnd(6)} ${LABELS[target].padEnd(27)} ${Math.round(measured.rps)
             .toString()
-            .padStart(6)} req/s  p50 ${measured.p50} ms  p99 ${measured.p99} ms` +
+            .padStart(6)} req/s  p50 ${measured.p50} ms  p99 ${measured.p99} ms  CPU/req ${formatUs(
+            measured.proxyCpuUs,
+          )} proxy, ${formatUs(measured.upstreamCpuUs)} upstream` +
             (measured.errors + measured.non2xx > 0
               ? `  (${measured.errors} errors, ${measured.non2xx} non-2xx)`
               : ''),
@@ -312,14 +352,26 @@ async function main(): Promise<void> {
       const rps = median(ms.map((m) => m.rps));
       const p99 = median(ms.map((m) => m.p99));
       const p50 = median(ms.map((m) => m.p50));
+      const proxyCpu = medianOf(ms.map((m) => m.proxyCpuUs));
+      const upstreamCpu = medianOf(ms.map((m) => m.upstreamCpuUs));
       const vsDirect = directRps > 0 ? rps / directRps : Number.NaN;
       const vsPlain = plainRps > 0 ? rps / plainRps : Number.NaN;
       rows.push(
         `| ${mode} | ${LABELS[target]} | ${Math.round(rps)} | ${p50} | ${p99} | ${(vsDirect * 100).toFixed(0)} % | ${
           target === 'direct' ? '' : `${(vsPlain * 100).toFixed(0)} %`
-        } |`,
+        } | ${formatUs(proxyCpu)} | ${formatUs(upstreamCpu)} |`,
       );
-      summary.push({ mode, target, rps, p50, p99, vsDirect, vsPlain });
+      summary.push({
+        mode,
+        target,
+        rps,
+        p50,
+        p99,
+        vsDirect,
+        vsPlain,
+        proxyCpuUs: proxyCpu,
+        upstreamCpuUs: upstreamCpu,
+      });
     }
   }
   const table = [
@@ -329,8 +381,8 @@ async function main(): Promise<void> {
         .join(' ')} after; Node.js ${process.version}; median of ${ROUNDS} rounds of ${DURATION} s at ` +
       `${CONNECTIONS} connections.`,
     '',
-    '| mode | target | req/s | p50 ms | p99 ms | of direct | of plain proxy |',
-    '|---|---|---:|---:|---:|---:|---:|',
+    '| mode | target | req/s | p50 ms | p99 ms | of direct | of plain proxy | proxy CPU µs/req | upstream CPU µs/req |',
+    '|---|---|---:|---:|---:|---:|---:|---:|---:|',
     ...rows,
   ].join('\n');
   console.log(`\n${table}\n`);

@@ -23,15 +23,18 @@ const HOP_BY_HOP = new Set([
   'expect',
 ]);
 
-/** The header names a `Connection` header lists: hop-by-hop too, whatever they are. */
-function connectionOptions(raw: readonly string[]): Set<string> {
+const NONE: ReadonlySet<string> = new Set();
+
+/**
+ * The header names a `Connection` header lists (its value as Node.js parsed it, several lines joined): hop-by-hop
+ * too, whatever they are.
+ */
+function connectionOptions(connection: string | string[] | undefined): ReadonlySet<string> {
+  if (connection === undefined) return NONE;
   const named = new Set<string>();
-  for (let i = 0; i + 1 < raw.length; i += 2) {
-    if (raw[i]!.toLowerCase() !== 'connection') continue;
-    for (const token of raw[i + 1]!.split(',')) {
-      const name = token.trim().toLowerCase();
-      if (name !== '') named.add(name);
-    }
+  for (const token of String(connection).split(',')) {
+    const name = token.trim().toLowerCase();
+    if (name !== '') named.add(name);
   }
   return named;
 }
@@ -41,9 +44,13 @@ function isHopByHop(name: string, named: ReadonlySet<string>): boolean {
   return HOP_BY_HOP.has(name) || name.startsWith('proxy-') || named.has(name);
 }
 
-/** A flat `[name, value, name, value, …]` list without the hop-by-hop headers: the end-to-end ones, as sent. */
-export function endToEndHeaders(raw: readonly string[]): string[] {
-  const named = connectionOptions(raw);
+/**
+ * A message's end-to-end headers, as sent: a flat `[name, value, name, value, …]` list of its raw headers without
+ * the hop-by-hop ones.
+ */
+export function endToEndHeaders(message: IncomingMessage): string[] {
+  const raw = message.rawHeaders;
+  const named = connectionOptions(message.headers.connection);
   const kept: string[] = [];
   for (let i = 0; i + 1 < raw.length; i += 2) {
     if (!isHopByHop(raw[i]!.toLowerCase(), named)) kept.push(raw[i]!, raw[i + 1]!);
@@ -63,7 +70,7 @@ export function endToEndHeaders(raw: readonly string[]): string[] {
  */
 export function upstreamRequestHeaders(req: IncomingMessage, upstreamHost: string): string[] {
   const raw = req.rawHeaders;
-  const named = connectionOptions(raw);
+  const named = connectionOptions(req.headers.connection);
   const headers: string[] = [];
   const forwarded: Record<'x-forwarded-for' | 'x-forwarded-proto' | 'x-forwarded-host', string[]> = {
     'x-forwarded-for': [],

@@ -4,7 +4,7 @@
  * What the middleware does to a request, the proxy does; every other request, and the upstream's answers, pass
  * through as they came, bodies streamed, hop-by-hop headers replaced by this hop's own.
  */
-import { AsyncLocalStorage, AsyncResource } from 'node:async_hooks';
+import { AsyncLocalStorage } from 'node:async_hooks';
 import {
   Agent,
   type ClientRequest,
@@ -16,6 +16,7 @@ import {
 } from 'node:http';
 import { Agent as HttpsAgent, request as httpsRequest } from 'node:https';
 import type { AddressInfo, Socket } from 'node:net';
+import { hasBody } from '../adapters/node-http/body.js';
 import { failCapture, ticketOf } from '../adapters/node-http/capture.js';
 import { createNodeEngine, handleNodeRequest, READ_STREAM, sendReply } from '../adapters/node-http/flow.js';
 import type { IdempotencyEngine } from '../core/engine.js';
@@ -90,7 +91,8 @@ export interface IdempotencyProxy {
 /** One request through the proxy. */
 class Exchange {
   readonly startedAt = performance.now();
-  readonly time = new Date().toISOString();
+  /** When the request arrived (`Date.now()`), for its log line. */
+  readonly arrivedAt = Date.now();
   event: IdempotencyEvent | undefined;
   upstream: ClientRequest | undefined;
   upstreamStartedAt: number | undefined;
@@ -267,7 +269,7 @@ export function createIdempotencyProxy(options: IdempotencyProxyOptions): Idempo
       res.writeHead(
         upstreamRes.statusCode ?? 502,
         upstreamRes.statusMessage || undefined,
-        endToEndHeaders(upstreamRes.rawHeaders),
+        endToEndHeaders(upstreamRes),
       );
     } catch (error) {
       upstreamRes.destroy();
@@ -280,19 +282,16 @@ export function createIdempotencyProxy(options: IdempotencyProxyOptions): Idempo
         res.once('drain', resume);
       }
     });
-    upstreamRes.on(
-      'end',
-      AsyncResource.bind(() => {
+    upstreamRes.on('end', () =>
+      context.run(exchange, () => {
         exchange.upstreamMs = performance.now() - exchange.upstreamStartedAt!;
         res.end();
       }),
     );
-    upstreamRes.on(
-      'close',
-      AsyncResource.bind(() => {
-        if (!upstreamRes.complete) upstreamFailed(exchange, new Error('ECONNRESET'), true);
-      }),
-    );
+    upstreamRes.on('close', () => {
+      if (!upstreamRes.complete)
+        context.run(exchange, upstreamFailed, exchange, new Error('ECONNRESET'), true);
+    });
     upstreamRes.on('error', () => {});
     // A client that left reads nothing more: a keyed request's response is read to its end all the same.
     res.once('close', () => {
@@ -300,7 +299,11 @@ export function createIdempotencyProxy(options: IdempotencyProxyOptions): Idempo
     });
   };
 
-  const forward = (exchange: Exchange, copy: BodyCopy | undefined, fresh: boolean) => {
+  /**
+   * Sends the request upstream. `resendable`: it may be sent again on a new connection if a kept-alive one turns
+   * out closed; `copy` keeps its body for that (none for a request without a body).
+   */
+  const forward = (exchange: Exchange, resendable: boolean, copy: BodyCopy | undefined, fresh: boolean) => {
     const { req, res } = exchange;
     const upstreamReq = send({
       protocol: upstream.protocol,
@@ -321,25 +324,24 @@ export function createIdempotencyProxy(options: IdempotencyProxyOptions): Idempo
       if (!socket.connecting) delivered = true;
       else socket.once(secure ? 'secureConnect' : 'connect', () => (delivered = true));
     });
-    upstreamReq.on(
-      'response',
-      AsyncResource.bind((upstreamRes: IncomingMessage) => {
-        responded = true;
-        relay(exchange, upstreamRes);
-      }),
-    );
-    upstreamReq.on(
-      'error',
-      AsyncResource.bind((error: Error) => {
-        if (responded) return;
-        if (!fresh && copy?.complete && isStaleConnection(upstreamReq, error)) {
-          return forward(exchange, copy, true);
-        }
-        upstreamFailed(exchange, error, delivered);
-      }),
-    );
+    upstreamReq.on('response', (upstreamRes: IncomingMessage) => {
+      responded = true;
+      context.run(exchange, relay, exchange, upstreamRes);
+    });
+    upstreamReq.on('error', (error: Error) => {
+      if (responded) return;
+      if (
+        !fresh &&
+        resendable &&
+        (copy === undefined || copy.complete) &&
+        isStaleConnection(upstreamReq, error)
+      ) {
+        return forward(exchange, resendable, copy, true);
+      }
+      context.run(exchange, upstreamFailed, exchange, error, delivered);
+    });
     if (fresh) {
-      for (const chunk of copy!.chunks) upstreamReq.write(chunk);
+      for (const chunk of copy?.chunks ?? []) upstreamReq.write(chunk);
       upstreamReq.end();
       return;
     }
@@ -374,7 +376,12 @@ export function createIdempotencyProxy(options: IdempotencyProxyOptions): Idempo
         READ_STREAM,
         () => {
           const resendable = ticketOf(res) !== undefined || IDEMPOTENT_METHODS.has(req.method ?? '');
-          forward(exchange, resendable ? new BodyCopy(bodyLimit) : undefined, false);
+          forward(
+            exchange,
+            resendable,
+            resendable && hasBody(req) ? new BodyCopy(bodyLimit) : undefined,
+            false,
+          );
         },
         // The middleware could not handle the request (a `scope` that threw, a body that could not be read).
         (error) => {
@@ -486,7 +493,7 @@ function logLine(exchange: Exchange): ProxyRequestLog {
   const query = url.indexOf('?');
   return {
     msg: 'request',
-    time: exchange.time,
+    time: new Date(exchange.arrivedAt).toISOString(),
     method: req.method ?? 'GET',
     path: query === -1 ? url : url.slice(0, query),
     status: res.headersSent ? res.statusCode : event?.status,
