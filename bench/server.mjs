@@ -70,7 +70,10 @@ async function memoryBackend() {
 async function redisBackend() {
   const { Redis } = await import('ioredis');
   const { RedisBackend } = await ours('redis');
-  const redis = new Redis(values['redis-url'], { maxRetriesPerRequest: 1 });
+  const redis = new Redis(values['redis-url'], {
+    maxRetriesPerRequest: 1,
+    enableAutoPipelining: process.env.BENCH_AUTOPIPELINING === '1',
+  });
   redis.on('error', (error) => console.error(error));
   // Every command the backend sends goes through one of these.
   for (const name of ['callBuffer', 'setBuffer', 'evalshaBuffer', 'evalBuffer']) {

@@ -18,7 +18,7 @@ import {
 import type { RequestBody } from '../core/fingerprint.js';
 import type { IdempotencyOptions } from '../core/options.js';
 import { type EngineReply, REMOVED_HEADER } from '../core/responses.js';
-import { createNodeEngine } from './node-http/flow.js';
+import { createNodeEngine, keyHeader } from './node-http/flow.js';
 
 export type { RequestIdempotency } from '../core/engine.js';
 
@@ -103,7 +103,7 @@ const plugin: FastifyPluginCallback<FastifyIdempotencyOptions> = function idempo
     const method = request.method;
     if (engine === undefined || !engine.handles(method)) return next();
     const startedAt = performance.now();
-    const key = engine.readKey(method, request.headers[engine.headerName]);
+    const key = engine.readKey(method, keyHeader(request.raw, engine.headerName));
     if (key === undefined) return next();
     if (typeof key !== 'string') return sendReply(reply, key);
     let result: BeginResult | Promise<BeginResult>;

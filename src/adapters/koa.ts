@@ -1,14 +1,14 @@
-import { Readable } from 'node:stream';
+import { Readable, Stream } from 'node:stream';
 import type { Context, Middleware, Next } from 'koa';
 import { captureBody, finishWithBody, handlerHeaders } from '../core/capture.js';
 import type { IdempotencyEngine, RequestIdempotency, Ticket } from '../core/engine.js';
 import { IdempotencyError } from '../core/errors.js';
 import type { RequestBody } from '../core/fingerprint.js';
 import type { IdempotencyOptions } from '../core/options.js';
-import type { EngineReply } from '../core/responses.js';
+import { type EngineReply, REMOVED_HEADER } from '../core/responses.js';
 import type { HeaderPair } from '../core/types.js';
 import { BODY_TOO_LARGE, hasBody, readRequestBody } from './node-http/body.js';
-import { createNodeEngine } from './node-http/flow.js';
+import { createNodeEngine, keyHeader } from './node-http/flow.js';
 
 export type { RequestIdempotency } from '../core/engine.js';
 
@@ -65,7 +65,7 @@ export function idempotencyHeader(options: KoaIdempotencyOptions): Middleware {
     const method = ctx.method;
     if (!engine.handles(method)) return next();
     const startedAt = performance.now();
-    const key = engine.readKey(method, ctx.req.headers[engine.headerName]);
+    const key = engine.readKey(method, keyHeader(ctx.req, engine.headerName));
     if (key === undefined) return next();
     if (typeof key !== 'string') return reply(ctx, key);
     let body: RequestBody;
@@ -138,7 +138,9 @@ function reply(ctx: Context, answer: EngineReply): void {
   ctx.status = answer.status;
   const seen = new Set<string>();
   for (const [name, value] of answer.headers) {
-    if (seen.has(name)) ctx.append(name, value);
+    // A stored removal: the handler removed what middleware mounted before set, and that middleware set it again.
+    if (name === REMOVED_HEADER) ctx.remove(value);
+    else if (seen.has(name)) ctx.append(name, value);
     else ctx.set(name, value);
     seen.add(name);
   }
@@ -177,20 +179,47 @@ async function finishResponse(
   const head = { status, headers };
   if (typeof body === 'string') return finishWithBody(engine, ticket, head, Buffer.from(body));
   if (Buffer.isBuffer(body)) return finishWithBody(engine, ticket, head, body);
-  const stream = bodyStream(body);
+  const stream = bodyStream(ctx, body);
   if (stream === undefined) return finishWithBody(engine, ticket, head, Buffer.from(JSON.stringify(body)));
-  const captured = await captureBody(engine, ticket, head, stream);
+  const captured = await captureWithoutEarlyErrors(ctx, () => captureBody(engine, ticket, head, stream));
   if (captured.kind === 'kept') {
     const bytes = captured.body;
     ctx.body = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-  } else ctx.body = Readable.from(captured.chunks, { objectMode: false });
+  } else {
+    // Read as the client reads, no further ahead: the bytes already read go out before a failure of the source
+    // reaches Koa, which answers a failure before the first byte with a 500 and leaves one after it cut short.
+    ctx.body = Readable.from(captured.chunks, { objectMode: false, highWaterMark: 0 });
+  }
   // Setting a body sets a status only when none was set explicitly; it was already this one.
   ctx.status = status;
 }
 
-/** The chunks of a body Koa streams: a Node.js stream, or (Koa 3) a `Blob`, a `ReadableStream` or a `Response`. */
-function bodyStream(body: unknown): AsyncIterable<unknown> | undefined {
+/**
+ * Runs `capture` with the context's error handling held back. Koa 2 listens for a failure of a stream body from
+ * the moment it is set, and answers it at once: while the middleware reads the body, before anything was sent,
+ * that would be a complete 500 where Koa, relaying the stream itself, would have begun the response and cut it.
+ * The failure reaches Koa later, at the same point of the relayed body.
+ */
+async function captureWithoutEarlyErrors<T>(ctx: Context, capture: () => Promise<T>): Promise<T> {
+  const own = Object.getOwnPropertyDescriptor(ctx, 'onerror');
+  ctx.onerror = () => {};
+  try {
+    return await capture();
+  } finally {
+    if (own === undefined) delete (ctx as Partial<Context>).onerror;
+    else Object.defineProperty(ctx, 'onerror', own);
+  }
+}
+
+/**
+ * The chunks of a body Koa streams: a Node.js stream, or on Koa 3 a `Blob`, a `ReadableStream` or a `Response`.
+ * Koa 2 streams only instances of Node.js's `Stream`, and sends anything else as JSON.
+ */
+function bodyStream(ctx: Context, body: unknown): AsyncIterable<unknown> | undefined {
   if (typeof body !== 'object' || body === null) return undefined;
+  // Koa 3 added `ctx.response.back()` along with web bodies.
+  const koa3 = typeof (ctx.response as { back?: unknown }).back === 'function';
+  if (!koa3) return body instanceof Stream ? (body as Readable) : undefined;
   if (typeof (body as Readable).pipe === 'function') return body as Readable;
   const web = body as { getReader?: unknown; stream?: unknown; body?: unknown; arrayBuffer?: unknown };
   if (typeof web.getReader === 'function') return Readable.fromWeb(body as never);

@@ -13,17 +13,25 @@ export function unquoteKey(value: string): string {
 }
 
 /**
- * Whether a header value holds several values: a comma outside an RFC 8941 quoted string. Node.js and the Fetch
- * API join repeated header lines with `, `, so this is how two `Idempotency-Key` lines arrive.
+ * Whether a header value holds several values. Node.js and the Fetch API join repeated header lines with `, `, so
+ * this is how two `Idempotency-Key` lines arrive. A value with a comma is one key only if it is one RFC 8941
+ * quoted string, closed, with nothing after it: a quote elsewhere is an ordinary character, and a string left
+ * open cannot tell its commas from the separators of the lines after it (`"abc` and `def` arrive as `"abc, def`).
  */
 export function hasSeveralValues(value: string): boolean {
   if (!value.includes(',')) return false;
-  let quoted = false;
-  for (let i = 0; i < value.length; i++) {
+  let i = 0;
+  while (value.charCodeAt(i) === 32 || value.charCodeAt(i) === 9) i++;
+  if (value.charCodeAt(i) !== 34 /* " */) return true;
+  for (i++; i < value.length; i++) {
     const code = value.charCodeAt(i);
-    if (quoted && code === 92 /* \ */) i++;
-    else if (code === 34 /* " */) quoted = !quoted;
-    else if (code === 44 /* , */ && !quoted) return true;
+    if (code === 92 /* \ */) i++;
+    else if (code === 34) break;
+  }
+  if (i >= value.length) return true;
+  for (i++; i < value.length; i++) {
+    const code = value.charCodeAt(i);
+    if (code !== 32 && code !== 9) return true;
   }
   return false;
 }

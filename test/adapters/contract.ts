@@ -872,6 +872,9 @@ export function describeAdapterContract(name: string, config: AdapterContractCon
           'Idempotency-Key: first\r\nIdempotency-Key: second\r\n',
           'Idempotency-Key: same\r\nIdempotency-Key: same\r\n',
           'Idempotency-Key: a, b\r\n',
+          // A quote that opens no string, or one left open, must not hide the line after it.
+          'Idempotency-Key: "abc\r\nIdempotency-Key: def\r\n',
+          'Idempotency-Key: ab"c\r\nIdempotency-Key: d\r\n',
         ]) {
           const result = await sendRawRequest(
             app.server.url,

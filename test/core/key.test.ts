@@ -201,6 +201,12 @@ describe('IdempotencyEngine.readKey', () => {
     it('may contain a comma inside an RFC 8941 quoted string', () => {
       expect(engineWith().readKey('POST', '"a,b"')).toBe('a,b');
       expect(engineWith().readKey('POST', '"a\\",b"')).toBe('a",b');
+      expect(engineWith().readKey('POST', '"a\\\\,b"')).toBe('a\\,b');
+    });
+
+    it('may contain a quote when it has no comma', () => {
+      expect(engineWith().readKey('POST', 'ab"c')).toBe('ab"c');
+      expect(engineWith().readKey('POST', '"abc')).toBe('"abc');
     });
 
     it('may be exactly maxKeyLength long', () => {
@@ -240,6 +246,11 @@ describe('IdempotencyEngine.readKey', () => {
       ['the same key twice', 'k, k'],
       ['a bare comma', 'a,b'],
       ['a comma after a quoted key', '"a",b'],
+      // A quote that opens no RFC 8941 string, or one left open, must not hide the lines joined after it.
+      ['a line with an unclosed quoted string, then another line', '"abc, def'],
+      ['a line with a quote inside a bare key, then another line', 'ab"c, d'],
+      ['a line with a stray quote and backslashes, then two more', 'Ã©b\\\\b" ab, , order-1'],
+      ['a closed quoted key followed by more text', '"a,b"c'],
     ];
 
     it.each(several)('answers 400 to %s', (_, value) => {
