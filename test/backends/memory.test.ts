@@ -2,16 +2,20 @@ import { spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath, pathToFileURL } from 'node:url';
-import { afterEach, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { MemoryBackend } from '../../src/backends/memory.js';
 import { IdempotencyError } from '../../src/core/errors.js';
 import type { IdempotencyRecord } from '../../src/core/types.js';
-import { describeBackendContract } from './contract.js';
+import { describeBackendContract } from '../../src/testkit/index.js';
 
-describeBackendContract('MemoryBackend', async () => {
-  const backend = new MemoryBackend();
-  return { backend, teardown: async () => backend.close() };
-});
+describeBackendContract(
+  'MemoryBackend',
+  () => {
+    const backend = new MemoryBackend();
+    return { backend, teardown: () => backend.close() };
+  },
+  { describe, it, beforeAll, afterAll },
+);
 
 const FINGERPRINT = 'f'.repeat(64);
 const LEASE_MS = 30_000;
