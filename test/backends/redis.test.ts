@@ -16,6 +16,7 @@ import {
 } from '../../src/backends/redis.js';
 import { IdempotencyError } from '../../src/core/errors.js';
 import type { IdempotencyRecord } from '../../src/core/types.js';
+import { describeBackendContract } from '../../src/testkit/index.js';
 import {
   deleteKeysWithPrefix,
   keysWithPrefix,
@@ -24,7 +25,6 @@ import {
   uniquePrefix,
 } from '../support/redis.js';
 import { type RedisServer, requireRedisServer, startRedisServer } from '../support/redis-server.js';
-import { describeBackendContract } from './contract.js';
 
 const redisUp = await requireRedis('RedisBackend tests');
 /** The commands a counting client sent since `before`, less the one-time eviction check (`CONFIG GET`). */
@@ -100,55 +100,77 @@ function countingNodeRedis(redis: NodeRedisClientLike): CountingClient {
 }
 
 describe.runIf(redisUp)('RedisBackend', () => {
-  describeBackendContract('RedisBackend with ioredis', async () => {
-    const redis = new Redis(REDIS_URL);
-    const prefix = uniquePrefix('ioredis');
-    return {
-      backend: new RedisBackend({ redis, prefix }),
-      async teardown() {
-        await deleteKeysWithPrefix(redis, prefix);
-        await redis.quit();
-      },
-    };
-  });
+  const contractTest = { describe, it, beforeAll, afterAll };
 
-  describeBackendContract('RedisBackend with ioredis and enableAutoPipelining', async () => {
-    const redis = new Redis(REDIS_URL, { enableAutoPipelining: true });
-    const prefix = uniquePrefix('ioredis-pipelined');
-    return {
-      backend: new RedisBackend({ redis, prefix }),
-      async teardown() {
-        await deleteKeysWithPrefix(redis, prefix);
-        await redis.quit();
-      },
-    };
-  });
+  describeBackendContract(
+    'RedisBackend with ioredis',
+    async () => {
+      const redis = new Redis(REDIS_URL);
+      // A second connection, and a node-redis one, on the same keys: the races spread over all three.
+      const peer = new Redis(REDIS_URL);
+      const nodeRedis = await connectNodeRedis(REDIS_URL);
+      const prefix = uniquePrefix('ioredis');
+      return {
+        backend: new RedisBackend({ redis, prefix }),
+        peers: [new RedisBackend({ redis: peer, prefix }), new RedisBackend({ redis: nodeRedis, prefix })],
+        async teardown() {
+          await deleteKeysWithPrefix(redis, prefix);
+          await Promise.all([redis.quit(), peer.quit(), nodeRedis.close()]);
+        },
+      };
+    },
+    contractTest,
+  );
 
-  describeBackendContract('RedisBackend on a server without SET NX GET (before Redis 7)', async () => {
-    const redis = new Redis(REDIS_URL);
-    const prefix = uniquePrefix('pre-7');
-    return {
-      backend: new RedisBackend({ redis: withoutSetNxGet(redis).client, prefix }),
-      async teardown() {
-        await deleteKeysWithPrefix(redis, prefix);
-        await redis.quit();
-      },
-    };
-  });
-
-  for (const RESP of [2, 3] as const) {
-    describeBackendContract(`RedisBackend with node-redis (RESP${RESP})`, async () => {
-      const redis = await connectNodeRedis(REDIS_URL, { RESP });
-      const admin = new Redis(REDIS_URL);
-      const prefix = uniquePrefix('node-redis');
+  describeBackendContract(
+    'RedisBackend with ioredis and enableAutoPipelining',
+    async () => {
+      const redis = new Redis(REDIS_URL, { enableAutoPipelining: true });
+      const prefix = uniquePrefix('ioredis-pipelined');
       return {
         backend: new RedisBackend({ redis, prefix }),
         async teardown() {
-          await deleteKeysWithPrefix(admin, prefix);
-          await Promise.all([redis.close(), admin.quit()]);
+          await deleteKeysWithPrefix(redis, prefix);
+          await redis.quit();
         },
       };
-    });
+    },
+    contractTest,
+  );
+
+  describeBackendContract(
+    'RedisBackend on a server without SET NX GET (before Redis 7)',
+    async () => {
+      const redis = new Redis(REDIS_URL);
+      const prefix = uniquePrefix('pre-7');
+      return {
+        backend: new RedisBackend({ redis: withoutSetNxGet(redis).client, prefix }),
+        async teardown() {
+          await deleteKeysWithPrefix(redis, prefix);
+          await redis.quit();
+        },
+      };
+    },
+    contractTest,
+  );
+
+  for (const RESP of [2, 3] as const) {
+    describeBackendContract(
+      `RedisBackend with node-redis (RESP${RESP})`,
+      async () => {
+        const redis = await connectNodeRedis(REDIS_URL, { RESP });
+        const admin = new Redis(REDIS_URL);
+        const prefix = uniquePrefix('node-redis');
+        return {
+          backend: new RedisBackend({ redis, prefix }),
+          async teardown() {
+            await deleteKeysWithPrefix(admin, prefix);
+            await Promise.all([redis.close(), admin.quit()]);
+          },
+        };
+      },
+      contractTest,
+    );
   }
 
   describe('on the shared server', () => {
@@ -626,32 +648,40 @@ describe.runIf(redisUp)('RedisBackend', () => {
       await server?.close();
     });
 
-    describeBackendContract('RedisBackend with an ioredis Cluster', async () => {
-      const cluster = new Cluster([{ host: '127.0.0.1', port: server.port }]);
-      cluster.on('error', () => {});
-      // Fail the setup at once, rather than every test by timeout, if the cluster cannot be reached.
-      await Promise.race([
-        cluster.ping(),
-        sleep(5_000).then(() => Promise.reject(new Error('ioredis Cluster did not become ready'))),
-      ]);
-      return {
-        backend: new RedisBackend({ redis: cluster, prefix: uniquePrefix('ioredis-cluster') }),
-        async teardown() {
-          cluster.disconnect();
-        },
-      };
-    });
+    describeBackendContract(
+      'RedisBackend with an ioredis Cluster',
+      async () => {
+        const cluster = new Cluster([{ host: '127.0.0.1', port: server.port }]);
+        cluster.on('error', () => {});
+        // Fail the setup at once, rather than every test by timeout, if the cluster cannot be reached.
+        await Promise.race([
+          cluster.ping(),
+          sleep(5_000).then(() => Promise.reject(new Error('ioredis Cluster did not become ready'))),
+        ]);
+        return {
+          backend: new RedisBackend({ redis: cluster, prefix: uniquePrefix('ioredis-cluster') }),
+          async teardown() {
+            cluster.disconnect();
+          },
+        };
+      },
+      contractTest,
+    );
 
-    describeBackendContract('RedisBackend with a node-redis cluster', async () => {
-      const cluster = createCluster({ rootNodes: [{ url: server.url }] });
-      cluster.on('error', () => {});
-      await cluster.connect();
-      return {
-        backend: new RedisBackend({ redis: cluster, prefix: uniquePrefix('node-redis-cluster') }),
-        async teardown() {
-          await cluster.close();
-        },
-      };
-    });
+    describeBackendContract(
+      'RedisBackend with a node-redis cluster',
+      async () => {
+        const cluster = createCluster({ rootNodes: [{ url: server.url }] });
+        cluster.on('error', () => {});
+        await cluster.connect();
+        return {
+          backend: new RedisBackend({ redis: cluster, prefix: uniquePrefix('node-redis-cluster') }),
+          async teardown() {
+            await cluster.close();
+          },
+        };
+      },
+      contractTest,
+    );
   });
 });
