@@ -20,7 +20,7 @@
  */
 import { createHash, randomUUID } from 'node:crypto';
 import { IdempotencyError, invalidOption } from '../core/errors.js';
-import type { AcquireResult, HeaderPair, IdempotencyRecord } from '../core/types.js';
+import type { AcquireResult, HeaderPair, IdempotencyRecord, KeyState } from '../core/types.js';
 
 /** The table name every SQL backend uses unless told otherwise. */
 export const DEFAULT_SQL_TABLE = 'idempotency_keys';
@@ -155,6 +155,87 @@ function recordFrom(row: HeldRow, fingerprint: string, database: string): Idempo
       body: bytesFrom(row.body, database),
     },
   };
+}
+
+/**
+ * How one SQL dialect spells what the operator statements ({@link operatorStatements}) need; everything else in
+ * them is the same in PostgreSQL, MySQL/MariaDB and SQLite.
+ */
+export interface OperatorDialect {
+  /** The table, quoted. */
+  readonly table: string;
+  /** The key hash's placeholder (`$1::bytea`, `?`, `@key`). */
+  readonly key: string;
+  /** The force flag's placeholder, a boolean (`$2::boolean`) or 1/0 (`?`, `@force`). */
+  readonly force: string;
+  /** The condition of a row that is held: a lock within its lease, or a record within its expiry. */
+  readonly live: string;
+  /** Milliseconds from the database's now to `expires_at`; `NULL` for a record kept forever. */
+  readonly leftMs: string;
+  /** The function that gives a BLOB's length in bytes (`octet_length`, `LENGTH`, `length`). */
+  readonly byteLength: string;
+}
+
+/** The statements behind `inspect` and `forget`, for one dialect. */
+export interface OperatorStatements {
+  /** Reads the key's row if it is held; parameter: key hash. Rows: {@link InspectRow}. */
+  readonly inspect: string;
+  /** Deletes the key's row if it is held, a lock only when forced; parameters: key hash, force. */
+  readonly forget: string;
+}
+
+/**
+ * The SQL of the operator API, shared by the SQL backends. Both judge a row by the database's clock, as acquire
+ * does, so that they agree with it on whether a lease lapsed: an expired row is "nothing held" to inspect and is
+ * left to the sweep by forget. The body itself is never read, only its length.
+ */
+export function operatorStatements(dialect: OperatorDialect): OperatorStatements {
+  const { table, key, force, live, leftMs, byteLength } = dialect;
+  return {
+    inspect: `SELECT fingerprint, token IS NOT NULL AS locked, ${leftMs} AS left_ms, status,
+  ${byteLength}(body) AS size, created_at
+FROM ${table} WHERE key_hash = ${key} AND (${live})`,
+    // Atomicity: the lock check and the DELETE are one statement, so a key taken by a request between an
+    // operator's inspect and this forget is refused unless forced, never deleted from under it by surprise.
+    forget: `DELETE FROM ${table} WHERE key_hash = ${key} AND (token IS NULL OR ${force}) AND (${live})`,
+  };
+}
+
+/** A row of {@link OperatorStatements.inspect}. */
+export interface InspectRow {
+  fingerprint: unknown;
+  locked: unknown;
+  left_ms: unknown;
+  status: unknown;
+  size: unknown;
+  created_at: unknown;
+}
+
+/**
+ * The {@link KeyState} of a held row. Times are given by this process's clock (`storedAt` is the record's
+ * `createdAt`, set by the process that stored it), so `expiresAt` is now plus what the database says is left.
+ */
+export function keyStateFrom(row: InspectRow, database: string, now: number = Date.now()): KeyState {
+  const fingerprint = textFrom(row.fingerprint, database);
+  const leftMs = row.left_ms === null || row.left_ms === undefined ? null : Number(row.left_ms);
+  if (truthy(row.locked)) {
+    return { state: 'in-flight', fingerprint, leaseLeftMs: Math.max(1, leftMs ?? 0) };
+  }
+  return {
+    state: 'completed',
+    fingerprint,
+    status: row.status === null || row.status === undefined ? null : Number(row.status),
+    storedAt: Number(row.created_at),
+    expiresAt: leftMs === null ? null : now + leftMs,
+    size: row.size === null || row.size === undefined ? 0 : Number(row.size),
+  };
+}
+
+function textFrom(value: unknown, database: string): string {
+  if (value instanceof Uint8Array)
+    return Buffer.from(value.buffer, value.byteOffset, value.byteLength).toString();
+  if (typeof value === 'string') return value;
+  throw unexpectedRow(database, 'fingerprint', value);
 }
 
 /** Booleans as drivers return them: `true`/`false` (PostgreSQL), `1`/`0` (MySQL, SQLite), perhaps as strings. */

@@ -1,5 +1,5 @@
 import { invalidOption } from '../core/errors.js';
-import type { AcquireResult, Backend, IdempotencyRecord } from '../core/types.js';
+import type { AcquireResult, Backend, IdempotencyRecord, KeyState } from '../core/types.js';
 import {
   bodyBuffer,
   contended,
@@ -8,9 +8,12 @@ import {
   fingerprintBytes,
   type HeldRow,
   heldAnswer,
+  type InspectRow,
   keyHash,
+  keyStateFrom,
   MAX_ACQUIRE_ATTEMPTS,
   newToken,
+  operatorStatements,
   parseTableName,
   SetUpOnce,
   SWEEP_BATCH_ROWS,
@@ -169,6 +172,8 @@ interface Statements {
   readonly renew: string;
   readonly expired: string;
   readonly deleteExpired: string;
+  readonly inspect: string;
+  readonly forget: string;
 }
 
 // Time is the database's: UTC_TIMESTAMP(3) is the statement's start, one instant for the whole statement, read
@@ -181,7 +186,16 @@ interface Statements {
 // run costs two round trips (insert, complete), a replay or a 409 two (insert refused, read), a takeover three.
 function statements(table: string): Statements {
   const free = 'expires_at <= UTC_TIMESTAMP(3)';
+  const operator = operatorStatements({
+    table,
+    key: '?',
+    force: '?',
+    live: 'expires_at IS NULL OR expires_at > UTC_TIMESTAMP(3)',
+    leftMs: '(TIMESTAMPDIFF(MICROSECOND, UTC_TIMESTAMP(3), expires_at) + 999) DIV 1000',
+    byteLength: 'LENGTH',
+  });
   return {
+    ...operator,
     create: ddl(table),
 
     // Atomicity: one statement under the row's exclusive lock (ON DUPLICATE KEY UPDATE locks the existing row
@@ -422,6 +436,21 @@ export class MysqlBackend implements Backend {
     if (!this.#setUp.done) await this.#setUp.ensure();
     const header = await this.#query(this.#sql.renew, [micro(leaseMs), keyHash(key), tokenValue]);
     return matchedRows(header) === 1;
+  }
+
+  /** The key's state, read in one statement by the database's clock: see {@link Backend.inspect}. */
+  async inspect(key: string): Promise<KeyState | undefined> {
+    if (!this.#setUp.done) await this.#setUp.ensure();
+    const rows = await this.#query(this.#sql.inspect, [keyHash(key)]);
+    if (!Array.isArray(rows)) throw unexpectedRow('MySQL', 'reply to inspect', rows);
+    const row = rows[0] as InspectRow | undefined;
+    return row === undefined ? undefined : keyStateFrom(row, 'MySQL');
+  }
+
+  /** Deletes the key's record, or its lock only with `force`, in one statement: see {@link Backend.forget}. */
+  async forget(key: string, force: boolean): Promise<boolean> {
+    if (!this.#setUp.done) await this.#setUp.ensure();
+    return matchedRows(await this.#query(this.#sql.forget, [keyHash(key), force ? 1 : 0])) === 1;
   }
 
   /**

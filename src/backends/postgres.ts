@@ -3,6 +3,7 @@ import type {
   AcquireResult,
   BackendTransaction,
   IdempotencyRecord,
+  KeyState,
   TransactionalBackend,
 } from '../core/types.js';
 import {
@@ -13,10 +14,13 @@ import {
   fingerprintBytes,
   type HeldRow,
   heldAnswer,
+  type InspectRow,
   isToken,
   keyHash,
+  keyStateFrom,
   MAX_ACQUIRE_ATTEMPTS,
   newToken,
+  operatorStatements,
   parseTableName,
   SetUpOnce,
   SWEEP_BATCH_ROWS,
@@ -193,6 +197,8 @@ interface Statements {
   readonly channel: string | undefined;
   readonly renew: string;
   readonly sweep: string;
+  readonly inspect: string;
+  readonly forget: string;
 }
 
 // Time is the database's: every statement reads statement_timestamp(), one instant for the whole statement (unlike
@@ -208,8 +214,19 @@ function statements(parts: string[], notify: boolean): Statements {
       ? write
       : `WITH done AS (${write} RETURNING key_hash)
 SELECT pg_notify('${channel}', encode(key_hash, 'hex')) FROM done`;
+  const operator = operatorStatements({
+    table,
+    key: '$1::bytea',
+    force: '$2::boolean',
+    live: 'expires_at IS NULL OR expires_at > statement_timestamp()',
+    leftMs: 'ceil(extract(epoch FROM expires_at - statement_timestamp()) * 1000)::float8',
+    byteLength: 'octet_length',
+  });
   return {
     channel,
+    inspect: operator.inspect,
+    // A forced forget of a lock ends it as a release does: waiters are told, and look again (and run).
+    forget: notifying(operator.forget),
     // Runs only when the table is missing, so that an existing table is not locked by every process that starts
     // (CREATE INDEX IF NOT EXISTS takes a lock on the table before it finds the index exists).
     create: `DO $$ BEGIN
@@ -472,6 +489,24 @@ export class PostgresBackend implements TransactionalBackend {
     if (!isToken(token)) return false;
     if (!this.#setUp.done) await this.#setUp.ensure();
     const result = await this.#pool.query(this.#sql.renew, [keyHash(key), token, wholeMilliseconds(leaseMs)]);
+    return result.rowCount === 1;
+  }
+
+  /** The key's state, read in one statement by the database's clock: see {@link Backend.inspect}. */
+  async inspect(key: string): Promise<KeyState | undefined> {
+    if (!this.#setUp.done) await this.#setUp.ensure();
+    const { rows } = await this.#pool.query(this.#sql.inspect, [keyHash(key)]);
+    const row = rows[0] as InspectRow | undefined;
+    return row === undefined ? undefined : keyStateFrom(row, 'PostgreSQL');
+  }
+
+  /**
+   * Deletes the key's record, or its lock only with `force` (waking waiters with `notifications` on), in one
+   * statement: see {@link Backend.forget}.
+   */
+  async forget(key: string, force: boolean): Promise<boolean> {
+    if (!this.#setUp.done) await this.#setUp.ensure();
+    const result = await this.#pool.query(this.#sql.forget, [keyHash(key), force]);
     return result.rowCount === 1;
   }
 

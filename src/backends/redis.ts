@@ -1,6 +1,6 @@
 import { createHash, randomUUID } from 'node:crypto';
 import { IdempotencyError, invalidOption } from '../core/errors.js';
-import type { AcquireResult, Backend, HeaderPair, IdempotencyRecord } from '../core/types.js';
+import type { AcquireResult, Backend, HeaderPair, IdempotencyRecord, KeyState } from '../core/types.js';
 
 /** A command argument as both clients accept it. */
 type RedisArgument = string | Buffer;
@@ -120,6 +120,16 @@ export interface RedisBackendOptions {
    * @default 'idempotency:'
    */
   prefix?: string;
+  /**
+   * Announces every stored response and released lock on a pub/sub channel (`prefix + 'notifications'`, the
+   * message being the key), so that duplicates waiting with `onConflict: 'wait'` are woken at once, in any
+   * process, instead of polling every 200 ms. The `PUBLISH` runs inside the complete and release scripts: no
+   * extra round trip. The first wait opens one more connection, a `duplicate()` of `redis`, to subscribe with;
+   * {@link RedisBackend.close} closes it. Turn it on in every process that shares the prefix. Not for a
+   * node-redis pool, which has no `duplicate()`.
+   * @default false
+   */
+  notifications?: boolean;
 }
 
 /**
@@ -201,6 +211,40 @@ local rest = string.find(value, '\\n', #ARGV[1] + 1, true)
 redis.call('SET', KEYS[1], ARGV[1] .. ARGV[3] .. ' ' .. ARGV[2] .. string.sub(value, rest), 'PX', ARGV[2])
 return 1`);
 
+/**
+ * A script that also announces its success: the `PUBLISH` goes right before the script's `return 1` (its only
+ * success), on the channel and with the message passed as its last two arguments. Derived from the script itself,
+ * so that the two never drift apart.
+ */
+function publishing(base: Script): Script {
+  const at = base.lua.lastIndexOf('return 1');
+  if (at === -1) throw new Error('publishing(): the script has no `return 1`');
+  return script(
+    `${base.lua.slice(0, at)}redis.call('PUBLISH', ARGV[#ARGV - 1], ARGV[#ARGV])\n${base.lua.slice(at)}`,
+  );
+}
+
+const COMPLETE_PUBLISHING = publishing(COMPLETE);
+const RELEASE_PUBLISHING = publishing(RELEASE);
+
+// For operators: the value and its time to live, read in one atomic step so that they belong together.
+// KEYS[1] = the key.
+const INSPECT = script(`return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}`);
+
+// Atomicity: the lock check and the DEL are one step, so a key taken by a request between an operator's inspect
+// and this forget is refused unless forced, never deleted from under it by surprise. Only the value's first byte
+// is read (L: a lock, D: a record). A forced forget of a lock ends it as a release does: it is announced too.
+// KEYS[1] = the key; ARGV = '1' to force or '0', then with notifications the channel and the message.
+const FORGET = script(`local kind = redis.call('GETRANGE', KEYS[1], 0, 0)
+if kind == '' or (kind == 'L' and ARGV[1] ~= '1') then
+  return 0
+end
+redis.call('DEL', KEYS[1])
+if ARGV[3] then
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
+end
+return 1`);
+
 /** RESP type bytes of node-redis v5+'s `RESP_TYPES.BLOB_STRING` and `SIMPLE_STRING`, mapped to `Buffer`. */
 const BUFFER_REPLIES = { typeMapping: { 36: Buffer, 43: Buffer }, returnBuffers: true };
 
@@ -256,9 +300,25 @@ export class RedisBackend implements Backend {
   #evictionChecked = false;
   /** Whether the server takes `SET … NX GET` (Redis 7+); cleared by the first syntax error. */
   #setGet = true;
+  /** The user's client, duplicated for the subscriber. */
+  readonly #client: RedisClientLike;
+  /** The pub/sub channel with `notifications` on; `undefined` off. */
+  readonly #channel: string | undefined;
+  /** Who waits for each key's lock to end ({@link watch}), woken by the channel's messages. */
+  readonly #watchers = new Map<string, Set<() => void>>();
+  /** The subscriber, once subscribed; `undefined` until the first {@link watch}, or after {@link close}. */
+  #subscribing: Promise<Subscriber> | undefined;
+  /** Whether {@link #subscribing} has resolved: the subscription is in place. */
+  #subscribed = false;
+  /** When subscribing last failed: for a while after, waiters poll rather than try again at once. */
+  #subscribeFailedAt = Number.NEGATIVE_INFINITY;
 
   constructor(options: RedisBackendOptions) {
-    const { redis, prefix = DEFAULT_REDIS_PREFIX } = options ?? ({} as Partial<RedisBackendOptions>);
+    const {
+      redis,
+      prefix = DEFAULT_REDIS_PREFIX,
+      notifications = false,
+    } = options ?? ({} as Partial<RedisBackendOptions>);
     const send = senderFor(redis);
     if (send === undefined) {
       throw invalidOption(
@@ -268,8 +328,18 @@ export class RedisBackend implements Backend {
       );
     }
     if (typeof prefix !== 'string') throw invalidOption('prefix', 'a string', prefix);
+    if (typeof notifications !== 'boolean') throw invalidOption('notifications', 'a boolean', notifications);
+    if (notifications && typeof (redis as { duplicate?: unknown }).duplicate !== 'function') {
+      throw invalidOption(
+        'redis',
+        'a client with duplicate() (not a node-redis pool), for notifications',
+        redis,
+      );
+    }
     this.#send = send;
     this.#prefix = prefix;
+    this.#client = redis;
+    this.#channel = notifications ? `${prefix}notifications` : undefined;
   }
 
   async acquire(key: string, fingerprint: string, leaseMs: number): Promise<AcquireResult> {
@@ -302,15 +372,23 @@ export class RedisBackend implements Backend {
     record: IdempotencyRecord,
     ttlMs: number | null,
   ): Promise<boolean> {
-    const reply = await this.#run(COMPLETE, this.#prefix + key, [
-      lockHead(token),
-      packRecord(record),
-      ttlMs === null ? '' : milliseconds(ttlMs),
-    ]);
+    const args = [lockHead(token), packRecord(record), ttlMs === null ? '' : milliseconds(ttlMs)];
+    // With notifications, the same one script also publishes: waiters are told without another round trip.
+    if (this.#channel !== undefined) {
+      return flag(
+        'complete',
+        await this.#run(COMPLETE_PUBLISHING, this.#prefix + key, [...args, this.#channel, key]),
+      );
+    }
+    const reply = await this.#run(COMPLETE, this.#prefix + key, args);
     return flag('complete', reply);
   }
 
   async release(key: string, token: string): Promise<boolean> {
+    if (this.#channel !== undefined) {
+      const args = [lockHead(token), this.#channel, key];
+      return flag('release', await this.#run(RELEASE_PUBLISHING, this.#prefix + key, args));
+    }
     return flag('release', await this.#run(RELEASE, this.#prefix + key, [lockHead(token)]));
   }
 
@@ -322,6 +400,101 @@ export class RedisBackend implements Backend {
       String(Date.now() + Number(lease)),
     ]);
     return flag('renew', reply);
+  }
+
+  /**
+   * The key's state, its value and time to live read in one script: see {@link Backend.inspect}. The lease left
+   * and the expiry are Redis's own (the key's PTTL).
+   */
+  async inspect(key: string): Promise<KeyState | undefined> {
+    const reply = await this.#run(INSPECT, this.#prefix + key, []);
+    if (!Array.isArray(reply) || reply.length !== 2) throw unexpectedReply('inspect', reply);
+    const [held, ttl] = reply as [unknown, unknown];
+    if (held === null || held === undefined) return undefined;
+    return keyStateOf(value(held), Number(Buffer.isBuffer(ttl) ? ttl.toString() : ttl));
+  }
+
+  /**
+   * Deletes the key's record, or its lock only with `force` (announced, with `notifications`, so that waiters
+   * look again), in one script: see {@link Backend.forget}.
+   */
+  async forget(key: string, force: boolean): Promise<boolean> {
+    const args = this.#channel === undefined ? [force ? '1' : '0'] : [force ? '1' : '0', this.#channel, key];
+    return flag('forget', await this.#run(FORGET, this.#prefix + key, args));
+  }
+
+  /**
+   * With `notifications` on, resolves once the key may have been stored or released, as announced on the channel
+   * by any process, or once `signal` aborts; off, `undefined` (the key is polled). The first call subscribes,
+   * on a duplicate of the client.
+   */
+  watch(key: string, signal: AbortSignal): Promise<void> | undefined {
+    const channel = this.#channel;
+    if (channel === undefined) return undefined;
+    // A subscription that just failed (Redis refused SUBSCRIBE, or the duplicate could not connect) is not tried
+    // again for every round of every waiter: they poll meanwhile.
+    if (this.#subscribing === undefined && Date.now() - this.#subscribeFailedAt < SUBSCRIBE_RETRY_MS) {
+      return undefined;
+    }
+    return new Promise((resolve) => {
+      if (signal.aborted) return resolve();
+      let watchers = this.#watchers.get(key);
+      if (watchers === undefined) {
+        watchers = new Set();
+        this.#watchers.set(key, watchers);
+      }
+      const done = () => {
+        watchers.delete(done);
+        if (watchers.size === 0 && this.#watchers.get(key) === watchers) this.#watchers.delete(key);
+        signal.removeEventListener('abort', done);
+        resolve();
+      };
+      watchers.add(done);
+      signal.addEventListener('abort', done, { once: true });
+      // Until the subscription is in place, a message could pass unheard: a watch begun before it (or when it
+      // failed) wakes its waiter then, to look again.
+      if (!this.#subscribed) (this.#subscribing ?? this.#subscribe(channel)).then(done, done);
+    });
+  }
+
+  /**
+   * Closes the subscriber connection that `notifications` opened on the first wait, if any. The client passed
+   * in is left open: it is the application's.
+   */
+  async close(): Promise<void> {
+    const subscribing = this.#subscribing;
+    this.#subscribing = undefined;
+    this.#subscribed = false;
+    if (subscribing === undefined) return;
+    const subscriber = await subscribing.catch(() => undefined);
+    await subscriber?.close();
+  }
+
+  #subscribe(channel: string): Promise<Subscriber> {
+    const subscribing = subscribe(this.#client, channel, {
+      message: (key) => {
+        const watchers = this.#watchers.get(key);
+        if (watchers !== undefined) for (const wake of [...watchers]) wake();
+      },
+      // Messages sent while the connection was down are lost: every waiter looks again once it is back.
+      reconnected: () => {
+        for (const watchers of [...this.#watchers.values()]) for (const wake of [...watchers]) wake();
+      },
+    });
+    this.#subscribing = subscribing;
+    subscribing.then(
+      (subscriber) => {
+        // Closed while it was being opened: close it too.
+        if (this.#subscribing === subscribing) this.#subscribed = true;
+        else void subscriber.close();
+      },
+      () => {
+        // Not subscribed: a watch after SUBSCRIBE_RETRY_MS tries again; its waiters poll meanwhile.
+        this.#subscribeFailedAt = Date.now();
+        if (this.#subscribing === subscribing) this.#subscribing = undefined;
+      },
+    );
+    return subscribing;
   }
 
   /**
@@ -356,6 +529,136 @@ export class RedisBackend implements Backend {
       return await this.#send(redisKey, ['EVAL', script.lua, '1', redisKey, ...args]);
     }
   }
+}
+
+/** How long after a failed subscription waiters poll before another one is tried. */
+const SUBSCRIBE_RETRY_MS = 5_000;
+
+/** A subscription to the notification channel, on a connection of its own. */
+interface Subscriber {
+  close(): Promise<void>;
+}
+
+/** What the subscriber tells the backend. */
+interface SubscriberEvents {
+  /** A message on the channel: the key that was stored or released. */
+  message(key: string): void;
+  /** The connection is back after it was lost (and the driver subscribed again): messages may have been missed. */
+  reconnected(): void;
+}
+
+/** The part of an ioredis `Redis` or `Cluster` (a duplicate) that subscribing uses. */
+interface IoredisSubscriberLike {
+  status: string;
+  on(event: string, listener: (...args: never[]) => void): unknown;
+  once(event: string, listener: (...args: never[]) => void): unknown;
+  connect(): Promise<unknown>;
+  subscribe(channel: string): Promise<unknown>;
+  disconnect(): void;
+}
+
+/** The part of a node-redis client, cluster or sentinel (a duplicate) that subscribing uses. */
+interface NodeRedisSubscriberLike {
+  on(event: string, listener: (...args: never[]) => void): unknown;
+  connect(): Promise<unknown>;
+  subscribe(channel: string, listener: (message: string) => void): Promise<unknown>;
+  destroy?(): void;
+  disconnect?(): Promise<unknown>;
+  quit?(): Promise<unknown>;
+}
+
+/**
+ * Subscribes to `channel` on a duplicate of `client` (a subscribed connection can do nothing else), and resolves
+ * once the subscription is in place. Both drivers subscribe again by themselves after a reconnect. The
+ * duplicate's errors are heard (an `'error'` event without a listener would end the process) and otherwise
+ * ignored: while it is down, waiters are woken by their timers.
+ */
+async function subscribe(
+  client: RedisClientLike,
+  channel: string,
+  events: SubscriberEvents,
+): Promise<Subscriber> {
+  const ignore = () => {};
+  if (typeof (client as Partial<IoredisClientLike>).callBuffer === 'function') {
+    const subscriber = (client as unknown as { duplicate(): IoredisSubscriberLike }).duplicate();
+    const close = async () => subscriber.disconnect();
+    subscriber.on('error', ignore);
+    subscriber.on('message', ((from: string, message: string) => {
+      if (from === channel) events.message(message);
+    }) as never);
+    try {
+      // A client made with enableOfflineQueue: false (as the backend's documentation advises) refuses SUBSCRIBE
+      // until it is connected; a lazyConnect one does not connect by itself.
+      if (subscriber.status === 'wait') subscriber.connect().catch(ignore);
+      if (subscriber.status !== 'ready') {
+        await new Promise<void>((resolve, reject) => {
+          subscriber.once('ready', resolve as never);
+          subscriber.once('end', (() => reject(new Error('The Redis subscriber connection ended'))) as never);
+        });
+      }
+      await subscriber.subscribe(channel);
+    } catch (error) {
+      await close();
+      throw error;
+    }
+    subscriber.on('ready', events.reconnected as never);
+    return { close };
+  }
+  const subscriber = (client as unknown as { duplicate(): NodeRedisSubscriberLike }).duplicate();
+  const close = async () => {
+    if (typeof subscriber.destroy === 'function') subscriber.destroy();
+    else await (subscriber.disconnect ?? subscriber.quit)?.call(subscriber).catch(ignore);
+  };
+  subscriber.on('error', ignore);
+  try {
+    await subscriber.connect();
+    await subscriber.subscribe(channel, (message) => events.message(message));
+  } catch (error) {
+    await close();
+    throw error;
+  }
+  subscriber.on('ready', events.reconnected as never);
+  return { close };
+}
+
+/**
+ * What {@link RedisBackend.inspect} tells of a value (see the storage layout above) and its PTTL: the lease left
+ * or the expiry are Redis's, the time a record was stored the storing process's.
+ */
+function keyStateOf(held: Buffer, ttlMs: number): KeyState {
+  const newline = held.indexOf(10);
+  if (held[0] === 0x4c /* L */ && newline !== -1) {
+    const second = held.indexOf(10, newline + 1);
+    if (second !== -1) {
+      return {
+        state: 'in-flight',
+        fingerprint: held.toString('utf8', second + 1),
+        leaseLeftMs: Math.max(1, ttlMs),
+      };
+    }
+  } else if (held[0] === 0x44 /* D */ && newline !== -1) {
+    const [fingerprintBytes, createdAt, status, headersBytes] = held
+      .toString('latin1', 1, newline)
+      .split(' ')
+      .map((field) => (field === '-' ? Number.NaN : Number(field)));
+    const headersAt = newline + 1 + fingerprintBytes!;
+    const bodyAt = headersAt + headersBytes!;
+    if (Number.isInteger(createdAt) && Number.isInteger(headersBytes) && bodyAt <= held.byteLength) {
+      return {
+        state: 'completed',
+        fingerprint: held.toString('utf8', newline + 1, headersAt),
+        status: Number.isInteger(status) ? status! : null,
+        storedAt: createdAt!,
+        // PTTL -1: the record has no expiry (stored with `expiry: null`).
+        expiresAt: ttlMs < 0 ? null : Date.now() + ttlMs,
+        size: held.byteLength - bodyAt,
+      };
+    }
+  }
+  throw new IdempotencyError(
+    'ERR_IDEMPOTENCY_BACKEND',
+    `The Redis key holds a value RedisBackend did not write (${held.byteLength} bytes): is another program using the prefix?`,
+  );
 }
 
 /** The first bytes of a lock taken with `token`: what complete, release and renew compare. */

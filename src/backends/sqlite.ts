@@ -1,5 +1,5 @@
 import { IdempotencyError, invalidOption } from '../core/errors.js';
-import type { AcquireResult, Awaitable, Backend, IdempotencyRecord } from '../core/types.js';
+import type { AcquireResult, Awaitable, Backend, IdempotencyRecord, KeyState } from '../core/types.js';
 import {
   bodyBuffer,
   DEFAULT_SQL_TABLE,
@@ -7,8 +7,11 @@ import {
   fingerprintBytes,
   type HeldRow,
   heldAnswer,
+  type InspectRow,
   keyHash,
+  keyStateFrom,
   newToken,
+  operatorStatements,
   parseTableName,
   SWEEP_BATCH_ROWS,
   SWEEP_CALL_BATCH_ROWS,
@@ -160,6 +163,8 @@ interface Statements {
   readonly release: SqliteStatementLike;
   readonly renew: SqliteStatementLike;
   readonly sweep: SqliteStatementLike;
+  readonly inspect: SqliteStatementLike;
+  readonly forget: SqliteStatementLike;
 }
 
 // Atomicity: SQLite runs one writing statement at a time per database file, across processes (the write lock),
@@ -170,7 +175,17 @@ function prepare(db: SqliteDatabaseLike, table: string): Statements {
   // `free`: the existing row's lease lapsed or its record expired. In an UPSERT's SET, every column name means
   // the row's value before the update, so `free` is judged once, on the old row, for every assignment.
   const free = `expires_at <= ${NOW_MS}`;
+  const operator = operatorStatements({
+    table: t,
+    key: '@key',
+    force: '@force',
+    live: `expires_at IS NULL OR expires_at > ${NOW_MS}`,
+    leftMs: `expires_at - ${NOW_MS}`,
+    byteLength: 'length',
+  });
   return {
+    inspect: db.prepare(operator.inspect),
+    forget: db.prepare(operator.forget),
     // One statement: inserts the lock, or, on conflict, takes over the row where it is free and leaves it exactly
     // as it was otherwise. RETURNING then gives the row as it is after the statement: this request's token means
     // it holds the key (inserted or taken over); another token or none, the held row to answer from (the body
@@ -346,6 +361,19 @@ export class SqliteBackend implements Backend {
         if (changes < SWEEP_CALL_BATCH_ROWS) return deleted;
       }
     });
+  }
+
+  /** The key's state, read in one statement by the database's clock: see {@link Backend.inspect}. */
+  inspect(key: string): Awaitable<KeyState | undefined> {
+    return this.#run((sql) => {
+      const row = sql.inspect.get({ key: keyHash(key) }) as InspectRow | undefined;
+      return row === undefined ? undefined : keyStateFrom(row, 'SQLite');
+    });
+  }
+
+  /** Deletes the key's record, or its lock only with `force`, in one statement: see {@link Backend.forget}. */
+  forget(key: string, force: boolean): Awaitable<boolean> {
+    return this.#run((sql) => sql.forget.run({ key: keyHash(key), force: force ? 1 : 0 }).changes === 1);
   }
 
   /** Closes the database if the backend opened it from a path; a `Database` passed in is left open. */

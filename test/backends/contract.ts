@@ -12,13 +12,18 @@
 import { randomBytes, randomUUID } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { storageKeyOf } from '../../src/core/engine.js';
+import { forgetKey, inspectKey } from '../../src/core/operator.js';
 import type {
   AcquiredResult,
   AcquireResult,
   Backend,
+  CompletedKeyState,
   CompletedResult,
   IdempotencyRecord,
+  InFlightKeyState,
   InFlightResult,
+  KeyState,
   StoredResponse,
 } from '../../src/core/types.js';
 
@@ -451,6 +456,142 @@ export function describeBackendContract(name: string, setup: () => Promise<Backe
         ]);
         expect([staleWrote, currentWrote]).toEqual([false, true]);
         expectCompletedWith(await backend.acquire(key, FINGERPRINT, LONG_LEASE_MS), currentRecord);
+      });
+    });
+
+    // The operator API (inspect, forget): self-contained, so that it can move with the suite as one block.
+    describe('inspect and forget (operator API)', () => {
+      /** The backend's operator methods; a backend of this project must have both. */
+      function operator() {
+        const { inspect, forget } = backend;
+        if (inspect === undefined || forget === undefined)
+          throw new Error('inspect() or forget() is missing');
+        return {
+          inspect: async (key: string): Promise<KeyState | undefined> => inspect.call(backend, key),
+          forget: async (key: string, force = false): Promise<boolean> => forget.call(backend, key, force),
+        };
+      }
+
+      /** How far a backend's clock (a database's) and rounding may put an expiry from this process's estimate. */
+      const CLOCK_SLACK_MS = 1_000;
+
+      it('finds nothing for a key never used', async () => {
+        expect(await operator().inspect(newKey())).toBeUndefined();
+      });
+
+      it('tells a lock in flight with its fingerprint and the lease left', async () => {
+        const key = newKey();
+        expectAcquired(await backend.acquire(key, FINGERPRINT, 5_000));
+        const state = (await operator().inspect(key)) as InFlightKeyState;
+        expect(state).toEqual({
+          state: 'in-flight',
+          fingerprint: FINGERPRINT,
+          leaseLeftMs: expect.any(Number),
+        });
+        expect(state.leaseLeftMs).toBeGreaterThan(2_500);
+        expect(state.leaseLeftMs).toBeLessThanOrEqual(5_000);
+      });
+
+      it('tells a completed key with its status, fingerprint, times and body size', async () => {
+        const body = randomBytes(200 * 1024);
+        const record = makeRecord(body);
+        const { key } = await completedKey(record, 60_000);
+        const state = (await operator().inspect(key)) as CompletedKeyState;
+        expect(state).toEqual({
+          state: 'completed',
+          fingerprint: FINGERPRINT,
+          status: 201,
+          storedAt: record.createdAt,
+          expiresAt: expect.any(Number),
+          size: body.byteLength,
+        });
+        expect(Math.abs(state.expiresAt! - (Date.now() + 60_000))).toBeLessThan(CLOCK_SLACK_MS);
+        // Inspecting reads, and changes nothing: the record still replays.
+        expectCompletedWith(await backend.acquire(key, FINGERPRINT, LONG_LEASE_MS), record);
+      });
+
+      it('tells a record kept forever (expiresAt null), one without its response (status null, size 0), and an empty body', async () => {
+        const forever = await completedKey(makeRecord(), null);
+        expect(await operator().inspect(forever.key)).toMatchObject({ state: 'completed', expiresAt: null });
+        const unstored: IdempotencyRecord = {
+          fingerprint: OTHER_FINGERPRINT,
+          createdAt: 1_000,
+          response: null,
+        };
+        const { key, token } = await lockedKey();
+        expect(await backend.complete(key, token, unstored, 60_000)).toBe(true);
+        expect(await operator().inspect(key)).toMatchObject({
+          state: 'completed',
+          fingerprint: OTHER_FINGERPRINT,
+          status: null,
+          storedAt: 1_000,
+          size: 0,
+        });
+        const empty = await completedKey(makeRecord(new Uint8Array(0)));
+        expect(await operator().inspect(empty.key)).toMatchObject({ status: 201, size: 0 });
+      });
+
+      it('finds nothing once a lease lapsed or a record expired', async () => {
+        const lapsed = newKey();
+        expectAcquired(await backend.acquire(lapsed, FINGERPRINT, SHORT_LEASE_MS));
+        const expired = await completedKey(makeRecord(), SHORT_TTL_MS);
+        await sleep(SHORT_TTL_MS + LAPSE_WAIT_MS);
+        expect(await operator().inspect(lapsed)).toBeUndefined();
+        expect(await operator().inspect(expired.key)).toBeUndefined();
+        expect(await operator().forget(expired.key, true)).toBe(false);
+      });
+
+      it('forgets a completed key, so that the next acquire runs again', async () => {
+        const { key } = await completedKey();
+        expect(await operator().forget(key)).toBe(true);
+        expect(await operator().inspect(key)).toBeUndefined();
+        expect(await operator().forget(key)).toBe(false);
+        expectAcquired(await backend.acquire(key, OTHER_FINGERPRINT, LONG_LEASE_MS));
+      });
+
+      it('refuses to forget a lock unless forced, and a forced forget fences its holder out', async () => {
+        const { key, token } = await lockedKey();
+        expect(await operator().forget(key)).toBe(false);
+        expectInFlight(await backend.acquire(key, FINGERPRINT, LONG_LEASE_MS));
+        expect(await operator().forget(key, true)).toBe(true);
+        expect(await operator().inspect(key)).toBeUndefined();
+        // The holder's late store is refused, and the key is free for the next request.
+        expect(await backend.complete(key, token, makeRecord(), 60_000)).toBe(false);
+        expectAcquired(await backend.acquire(key, FINGERPRINT, LONG_LEASE_MS));
+      });
+
+      it('lets exactly one of 20 parallel forgets of one record delete it', async () => {
+        const { key } = await completedKey();
+        const results = await Promise.all(Array.from({ length: 20 }, async () => operator().forget(key)));
+        expect(results.filter(Boolean)).toHaveLength(1);
+      });
+
+      it('reaches keys by scope through inspectKey and forgetKey, and keeps scopes apart', async () => {
+        const key = randomUUID();
+        const tenantA = storageKeyOf(key, 'tenant-a');
+        const token = expectAcquired(await backend.acquire(tenantA, FINGERPRINT, LONG_LEASE_MS));
+        expect(await backend.complete(tenantA, token, makeRecord(), 60_000)).toBe(true);
+        expectAcquired(await backend.acquire(storageKeyOf(key, 'tenant-b'), FINGERPRINT, LONG_LEASE_MS));
+
+        expect(await inspectKey(backend, key, { scope: 'tenant-a' })).toMatchObject({ state: 'completed' });
+        expect(await inspectKey(backend, key, { scope: 'tenant-b' })).toMatchObject({ state: 'in-flight' });
+        expect(await inspectKey(backend, key)).toBeUndefined();
+
+        expect(await forgetKey(backend, key, { scope: 'tenant-b' })).toEqual({
+          forgotten: false,
+          reason: 'in-flight',
+        });
+        expect(await forgetKey(backend, key, { scope: 'tenant-a' })).toMatchObject({
+          forgotten: true,
+          was: { state: 'completed', status: 201 },
+        });
+        expect(await forgetKey(backend, key, { scope: 'tenant-a' })).toEqual({
+          forgotten: false,
+          reason: 'not-found',
+        });
+        expect(await forgetKey(backend, key, { scope: 'tenant-b', force: true })).toMatchObject({
+          forgotten: true,
+        });
       });
     });
   });
