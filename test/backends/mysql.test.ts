@@ -20,8 +20,8 @@ import {
 } from '../../src/backends/mysql.js';
 import { IdempotencyError } from '../../src/core/errors.js';
 import type { AcquireResult, CompletedResult, IdempotencyRecord } from '../../src/core/types.js';
+import { describeBackendContract } from '../../src/testkit/index.js';
 import { dropMysqlTable, MYSQL_URL, mysqlPool, requireMysql, uniqueTable } from '../support/sql.js';
-import { describeBackendContract } from './contract.js';
 
 const mysqlUp = await requireMysql('MysqlBackend tests');
 
@@ -61,29 +61,42 @@ async function rowCount(pool: Pool, table: string): Promise<number> {
 }
 
 describe.runIf(mysqlUp)('MysqlBackend', () => {
-  describeBackendContract('MysqlBackend', async () => {
-    const pool = mysqlPool();
-    const table = uniqueTable('my_contract');
-    return {
-      backend: new MysqlBackend({ pool, table }),
-      async teardown() {
-        await dropMysqlTable(pool, table);
-        await pool.end();
-      },
-    };
-  });
+  const contractTest = { describe, it, beforeAll, afterAll };
 
-  describeBackendContract('MysqlBackend with the MySQL statements (returning: false)', async () => {
-    const pool = mysqlPool();
-    const table = uniqueTable('my_contract_mysql');
-    return {
-      backend: new MysqlBackend({ pool, table, returning: false }),
-      async teardown() {
-        await dropMysqlTable(pool, table);
-        await pool.end();
-      },
-    };
-  });
+  describeBackendContract(
+    'MysqlBackend',
+    async () => {
+      const pool = mysqlPool();
+      // A second pool on the same table, with the other statements: the races spread over both.
+      const peerPool = mysqlPool();
+      const table = uniqueTable('my_contract');
+      return {
+        backend: new MysqlBackend({ pool, table }),
+        peers: [new MysqlBackend({ pool: peerPool, table, returning: false })],
+        async teardown() {
+          await dropMysqlTable(pool, table);
+          await Promise.all([pool.end(), peerPool.end()]);
+        },
+      };
+    },
+    contractTest,
+  );
+
+  describeBackendContract(
+    'MysqlBackend with the MySQL statements (returning: false)',
+    async () => {
+      const pool = mysqlPool();
+      const table = uniqueTable('my_contract_mysql');
+      return {
+        backend: new MysqlBackend({ pool, table, returning: false }),
+        async teardown() {
+          await dropMysqlTable(pool, table);
+          await pool.end();
+        },
+      };
+    },
+    contractTest,
+  );
 
   describeBackendContract(
     'MysqlBackend with the MySQL statements on a pool with rowsAsArray and without CLIENT_FOUND_ROWS',
@@ -98,6 +111,7 @@ describe.runIf(mysqlUp)('MysqlBackend', () => {
         },
       };
     },
+    contractTest,
   );
 
   describe('on the shared server', () => {

@@ -17,8 +17,8 @@ import {
 } from '../../src/backends/postgres.js';
 import { IdempotencyError } from '../../src/core/errors.js';
 import type { AcquireResult, IdempotencyRecord } from '../../src/core/types.js';
+import { describeBackendContract } from '../../src/testkit/index.js';
 import { dropPostgresTable, postgresPool, requirePostgres, uniqueTable } from '../support/sql.js';
-import { describeBackendContract } from './contract.js';
 
 const postgresUp = await requirePostgres('PostgresBackend tests');
 
@@ -63,17 +63,24 @@ async function tableExists(pool: pg.Pool, table: string): Promise<boolean> {
 }
 
 describe.runIf(postgresUp)('PostgresBackend', () => {
-  describeBackendContract('PostgresBackend', async () => {
-    const pool = postgresPool();
-    const table = uniqueTable('pg_contract');
-    return {
-      backend: new PostgresBackend({ pool, table }),
-      async teardown() {
-        await dropPostgresTable(pool, table);
-        await pool.end();
-      },
-    };
-  });
+  describeBackendContract(
+    'PostgresBackend',
+    async () => {
+      const pool = postgresPool();
+      // A second pool on the same table: the races spread over both, as over two processes.
+      const peerPool = postgresPool();
+      const table = uniqueTable('pg_contract');
+      return {
+        backend: new PostgresBackend({ pool, table }),
+        peers: [new PostgresBackend({ pool: peerPool, table })],
+        async teardown() {
+          await dropPostgresTable(pool, table);
+          await Promise.all([pool.end(), peerPool.end()]);
+        },
+      };
+    },
+    { describe, it, beforeAll, afterAll },
+  );
 
   describe('on the shared server', () => {
     let pool: pg.Pool;

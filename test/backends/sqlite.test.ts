@@ -20,8 +20,8 @@ import {
 } from '../../src/backends/sqlite.js';
 import { IdempotencyError } from '../../src/core/errors.js';
 import type { AcquireResult, Awaitable, IdempotencyRecord } from '../../src/core/types.js';
+import { describeBackendContract } from '../../src/testkit/index.js';
 import { requireSqlite, sqliteDirectory } from '../support/sql.js';
-import { describeBackendContract } from './contract.js';
 
 const sqliteLoads = await requireSqlite('SqliteBackend tests');
 
@@ -106,25 +106,40 @@ describe.runIf(sqliteLoads)('SqliteBackend', () => {
     directory.remove();
   });
 
-  describeBackendContract('SqliteBackend with a Database', async () => {
-    const db = new Database(directory.path(`contract-${randomUUID()}.db`));
-    return {
-      backend: new SqliteBackend({ database: db }),
-      async teardown() {
-        db.close();
-      },
-    };
-  });
+  const contractTest = { describe, it, beforeAll, afterAll };
 
-  describeBackendContract('SqliteBackend with a path', async () => {
-    const backend = new SqliteBackend({ database: directory.path(`contract-${randomUUID()}.db`) });
-    return {
-      backend,
-      async teardown() {
-        backend.close();
-      },
-    };
-  });
+  describeBackendContract(
+    'SqliteBackend with a Database',
+    async () => {
+      const db = new Database(directory.path(`contract-${randomUUID()}.db`));
+      return {
+        backend: new SqliteBackend({ database: db }),
+        async teardown() {
+          db.close();
+        },
+      };
+    },
+    contractTest,
+  );
+
+  describeBackendContract(
+    'SqliteBackend with a path',
+    async () => {
+      const path = directory.path(`contract-${randomUUID()}.db`);
+      const backend = new SqliteBackend({ database: path });
+      // A second connection to the same file, as another process would open it.
+      const peer = new SqliteBackend({ database: path });
+      return {
+        backend,
+        peers: [peer],
+        async teardown() {
+          backend.close();
+          peer.close();
+        },
+      };
+    },
+    contractTest,
+  );
 
   describe('opening', () => {
     it('opens a path itself with a busy timeout and in WAL mode, and closes it on close()', async () => {
