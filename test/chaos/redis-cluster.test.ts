@@ -10,7 +10,7 @@ import { Cluster, Redis } from 'ioredis';
 import { createCluster } from 'redis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { RedisBackend } from '../../src/backends/redis.js';
-import { describeBackendContract } from '../backends/contract.js';
+import { describeBackendContract } from '../../src/testkit/index.js';
 import { uniquePrefix } from '../support/redis.js';
 import { type RedisServer, requireRedisServer, startRedisServer } from '../support/redis-server.js';
 import { report, waitFor } from './support/chaos.js';
@@ -109,31 +109,33 @@ describe.runIf(enabled)('chaos: RedisBackend on a 3-master Redis Cluster', () =>
     'node-redis': uniquePrefix('cluster-node-redis'),
   };
 
-  describeBackendContract('RedisBackend with an ioredis Cluster of 3 masters', async () => {
-    const cluster = new Cluster(
-      servers.map((server) => ({ host: '127.0.0.1', port: server.port })),
-      { redisOptions: { maxRetriesPerRequest: 2 } },
-    );
-    cluster.on('error', () => {});
-    await cluster.ping();
-    clusterClients.push({ close: () => cluster.disconnect() });
-    // Keys are left for the spread check below; the servers go with the run.
-    return {
-      backend: new RedisBackend({ redis: cluster, prefix: prefixes.ioredis }),
-      teardown: async () => {},
-    };
-  });
+  describeBackendContract(
+    'RedisBackend with an ioredis Cluster of 3 masters',
+    async () => {
+      const cluster = new Cluster(
+        servers.map((server) => ({ host: '127.0.0.1', port: server.port })),
+        { redisOptions: { maxRetriesPerRequest: 2 } },
+      );
+      cluster.on('error', () => {});
+      await cluster.ping();
+      clusterClients.push({ close: () => cluster.disconnect() });
+      // Keys are left for the spread check below; the servers go with the run.
+      return { backend: new RedisBackend({ redis: cluster, prefix: prefixes.ioredis }) };
+    },
+    { describe, it, beforeAll, afterAll },
+  );
 
-  describeBackendContract('RedisBackend with a node-redis cluster of 3 masters', async () => {
-    const cluster = createCluster({ rootNodes: servers.map((server) => ({ url: server.url })) });
-    cluster.on('error', () => {});
-    await cluster.connect();
-    clusterClients.push({ close: () => cluster.close() });
-    return {
-      backend: new RedisBackend({ redis: cluster, prefix: prefixes['node-redis'] }),
-      teardown: async () => {},
-    };
-  });
+  describeBackendContract(
+    'RedisBackend with a node-redis cluster of 3 masters',
+    async () => {
+      const cluster = createCluster({ rootNodes: servers.map((server) => ({ url: server.url })) });
+      cluster.on('error', () => {});
+      await cluster.connect();
+      clusterClients.push({ close: () => cluster.close() });
+      return { backend: new RedisBackend({ redis: cluster, prefix: prefixes['node-redis'] }) };
+    },
+    { describe, it, beforeAll, afterAll },
+  );
 
   it('spread the contract’s keys over every master', async () => {
     const perMaster: number[] = [];
