@@ -1,0 +1,241 @@
+/**
+ * `onConflict: 'wait'` on RedisBackend with `notifications`: duplicates that arrive while the first request runs
+ * wait for it and are woken by the PUBLISH of the process that ran it (two apps, two clients, one prefix here),
+ * with ioredis and with node-redis. Without notifications the waiters poll and still get the response. With
+ * notifications a first run still costs Redis two commands: the PUBLISH rides inside the complete script.
+ */
+import { randomUUID } from 'node:crypto';
+import { createServer } from 'node:http';
+import { setTimeout as sleep } from 'node:timers/promises';
+import express from 'express';
+import { Redis } from 'ioredis';
+import { createClient } from 'redis';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { idempotencyHeader } from '../../src/adapters/express.js';
+import { type IoredisClientLike, RedisBackend, type RedisClientLike } from '../../src/backends/redis.js';
+import { IdempotencyError } from '../../src/core/errors.js';
+import { describeBackendContract } from '../../src/testkit/index.js';
+import { listen, send, type TestServer } from '../support/http.js';
+import { deleteKeysWithPrefix, REDIS_URL, requireRedis, uniquePrefix } from '../support/redis.js';
+
+const redisUp = await requireRedis('RedisBackend wait mode');
+
+/** How long the handler runs: long enough for a poller to look seven times, a notified waiter two or three. */
+const HANDLER_MS = 1500;
+
+describe.runIf(redisUp)("RedisBackend with onConflict: 'wait'", () => {
+  const prefix = uniquePrefix('wait');
+  const admin = new Redis(REDIS_URL);
+  const closers: (() => Promise<unknown>)[] = [];
+  const servers: TestServer[] = [];
+  let runs = 0;
+
+  /** Lookups (acquires) each app's backend made. */
+  interface App {
+    server: TestServer;
+    backend: RedisBackend;
+    lookups(): number;
+  }
+
+  async function app(redis: RedisClientLike, notifications: boolean): Promise<App> {
+    const backend = new RedisBackend({ redis, prefix, notifications });
+    closers.push(() => backend.close());
+    let lookups = 0;
+    const acquire = backend.acquire.bind(backend);
+    backend.acquire = (...args) => {
+      lookups++;
+      return acquire(...args);
+    };
+    const application = express();
+    application.use(express.json());
+    application.use(idempotencyHeader({ backend, onConflict: 'wait', waitTimeout: 10 }));
+    application.post('/orders', async (_req, res) => {
+      runs++;
+      await sleep(HANDLER_MS);
+      res.status(201).json({ order: runs });
+    });
+    const server = await listen(createServer(application));
+    servers.push(server);
+    return { server, backend, lookups: () => lookups };
+  }
+
+  function ioredis(): Redis {
+    // As the backend's documentation advises: a client that fails fast, so the subscriber duplicate must wait
+    // for its connection before it subscribes.
+    const redis = new Redis(REDIS_URL, { enableOfflineQueue: false, maxRetriesPerRequest: 0 });
+    redis.on('error', () => {});
+    closers.push(() => redis.quit());
+    return redis;
+  }
+
+  async function nodeRedis() {
+    const client = createClient({ url: REDIS_URL, disableOfflineQueue: true });
+    client.on('error', () => {});
+    await client.connect();
+    closers.push(() => client.close());
+    return client;
+  }
+
+  let holder: App;
+  let ioredisWaiters: App;
+  let nodeRedisWaiters: App;
+  let polling: App;
+
+  beforeAll(async () => {
+    await new Promise((resolve) => admin.once('ready', resolve));
+    holder = await app(ioredis(), true);
+    ioredisWaiters = await app(ioredis(), true);
+    nodeRedisWaiters = await app(await nodeRedis(), true);
+    polling = await app(ioredis(), false);
+  });
+
+  afterAll(async () => {
+    await Promise.all(servers.map((server) => server.close()));
+    for (const close of closers) await close().catch(() => {});
+    await deleteKeysWithPrefix(admin, prefix);
+    await admin.quit();
+  });
+
+  /**
+   * Sends one request to the holder, then `count` duplicates to `waiters` while it runs, and checks that the
+   * handler ran once and every duplicate got its response. Resolves to the waiters' lookups per duplicate and how
+   * long after the original's response the last replay arrived.
+   */
+  async function waitFor(waiters: App, count: number) {
+    runs = 0;
+    const key = randomUUID();
+    const first = send(`${holder.server.url}/orders`, { key, body: {} });
+    await sleep(100);
+    const before = waiters.lookups();
+    let lastReplayAt = 0;
+    const duplicates = Array.from({ length: count }, async () => {
+      const result = await send(`${waiters.server.url}/orders`, { key, body: {} });
+      lastReplayAt = Math.max(lastReplayAt, performance.now());
+      return result;
+    });
+    const original = await first;
+    const originalAt = performance.now();
+    const results = await Promise.all(duplicates);
+    expect(runs).toBe(1);
+    for (const result of results) {
+      expect(result.status).toBe(201);
+      expect(result.headers.get('idempotent-replayed')).toBe('true');
+      expect(result.text).toBe(original.text);
+    }
+    const measured = { perWaiter: (waiters.lookups() - before) / count, lagMs: lastReplayAt - originalAt };
+    if (process.env.SHOW_WAIT === '1') console.log(JSON.stringify(measured));
+    return measured;
+  }
+
+  it('wakes 50 waiters in another process by PUBLISH (ioredis), each with the stored response', async () => {
+    const { perWaiter, lagMs } = await waitFor(ioredisWaiters, 50);
+    // Woken by the notification, not by polling: three lookups per waiter over the 1.4 s wait (the first, one
+    // once the watch is in place, one when woken; a fourth for those that began before the subscription was),
+    // where polling every 200 ms makes seven or more (nine, measured, in the polling test below).
+    expect(perWaiter).toBeLessThanOrEqual(3.5);
+    expect(lagMs).toBeLessThan(1_000);
+  });
+
+  it('wakes 50 waiters by PUBLISH with a node-redis client', async () => {
+    const { perWaiter, lagMs } = await waitFor(nodeRedisWaiters, 50);
+    expect(perWaiter).toBeLessThanOrEqual(3.5);
+    expect(lagMs).toBeLessThan(1_000);
+  });
+
+  it('lets waiters poll without notifications, and still answers them with the stored response', async () => {
+    const { perWaiter } = await waitFor(polling, 10);
+    expect(perWaiter).toBeGreaterThanOrEqual(5);
+  });
+
+  it('wakes a waiter when the lock is released (the handler threw), so that it runs itself', async () => {
+    const key = randomUUID();
+    const storageKey = `-${key}`;
+    const taken = await holder.backend.acquire(storageKey, '', 30_000);
+    if (taken.state !== 'acquired') throw new Error('not acquired');
+    const stop = new AbortController();
+    const started = performance.now();
+    const woken = ioredisWaiters.backend.watch(storageKey, stop.signal)!;
+    await sleep(100);
+    expect(await holder.backend.release(storageKey, taken.token)).toBe(true);
+    await woken;
+    // A watch is only ever resolved by a message (or its signal, not aborted here): no poll is involved.
+    expect(performance.now() - started).toBeLessThan(1_000);
+    stop.abort();
+  });
+
+  it('wakes a waiter when an operator forces the lock away with forget', async () => {
+    const storageKey = `-${randomUUID()}`;
+    const taken = await holder.backend.acquire(storageKey, '', 30_000);
+    expect(taken.state).toBe('acquired');
+    const stop = new AbortController();
+    const woken = nodeRedisWaiters.backend.watch(storageKey, stop.signal)!;
+    await sleep(100);
+    const started = performance.now();
+    expect(await holder.backend.forget(storageKey, true)).toBe(true);
+    await woken;
+    expect(performance.now() - started).toBeLessThan(150);
+    stop.abort();
+  });
+
+  it('keeps a first run at two commands (SET NX GET, EVALSHA) with notifications on', async () => {
+    const calls: string[] = [];
+    const redis = new Redis(REDIS_URL);
+    closers.push(() => redis.quit());
+    const counting: IoredisClientLike & { duplicate(): unknown } = {
+      callBuffer(command, ...args) {
+        calls.push(command);
+        return redis.callBuffer(command, ...args);
+      },
+      duplicate: () => redis.duplicate(),
+    };
+    const backend = new RedisBackend({ redis: counting, prefix, notifications: true });
+    // The first run may load the script (NOSCRIPT, then EVAL) and check the eviction policy: count the second.
+    for (let run = 0; run < 2; run++) {
+      const key = `-${randomUUID()}`;
+      const before = calls.length;
+      const taken = await backend.acquire(key, '', 30_000);
+      if (taken.state !== 'acquired') throw new Error('not acquired');
+      const record = {
+        fingerprint: '',
+        createdAt: Date.now(),
+        response: { status: 201, headers: [], body: Buffer.from('{}') },
+      };
+      expect(await backend.complete(key, taken.token, record, 60_000)).toBe(true);
+      if (run === 1) {
+        expect(calls.slice(before).filter((command) => command !== 'CONFIG')).toEqual(['SET', 'EVALSHA']);
+      }
+    }
+  });
+
+  it('refuses notifications with a client that cannot be duplicated (a node-redis pool)', () => {
+    const pool = { sendCommand: async () => null };
+    expect(() => new RedisBackend({ redis: pool, notifications: true })).toThrow(IdempotencyError);
+    expect(() => new RedisBackend({ redis: pool, notifications: 'yes' as never })).toThrow(/notifications/);
+  });
+});
+
+describe.runIf(redisUp)('RedisBackend with notifications', () => {
+  // The contract again with the publishing complete and release scripts: they must behave exactly as the plain.
+  describeBackendContract(
+    'RedisBackend with notifications (ioredis)',
+    async () => {
+      const redis = new Redis(REDIS_URL);
+      const nodeRedis = await createClient({ url: REDIS_URL })
+        .on('error', () => {})
+        .connect();
+      const prefix = uniquePrefix('notify');
+      const backend = new RedisBackend({ redis, prefix, notifications: true });
+      const peer = new RedisBackend({ redis: nodeRedis, prefix, notifications: true });
+      return {
+        backend,
+        peers: [peer],
+        async teardown() {
+          await Promise.all([backend.close(), peer.close()]);
+          await deleteKeysWithPrefix(redis, prefix);
+          await Promise.all([redis.quit(), nodeRedis.close()]);
+        },
+      };
+    },
+    { describe, it, beforeAll, afterAll },
+  );
+});
