@@ -15,6 +15,7 @@ export const entries = {
   sqlite: 'src/backends/sqlite.ts',
   opentelemetry: 'src/opentelemetry.ts',
   client: 'src/client.ts',
+  testkit: 'src/testkit/index.ts',
 };
 
 export default defineConfig([

@@ -43,6 +43,7 @@ const PROMISED: Record<string, string[]> = {
   './sqlite': ['SqliteBackend', 'sqliteSchema'],
   './opentelemetry': ['openTelemetry'],
   './client': ['idempotentFetch', 'createIdempotentFetch'],
+  './testkit': ['describeBackendContract'],
 };
 
 const requireFromRepo = createRequire(join(REPO_ROOT, 'package.json'));

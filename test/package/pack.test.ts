@@ -217,6 +217,21 @@ describe('the installed tarball’s executable and client', () => {
       expect.arrayContaining(['createIdempotentFetch', 'idempotentFetch']),
     );
   });
+
+  it.each([
+    [
+      'ESM',
+      [
+        '--input-type=module',
+        '-e',
+        "import * as t from 'idempotency-header/testkit'; console.log(Object.keys(t).sort().join())",
+      ],
+    ],
+    ['CommonJS', ['-e', "console.log(Object.keys(require('idempotency-header/testkit')).sort().join())"]],
+  ])('loads idempotency-header/testkit as %s, without a test runner installed', async (_, args) => {
+    const { stdout } = await exec(process.execPath, args, { cwd: project, timeout: 20_000 });
+    expect(stdout.trim()).toBe('describeBackendContract');
+  });
 });
 
 describe.each([
