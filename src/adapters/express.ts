@@ -1,9 +1,9 @@
 import type { NextFunction, Request, Response } from 'express';
 import type { RequestIdempotency } from '../core/engine.js';
-import type { RequestBody } from '../core/fingerprint.js';
 import type { IdempotencyOptions } from '../core/options.js';
 import { ticketOf } from './node-http/capture.js';
-import { createNodeEngine, handleNodeRequest, READ_STREAM } from './node-http/flow.js';
+import { createNodeEngine, handleNodeRequest } from './node-http/flow.js';
+import { parsedBodyOf } from './node-http/parsed-body.js';
 
 /** Options of the Express middleware: every engine option, with `scope` and `fingerprint` given Express's request. */
 export type ExpressIdempotencyOptions = IdempotencyOptions<Request>;
@@ -39,29 +39,8 @@ export type ExpressIdempotencyMiddleware = (req: Request, res: Response, next: N
 export function idempotencyHeader(options: ExpressIdempotencyOptions): ExpressIdempotencyMiddleware {
   const engine = createNodeEngine<Request>(options);
   return function idempotencyHeader(req, res, next) {
-    handleNodeRequest(engine, req, res, req.originalUrl ?? req.url, bodyOf(req), next, next);
+    handleNodeRequest(engine, req, res, req.originalUrl ?? req.url, parsedBodyOf(req), next, next);
   };
-}
-
-/**
- * What the fingerprint hashes: the stream itself when nobody read the body yet; once a parser consumed it, the raw
- * bytes if it kept them (`req.rawBody`, from its `verify` option), else the parsed body it left in `req.body`
- * (`body-parser` 1 and 2, Express 4's and 5's); or else nothing trustworthy, which the flow refuses. A multipart
- * body consumed before the middleware is never taken from `req.body`: its files are not there, and two uploads
- * that differ only in their files would get one fingerprint.
- */
-function bodyOf(req: Request): RequestBody | typeof READ_STREAM {
-  if (!req.readableEnded) return READ_STREAM;
-  const rawBody = (req as unknown as { rawBody?: unknown }).rawBody;
-  if (rawBody instanceof Uint8Array) return rawBody;
-  return req.body !== undefined && !isMultipart(req) ? req.body : READ_STREAM;
-}
-
-const MULTIPART = /^\s*multipart\//i;
-
-function isMultipart(req: Request): boolean {
-  const type = req.headers['content-type'];
-  return type !== undefined && MULTIPART.test(type);
 }
 
 /**

@@ -1,4 +1,3 @@
-import { Readable } from 'node:stream';
 import type {
   FastifyInstance,
   FastifyPluginCallback,
@@ -7,17 +6,17 @@ import type {
   HookHandlerDoneFunction,
 } from 'fastify';
 import fp from 'fastify-plugin';
-import { captureBody, finishWithBody, type HeaderRecordValue, handlerHeaders } from '../core/capture.js';
-import {
-  type BeginResult,
-  type IdempotencyEngine,
-  isPromise,
-  type RequestIdempotency,
-  type Ticket,
-} from '../core/engine.js';
+import { type BeginResult, isPromise, type RequestIdempotency } from '../core/engine.js';
 import type { RequestBody } from '../core/fingerprint.js';
 import type { IdempotencyOptions } from '../core/options.js';
-import { type EngineReply, REMOVED_HEADER } from '../core/responses.js';
+import {
+  type FastifyEngine,
+  idempotencyOnError,
+  idempotencyOnSend,
+  isRunning,
+  sendFastifyReply as sendReply,
+  startRun,
+} from './fastify/hooks.js';
 import { createNodeEngine, keyHeader } from './node-http/flow.js';
 
 export type { RequestIdempotency } from '../core/engine.js';
@@ -45,23 +44,7 @@ declare module 'fastify' {
   }
 }
 
-type Engine = IdempotencyEngine<FastifyRequest>;
-
-/** A request running its handler under a key it holds. */
-interface Running {
-  readonly engine: Engine;
-  readonly ticket: Ticket;
-  /** The headers set before the handler ran (by hooks that ran earlier): not stored when left unchanged. */
-  readonly before: Record<string, HeaderRecordValue>;
-  /** The handler failed: the response on its way is Fastify's error handler's. */
-  failed: boolean;
-}
-
-const running = new WeakMap<FastifyRequest, Running>();
-/** Requests whose reply waits in `onSend` for the engine to settle. */
-const holding = new WeakSet<FastifyRequest>();
-
-const EMPTY = new Uint8Array(0);
+type Engine = FastifyEngine;
 
 /**
  * The plugin: one engine for the plugin's options, one per route that overrides them, and four hooks.
@@ -98,7 +81,7 @@ const plugin: FastifyPluginCallback<FastifyIdempotencyOptions> = function idempo
 
   fastify.addHook('preHandler', function idempotencyPreHandler(request, reply, next) {
     // `reply.callNotFound()` runs the 404 route's `preHandler` hooks for a request that already holds its key.
-    if (running.has(request)) return next();
+    if (isRunning(request)) return next();
     const engine = engineFor(request.routeOptions.config?.idempotency);
     const method = request.method;
     if (engine === undefined || !engine.handles(method)) return next();
@@ -119,34 +102,8 @@ const plugin: FastifyPluginCallback<FastifyIdempotencyOptions> = function idempo
     } else dispatch(engine, request, reply, result, next);
   });
 
-  fastify.addHook('onSend', function idempotencyOnSend(request, reply, payload, next) {
-    const state = running.get(request);
-    if (state === undefined || state.ticket.settled) return next(null, payload);
-    running.delete(request);
-    if (state.failed) return settleThen(state.engine.fail(state.ticket), () => next(null, payload));
-    holding.add(request);
-    const status = reply.statusCode;
-    const headers = reply.getHeaders();
-    captureReply(state, reply, payload, (sent) => {
-      holding.delete(request);
-      if (reply.sent) {
-        // Taken over by `onError` meanwhile, whose error handling changed the status and headers: restored.
-        reply.code(status);
-        reply.headers(headers);
-      }
-      next(null, sent);
-    });
-  });
-
-  fastify.addHook('onError', function idempotencyOnError(request, reply, _error, next) {
-    const state = running.get(request);
-    if (state !== undefined) state.failed = true;
-    // The handler failed after its reply reached `onSend`, where it waits for the store. Without the middleware
-    // the reply would have gone out already and Fastify would only log the error; marking the reply as taken
-    // over keeps Fastify from sending an error response over it.
-    else if (holding.has(request)) reply.hijack();
-    next();
-  });
+  fastify.addHook('onSend', idempotencyOnSend);
+  fastify.addHook('onError', idempotencyOnError);
 
   done();
 };
@@ -160,93 +117,9 @@ function dispatch(
 ): void {
   if (result.kind === 'pass') return next();
   if (result.kind === 'reply') return sendReply(reply, result);
-  const ticket = result;
-  running.set(request, { engine, ticket, before: reply.getHeaders(), failed: false });
-  request.idempotency = ticket;
-  const res = reply.raw;
-  res.once('close', () => {
-    if (ticket.settled) return;
-    // Gone out without passing `onSend` (a hijacked reply): nothing to store, the key is released.
-    if (res.writableFinished) engine.fail(ticket);
-    // The client went away: nothing changes, the handler goes on and its response is stored when it is sent.
-    else engine.clientLeft(ticket);
-  });
+  startRun(engine, request, reply, result);
+  request.idempotency = result;
   next();
-}
-
-/**
- * Sends an engine reply (error, conflict or replay) through `reply`, so that Fastify's `onSend` and `onResponse`
- * hooks and its logging run as for any response. Its headers replace those of the same name set before; removals
- * stored with a replay remove what hooks that ran before set again.
- */
-function sendReply(reply: FastifyReply, answer: EngineReply): void {
-  reply.code(answer.status);
-  const headers: Record<string, string | string[]> = {};
-  for (const [name, value] of answer.headers) {
-    if (name === REMOVED_HEADER) {
-      reply.removeHeader(value);
-      continue;
-    }
-    const previous = headers[name];
-    headers[name] =
-      previous === undefined ? value : Array.isArray(previous) ? [...previous, value] : [previous, value];
-  }
-  reply.headers(headers);
-  const { body } = answer;
-  reply.send(Buffer.from(body.buffer, body.byteOffset, body.byteLength));
-}
-
-/**
- * Hands the serialised payload to the engine: a string or buffer at once, a stream read whole (or relayed, when it
- * is not stored or outgrows `maxResponseBytes`, its end held until the engine settled).
- */
-function captureReply(
-  state: Running,
-  reply: FastifyReply,
-  payload: unknown,
-  next: (payload: unknown) => void,
-): void {
-  const { engine, ticket } = state;
-  const status = reply.statusCode;
-  const head = { status, headers: handlerHeaders(reply.getHeaders(), state.before) };
-  if (Object.prototype.toString.call(payload) === '[object Response]') {
-    // Fastify applies a `Response`'s status and headers after `onSend`: it is sent as it is, and not stored.
-    return settleThen(engine.fail(ticket), () => next(payload));
-  }
-  const stream = asStream(payload);
-  if (stream === undefined) {
-    // Node.js sends no body with a 204 or a 304, whatever the payload; neither does a replay.
-    const body =
-      status === 204 || status === 304 || payload === null || payload === undefined
-        ? EMPTY
-        : typeof payload === 'string'
-          ? Buffer.from(payload)
-          : (payload as Uint8Array);
-    return settleThen(finishWithBody(engine as IdempotencyEngine<never>, ticket, head, body), () =>
-      next(payload),
-    );
-  }
-  captureBody(engine as IdempotencyEngine<never>, ticket, head, stream).then((captured) => {
-    if (captured.kind === 'kept') {
-      const { body } = captured;
-      next(Buffer.from(body.buffer, body.byteOffset, body.byteLength));
-    } else next(Readable.from(captured.chunks, { objectMode: false }));
-  });
-}
-
-/** A payload's chunks when it is a stream: a Node.js readable, or a web `ReadableStream` (Fastify 5 sends both). */
-function asStream(payload: unknown): AsyncIterable<unknown> | undefined {
-  if (payload === null || typeof payload !== 'object') return undefined;
-  if (typeof (payload as Readable).pipe === 'function') return payload as Readable;
-  if (typeof (payload as ReadableStream).getReader === 'function') {
-    return Readable.fromWeb(payload as import('node:stream/web').ReadableStream);
-  }
-  return undefined;
-}
-
-function settleThen(settled: void | Promise<void>, then: () => void): void {
-  if (isPromise(settled)) settled.then(then);
-  else then();
 }
 
 /**

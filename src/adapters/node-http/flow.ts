@@ -18,6 +18,8 @@ import { captureResponse } from './capture.js';
 export type Continue = () => void;
 /** Reports an error the middleware cannot answer itself (a failing `scope` function, an unreadable body). */
 export type Fail = (error: unknown) => void;
+/** Sends the engine's own answer (an error, a conflict, a replay): {@link sendReply} unless the adapter defers it. */
+export type Answer = (res: ServerResponse, reply: EngineReply) => void;
 
 /** Marks that no body parser ran: the raw body is read from the request stream (and put back). */
 export const READ_STREAM: unique symbol = Symbol('idempotency-header.read-stream');
@@ -41,7 +43,8 @@ export function keyHeader(req: IncomingMessage, name: string): string | string[]
 
 /**
  * Runs the idempotency flow for one request. `url` is the path with its query string as the application sees
- * it; `body` is what a body parser produced, or {@link READ_STREAM} to read the raw bytes from `req`.
+ * it; `body` is what a body parser produced, or {@link READ_STREAM} to read the raw bytes from `req`. `answer`
+ * sends the engine's own replies; a framework that writes every response itself (NestJS) hands them over to it.
  */
 export function handleNodeRequest<Req extends IncomingMessage>(
   engine: IdempotencyEngine<Req>,
@@ -51,27 +54,28 @@ export function handleNodeRequest<Req extends IncomingMessage>(
   body: RequestBody | typeof READ_STREAM,
   next: Continue,
   fail: Fail,
+  answer: Answer = sendReply,
 ): void {
   const method = req.method ?? 'GET';
   if (!engine.handles(method)) return next();
   const startedAt = performance.now();
   const key = engine.readKey(method, keyHeader(req, engine.headerName));
   if (key === undefined) return next();
-  if (typeof key !== 'string') return sendReply(res, key);
+  if (typeof key !== 'string') return answer(res, key);
   if (body !== READ_STREAM || !engine.needsBody) {
     const seen = body === READ_STREAM ? undefined : body;
-    return begin(engine, req, res, url, key, seen, startedAt, next, fail);
+    return begin(engine, req, res, url, key, seen, startedAt, next, fail, answer);
   }
-  if (!hasBody(req)) return begin(engine, req, res, url, key, EMPTY_BODY, startedAt, next, fail);
+  if (!hasBody(req)) return begin(engine, req, res, url, key, EMPTY_BODY, startedAt, next, fail, answer);
   if (req.readableEnded) return fail(unseenBody());
   const limit = engine.maxRequestBytes;
   if (Number(req.headers['content-length']) > limit) {
-    return sendReply(res, engine.bodyTooLarge(method, startedAt));
+    return answer(res, engine.bodyTooLarge(method, startedAt));
   }
   readRequestBody(req, limit).then(
-    (bytes) => begin(engine, req, res, url, key, bytes, startedAt, next, fail),
+    (bytes) => begin(engine, req, res, url, key, bytes, startedAt, next, fail, answer),
     (error: unknown) => {
-      if (error === BODY_TOO_LARGE) return sendReply(res, engine.bodyTooLarge(method, startedAt));
+      if (error === BODY_TOO_LARGE) return answer(res, engine.bodyTooLarge(method, startedAt));
       fail(
         new IdempotencyError('ERR_IDEMPOTENCY_BODY', 'The request body could not be read', { cause: error }),
       );
@@ -101,6 +105,7 @@ function begin<Req extends IncomingMessage>(
   startedAt: number,
   next: Continue,
   fail: Fail,
+  answer: Answer,
 ): void {
   let result: BeginResult | Promise<BeginResult>;
   try {
@@ -108,8 +113,8 @@ function begin<Req extends IncomingMessage>(
   } catch (error) {
     return fail(error);
   }
-  if (isPromise(result)) result.then((settled) => dispatch(engine, res, settled, next), fail);
-  else dispatch(engine, res, result, next);
+  if (isPromise(result)) result.then((settled) => dispatch(engine, res, settled, next, answer), fail);
+  else dispatch(engine, res, result, next, answer);
 }
 
 function dispatch(
@@ -117,9 +122,10 @@ function dispatch(
   res: ServerResponse,
   result: BeginResult,
   next: Continue,
+  answer: Answer,
 ): void {
   if (result.kind === 'pass') return next();
-  if (result.kind === 'reply') return sendReply(res, result);
+  if (result.kind === 'reply') return answer(res, result);
   captureResponse(res, engine, result);
   next();
 }

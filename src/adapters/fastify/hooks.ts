@@ -1,0 +1,189 @@
+import { Readable } from 'node:stream';
+import type { FastifyReply, FastifyRequest, HookHandlerDoneFunction, onErrorHookHandler } from 'fastify';
+import { captureBody, finishWithBody, type HeaderRecordValue, handlerHeaders } from '../../core/capture.js';
+import { type IdempotencyEngine, isPromise, type Ticket } from '../../core/engine.js';
+import { type EngineReply, REMOVED_HEADER } from '../../core/responses.js';
+
+/**
+ * The response side of the Fastify adapter, shared by the Fastify plugin and by NestJS on Fastify: a request that
+ * took its key is marked running ({@link startRun}); the `onSend` hook hands its serialised payload to the engine
+ * and lets it out once stored; the `onError` hook marks a handler that failed, so that its key is released.
+ * Nothing here loads `fastify` or `fastify-plugin` at run time.
+ */
+
+/** An engine whose `scope` and `fingerprint` functions see Fastify's request. */
+export type FastifyEngine = IdempotencyEngine<FastifyRequest>;
+
+/** A request running its handler under a key it holds. */
+interface Running {
+  readonly engine: FastifyEngine;
+  readonly ticket: Ticket;
+  /** The headers set before the handler ran (by hooks that ran earlier): not stored when left unchanged. */
+  readonly before: Record<string, HeaderRecordValue>;
+  /** The handler failed: the response on its way is the error handler's. */
+  failed: boolean;
+}
+
+const running = new WeakMap<FastifyRequest, Running>();
+/** Requests whose reply waits in `onSend` for the engine to settle. */
+const holding = new WeakSet<FastifyRequest>();
+
+const EMPTY = new Uint8Array(0);
+
+/** Whether the request holds its key and runs its handler (its reply has not reached `onSend` yet). */
+export function isRunning(request: FastifyRequest): boolean {
+  return running.has(request);
+}
+
+/** Whether the request's reply waits in `onSend` for the engine to store or release its key. */
+export function isHolding(request: FastifyRequest): boolean {
+  return holding.has(request);
+}
+
+/**
+ * Marks a request whose key was taken as running its handler: its reply is captured in `onSend`. Headers set so
+ * far belong to hooks that ran before and are not stored unless the handler changes them.
+ */
+export function startRun(
+  engine: FastifyEngine,
+  request: FastifyRequest,
+  reply: FastifyReply,
+  ticket: Ticket,
+): void {
+  running.set(request, { engine, ticket, before: reply.getHeaders(), failed: false });
+  const res = reply.raw;
+  res.once('close', () => {
+    if (ticket.settled) return;
+    // Gone out without passing `onSend` (a hijacked reply): nothing to store, the key is released.
+    if (res.writableFinished) engine.fail(ticket);
+    // The client went away: nothing changes, the handler goes on and its response is stored when it is sent.
+    else engine.clientLeft(ticket);
+  });
+}
+
+/**
+ * Marks the handler of a running request as failed: the reply on its way is an error handler's, and the key is
+ * released before it goes out. `false` when the request was not running (it held no key, or its reply had
+ * already reached `onSend`).
+ */
+export function failRun(request: FastifyRequest): boolean {
+  const state = running.get(request);
+  if (state === undefined) return false;
+  state.failed = true;
+  return true;
+}
+
+/** The `onSend` hook: stores the serialised payload of a running request before letting it out. */
+export function idempotencyOnSend(
+  request: FastifyRequest,
+  reply: FastifyReply,
+  payload: unknown,
+  next: (error: Error | null, payload?: unknown) => void,
+): void {
+  const state = running.get(request);
+  if (state === undefined || state.ticket.settled) return next(null, payload);
+  running.delete(request);
+  if (state.failed) return settleThen(state.engine.fail(state.ticket), () => next(null, payload));
+  holding.add(request);
+  const status = reply.statusCode;
+  const headers = reply.getHeaders();
+  captureReply(state, reply, payload, (sent) => {
+    holding.delete(request);
+    if (reply.sent) {
+      // Taken over by `onError` meanwhile, whose error handling changed the status and headers: restored.
+      reply.code(status);
+      reply.headers(headers);
+    }
+    next(null, sent);
+  });
+}
+
+/** The `onError` hook: marks a failed handler, or keeps Fastify from answering over a reply held in `onSend`. */
+export const idempotencyOnError: onErrorHookHandler = function idempotencyOnError(
+  request,
+  reply,
+  _error,
+  next: HookHandlerDoneFunction,
+) {
+  if (failRun(request)) return next();
+  // The handler failed after its reply reached `onSend`, where it waits for the store. Without the middleware
+  // the reply would have gone out already and Fastify would only log the error; marking the reply as taken
+  // over keeps Fastify from sending an error response over it.
+  if (holding.has(request)) reply.hijack();
+  next();
+};
+
+/**
+ * Sends an engine reply (error, conflict or replay) through `reply`, so that Fastify's `onSend` and `onResponse`
+ * hooks and its logging run as for any response. Its headers replace those of the same name set before; removals
+ * stored with a replay remove what hooks that ran before set again.
+ */
+export function sendFastifyReply(reply: FastifyReply, answer: EngineReply): void {
+  reply.code(answer.status);
+  const headers: Record<string, string | string[]> = {};
+  for (const [name, value] of answer.headers) {
+    if (name === REMOVED_HEADER) {
+      reply.removeHeader(value);
+      continue;
+    }
+    const previous = headers[name];
+    headers[name] =
+      previous === undefined ? value : Array.isArray(previous) ? [...previous, value] : [previous, value];
+  }
+  reply.headers(headers);
+  const { body } = answer;
+  reply.send(Buffer.from(body.buffer, body.byteOffset, body.byteLength));
+}
+
+/**
+ * Hands the serialised payload to the engine: a string or buffer at once, a stream read whole (or relayed, when it
+ * is not stored or outgrows `maxResponseBytes`, its end held until the engine settled).
+ */
+function captureReply(
+  state: Running,
+  reply: FastifyReply,
+  payload: unknown,
+  next: (payload: unknown) => void,
+): void {
+  const { engine, ticket } = state;
+  const status = reply.statusCode;
+  const head = { status, headers: handlerHeaders(reply.getHeaders(), state.before) };
+  if (Object.prototype.toString.call(payload) === '[object Response]') {
+    // Fastify applies a `Response`'s status and headers after `onSend`: it is sent as it is, and not stored.
+    return settleThen(engine.fail(ticket), () => next(payload));
+  }
+  const stream = asStream(payload);
+  if (stream === undefined) {
+    // Node.js sends no body with a 204 or a 304, whatever the payload; neither does a replay.
+    const body =
+      status === 204 || status === 304 || payload === null || payload === undefined
+        ? EMPTY
+        : typeof payload === 'string'
+          ? Buffer.from(payload)
+          : (payload as Uint8Array);
+    return settleThen(finishWithBody(engine as IdempotencyEngine<never>, ticket, head, body), () =>
+      next(payload),
+    );
+  }
+  captureBody(engine as IdempotencyEngine<never>, ticket, head, stream).then((captured) => {
+    if (captured.kind === 'kept') {
+      const { body } = captured;
+      next(Buffer.from(body.buffer, body.byteOffset, body.byteLength));
+    } else next(Readable.from(captured.chunks, { objectMode: false }));
+  });
+}
+
+/** A payload's chunks when it is a stream: a Node.js readable, or a web `ReadableStream` (Fastify 5 sends both). */
+function asStream(payload: unknown): AsyncIterable<unknown> | undefined {
+  if (payload === null || typeof payload !== 'object') return undefined;
+  if (typeof (payload as Readable).pipe === 'function') return payload as Readable;
+  if (typeof (payload as ReadableStream).getReader === 'function') {
+    return Readable.fromWeb(payload as import('node:stream/web').ReadableStream);
+  }
+  return undefined;
+}
+
+function settleThen(settled: void | Promise<void>, then: () => void): void {
+  if (isPromise(settled)) settled.then(then);
+  else then();
+}
