@@ -28,8 +28,8 @@ export interface BackendSettings {
   /** SQL table. @default 'idempotency_keys' */
   table?: string;
   /**
-   * PostgreSQL: announce stores and releases with `NOTIFY`, so that repeats waiting with `onConflict: 'wait'` are
-   * woken at once instead of polling. @default false
+   * PostgreSQL and Redis: announce stores and releases (`NOTIFY`, `PUBLISH`), so that repeats waiting with
+   * `onConflict: 'wait'` are woken at once instead of polling. @default false
    */
   notifications?: boolean;
   /** Reports driver errors (connection lost, reconnecting) so that they are seen, never thrown. */
@@ -184,11 +184,17 @@ async function openRedis(
     });
     redis.on('error', (error) => report('ioredis', error));
     await waitFor(new Promise<void>((resolve) => redis.once('ready', resolve)));
+    const backend = new RedisBackend({
+      redis: redis as never,
+      prefix: settings.prefix,
+      notifications: settings.notifications ?? false,
+    });
     return {
-      backend: new RedisBackend({ redis: redis as never, prefix: settings.prefix }),
+      backend,
       name: 'RedisBackend',
       location,
       close: async () => {
+        await backend.close().catch(() => {});
         await waitFor(
           redis.quit().catch(() => {}),
           1_000,
@@ -210,11 +216,17 @@ async function openRedis(
   });
   client.on('error', (error) => report('redis', error));
   await waitFor(client.connect().catch(() => {}));
+  const backend = new RedisBackend({
+    redis: client as never,
+    prefix: settings.prefix,
+    notifications: settings.notifications ?? false,
+  });
   return {
-    backend: new RedisBackend({ redis: client as never, prefix: settings.prefix }),
+    backend,
     name: 'RedisBackend',
     location,
     close: async () => {
+      await backend.close().catch(() => {});
       const closing = client.close?.() ?? client.quit?.();
       await waitFor(
         Promise.resolve(closing).catch(() => {}),

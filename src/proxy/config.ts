@@ -379,7 +379,8 @@ export const FLAGS: readonly Flag[] = [
     help:
       'A repeat that arrives while the first request with its key runs: reject answers 409 at once (with ' +
       'Retry-After); wait holds it up to --wait-timeout for the first to finish and answers with its response ' +
-      '(on PostgreSQL this turns LISTEN/NOTIFY on, to wake it at once: give every proxy the same setting).',
+      '(on PostgreSQL this turns LISTEN/NOTIFY on, on Redis pub/sub, to wake it at once: give every proxy the ' +
+      'same setting).',
     fallback: 'reject',
     section: 'middleware',
     apply: middleware('onConflict', (value, name) => oneOf(value, name, ['reject', 'wait'])),
@@ -463,7 +464,9 @@ export function parseCommand(
   const command = args.shift();
   if (command === undefined) return { kind: 'help' };
   if (command !== 'proxy')
-    throw new UsageError(`Unknown command ${JSON.stringify(command)}: the command is proxy`);
+    throw new UsageError(
+      `Unknown command ${JSON.stringify(command)}: the commands are proxy, inspect and forget`,
+    );
 
   const draft: Draft = {
     upstream: undefined,
@@ -576,6 +579,8 @@ export function helpText(version: string): string {
     '',
     'Usage:',
     '  idempotency-header proxy --upstream URL [--port PORT] [--backend SPEC] [flags]',
+    '  idempotency-header inspect KEY --backend SPEC [--scope TEXT]    (the state of a key; inspect --help)',
+    '  idempotency-header forget KEY --backend SPEC [--force]          (delete a key; forget --help)',
     '  idempotency-header --help | --version',
     '',
     'Example:',

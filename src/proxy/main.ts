@@ -13,6 +13,7 @@ import {
   scopeFromHeaders,
   UsageError,
 } from './config.js';
+import { isOperatorCommand, runOperatorCommand } from './operator-command.js';
 import { createIdempotencyProxy, type IdempotencyProxy } from './server.js';
 
 /** Where the command writes: the process's streams, or a test's. */
@@ -45,6 +46,7 @@ export async function main(
   env: Readonly<Record<string, string | undefined>>,
   output: Output = PROCESS_OUTPUT,
 ): Promise<number> {
+  if (isOperatorCommand(argv)) return runOperatorCommand(argv, env, output);
   let command: Command;
   try {
     command = parseCommand(argv, env);
@@ -74,7 +76,7 @@ export async function main(
     opened = await openBackend(config.backend, {
       prefix: config.prefix,
       table: config.table,
-      // Waiting repeats are woken by PostgreSQL's notifications rather than by polling.
+      // Waiting repeats are woken by PostgreSQL's or Redis's notifications rather than by polling.
       notifications: config.middleware.onConflict === 'wait',
       onDriverError(driver, error) {
         const text = `${driver}: ${error.message}`;
