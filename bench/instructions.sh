@@ -12,12 +12,31 @@ command -v valgrind >/dev/null || { echo "valgrind is not installed (apt-get ins
 WARMUP=${WARMUP:-4000}
 N=${N:-6000}
 out=$(mktemp -d)
-trap 'rm -rf "$out"' EXIT
+# Keys (Redis) and tables (SQL) of this run are named after it, and removed at the end.
+prefix="bench_instructions_$$_"
+cleanup() {
+  rm -rf "$out"
+  node --input-type=module -e "
+    const { Redis } = await import('ioredis');
+    const redis = new Redis(process.env.REDIS_URL ?? 'redis://127.0.0.1:6379', { lazyConnect: true, maxRetriesPerRequest: 0 });
+    try {
+      await redis.connect();
+      let cursor = '0';
+      do {
+        const [next, keys] = await redis.scan(cursor, 'MATCH', '${prefix}*', 'COUNT', 1000);
+        if (keys.length > 0) await redis.del(...keys);
+        cursor = next;
+      } while (cursor !== '0');
+    } catch {}
+    redis.disconnect();
+  " || true
+}
+trap cleanup EXIT
 
 per_request() { # mode
   rm -f "$out"/cg.* "$out/port"
   valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out/cg.%p" \
-    node bench/server.mjs "$1" >"$out/port" 2>/dev/null &
+    node bench/server.mjs "$1" --prefix "$prefix" >"$out/port" 2>/dev/null &
   local pid=$!
   for _ in $(seq 1 240); do [ -s "$out/port" ] && break; sleep 0.5; done
   node bench/sequential-client.mjs "$(cat "$out/port")" "$WARMUP"

@@ -63,7 +63,14 @@ const VARIANTS: Variant[] = [
   },
   {
     name: 'express-redis',
-    label: 'ours, Express + Redis',
+    label: 'ours, Express + Redis (ioredis)',
+    framework: 'express',
+    kind: 'ours',
+    backend: 'redis',
+  },
+  {
+    name: 'express-node-redis',
+    label: 'ours, Express + Redis (node-redis)',
     framework: 'express',
     kind: 'ours',
     backend: 'redis',

@@ -70,9 +70,11 @@ async function memoryBackend() {
 async function redisBackend() {
   const { Redis } = await import('ioredis');
   const { RedisBackend } = await ours('redis');
+  // Auto-pipelining, as the README recommends: concurrent requests' commands share socket writes and reads, as
+  // node-redis (which the peers use) does by default. BENCH_AUTOPIPELINING=0 measures ioredis without it.
   const redis = new Redis(values['redis-url'], {
     maxRetriesPerRequest: 1,
-    enableAutoPipelining: process.env.BENCH_AUTOPIPELINING === '1',
+    enableAutoPipelining: process.env.BENCH_AUTOPIPELINING !== '0',
   });
   redis.on('error', (error) => console.error(error));
   // Every command the backend sends goes through one of these.
@@ -84,6 +86,22 @@ async function redisBackend() {
     };
   }
   await redis.ping();
+  return new RedisBackend({ redis, prefix });
+}
+
+/** RedisBackend on a node-redis client, the client the Redis peers use. */
+async function nodeRedisBackend() {
+  const { createClient } = await import('redis');
+  const { RedisBackend } = await ours('redis');
+  const redis = createClient({ url: values['redis-url'] });
+  redis.on('error', (error) => console.error(error));
+  await redis.connect();
+  // Every command the backend sends goes through sendCommand.
+  const sendCommand = redis.sendCommand;
+  redis.sendCommand = function countedCommand(...args) {
+    stats.backendCalls++;
+    return sendCommand.apply(this, args);
+  };
   return new RedisBackend({ redis, prefix });
 }
 
@@ -145,6 +163,7 @@ async function sqliteBackend() {
 const BACKENDS = {
   memory: memoryBackend,
   redis: redisBackend,
+  'node-redis': nodeRedisBackend,
   postgres: postgresBackend,
   mysql: mysqlBackend,
   sqlite: sqliteBackend,
@@ -363,6 +382,7 @@ const VARIANTS = {
   koa: () => koaApp(),
   'express-memory': () => oursOnExpress('memory'),
   'express-redis': () => oursOnExpress('redis'),
+  'express-node-redis': () => oursOnExpress('node-redis'),
   'express-postgres': () => oursOnExpress('postgres'),
   'express-mysql': () => oursOnExpress('mysql'),
   'express-sqlite': () => oursOnExpress('sqlite'),
