@@ -17,6 +17,7 @@ import { IdempotencyError } from '../../src/core/errors.js';
 import { describeBackendContract } from '../../src/testkit/index.js';
 import { listen, send, type TestServer } from '../support/http.js';
 import { deleteKeysWithPrefix, REDIS_URL, requireRedis, uniquePrefix } from '../support/redis.js';
+import { type RedisServer, requireRedisServer, startRedisServer } from '../support/redis-server.js';
 
 const redisUp = await requireRedis('RedisBackend wait mode');
 
@@ -276,5 +277,77 @@ describe.runIf(redisUp)('RedisBackend with notifications', () => {
       };
     },
     { describe, it, beforeAll, afterAll },
+  );
+});
+
+const privateServers = redisUp && requireRedisServer('RedisBackend notifications across a Redis restart');
+
+describe.runIf(privateServers)('RedisBackend notifications across a Redis restart', () => {
+  let server: RedisServer;
+  const closers: (() => Promise<unknown>)[] = [];
+
+  beforeAll(async () => {
+    server = await startRedisServer();
+  });
+
+  afterAll(async () => {
+    for (const close of closers) await close().catch(() => {});
+    await server?.close();
+  });
+
+  /** Watches until a watch stays pending (the first resolves once the subscription is in place). */
+  async function armedWatch(backend: RedisBackend, key: string, signal: AbortSignal) {
+    for (;;) {
+      let resolved = false;
+      const woken = backend.watch(key, signal)!.then(() => {
+        resolved = true;
+      });
+      await sleep(100);
+      if (!resolved) return { woken, resolved: () => resolved };
+    }
+  }
+
+  it.each(['ioredis', 'node-redis'] as const)(
+    'wakes waiters once the subscriber is back (%s), and hears messages again after',
+    async (driver) => {
+      const prefix = uniquePrefix(`restart-${driver}`);
+      let redis: RedisClientLike;
+      if (driver === 'ioredis') {
+        const client = new Redis(server.url);
+        client.on('error', () => {});
+        closers.push(async () => client.disconnect());
+        redis = client;
+      } else {
+        const client = createClient({
+          url: server.url,
+          socket: { reconnectStrategy: () => 100 },
+        });
+        client.on('error', () => {});
+        await client.connect();
+        closers.push(async () => client.destroy());
+        redis = client;
+      }
+      const backend = new RedisBackend({ redis, prefix, notifications: true });
+      closers.push(() => backend.close());
+      const stop = new AbortController();
+      const before = await armedWatch(backend, '-before', stop.signal);
+
+      // A message published while the subscriber is away is lost: the waiter is woken once it is back instead.
+      await server.stop();
+      await sleep(200);
+      expect(before.resolved()).toBe(false);
+      await server.start();
+      await before.woken;
+
+      // Subscribed again: a release wakes a new watch at once.
+      const taken = await backend.acquire('-after', '', 30_000);
+      if (taken.state !== 'acquired') throw new Error('not acquired');
+      const after = await armedWatch(backend, '-after', stop.signal);
+      const started = performance.now();
+      expect(await backend.release('-after', taken.token)).toBe(true);
+      await after.woken;
+      expect(performance.now() - started).toBeLessThan(100);
+      stop.abort();
+    },
   );
 });
