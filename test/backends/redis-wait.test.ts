@@ -8,8 +8,8 @@ import { randomUUID } from 'node:crypto';
 import { createServer } from 'node:http';
 import { setTimeout as sleep } from 'node:timers/promises';
 import express from 'express';
-import { Redis } from 'ioredis';
-import { createClient } from 'redis';
+import { Cluster, Redis } from 'ioredis';
+import { createClient, createCluster } from 'redis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { idempotencyHeader } from '../../src/adapters/express.js';
 import { type IoredisClientLike, RedisBackend, type RedisClientLike } from '../../src/backends/redis.js';
@@ -346,6 +346,65 @@ describe.runIf(privateServers)('RedisBackend notifications across a Redis restar
       const started = performance.now();
       expect(await backend.release('-after', taken.token)).toBe(true);
       await after.woken;
+      expect(performance.now() - started).toBeLessThan(100);
+      stop.abort();
+    },
+  );
+});
+
+describe.runIf(privateServers)('RedisBackend notifications on a private one-node cluster', () => {
+  let server: RedisServer;
+  const closers: (() => Promise<unknown>)[] = [];
+
+  beforeAll(async () => {
+    server = await startRedisServer({ cluster: true });
+  });
+
+  afterAll(async () => {
+    for (const close of closers) await close().catch(() => {});
+    await server?.close();
+  });
+
+  it.each(['ioredis Cluster', 'node-redis cluster'] as const)(
+    'wakes a watch by the release of another instance (%s)',
+    async (driver) => {
+      let redis: RedisClientLike;
+      if (driver === 'ioredis Cluster') {
+        const cluster = new Cluster([{ host: '127.0.0.1', port: server.port }]);
+        cluster.on('error', () => {});
+        await cluster.ping();
+        closers.push(async () => cluster.disconnect());
+        redis = cluster;
+      } else {
+        const cluster = createCluster({ rootNodes: [{ url: server.url }] });
+        cluster.on('error', () => {});
+        await cluster.connect();
+        closers.push(() => cluster.close());
+        redis = cluster;
+      }
+      const prefix = uniquePrefix('notify-cluster');
+      const holder = new RedisBackend({ redis, prefix, notifications: true });
+      const waiter = new RedisBackend({ redis, prefix, notifications: true });
+      closers.push(
+        () => holder.close(),
+        () => waiter.close(),
+      );
+      const key = `-${randomUUID()}`;
+      const taken = await holder.acquire(key, '', 30_000);
+      if (taken.state !== 'acquired') throw new Error('not acquired');
+      const stop = new AbortController();
+      let woken: Promise<void>;
+      for (;;) {
+        let resolved = false;
+        woken = waiter.watch(key, stop.signal)!.then(() => {
+          resolved = true;
+        });
+        await sleep(100);
+        if (!resolved) break;
+      }
+      const started = performance.now();
+      expect(await holder.release(key, taken.token)).toBe(true);
+      await woken;
       expect(performance.now() - started).toBeLessThan(100);
       stop.abort();
     },
