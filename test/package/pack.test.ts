@@ -4,39 +4,18 @@
  * @arethetypeswrong/cli.
  */
 import { execFile, spawn } from 'node:child_process';
-import {
-  copyFileSync,
-  mkdirSync,
-  mkdtempSync,
-  realpathSync,
-  rmSync,
-  symlinkSync,
-  writeFileSync,
-} from 'node:fs';
+import { copyFileSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { createServer } from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { ensureBuilt, REPO_ROOT } from './fixtures/build.js';
+import { REPO_ROOT } from './fixtures/build.js';
+import { type ConsumerProject, createConsumerProject, NPM_ENV } from './fixtures/consumer-project.js';
 
 const exec = promisify(execFile);
 const FIXTURES = join(REPO_ROOT, 'test', 'package', 'fixtures');
-
-/** npm without the noise and without the registry: everything here is local. */
-const NPM_ENV = {
-  ...process.env,
-  npm_config_update_notifier: 'false',
-  npm_config_audit: 'false',
-  npm_config_fund: 'false',
-  npm_config_loglevel: 'error',
-};
-
-interface PackedFile {
-  path: string;
-}
 
 interface ScenarioResponse {
   status: number;
@@ -53,45 +32,21 @@ interface ScenarioOutput {
   errors: Record<string, { name: string; code: string; sameClass: boolean } | string>;
 }
 
-let workDir: string;
-let tarball: string;
+let consumer: ConsumerProject | undefined;
 let packedFiles: string[];
 let project: string;
 
 beforeAll(async () => {
-  await ensureBuilt();
-  workDir = realpathSync(mkdtempSync(join(tmpdir(), 'idempotency-header-pack-')));
-  expect(workDir.startsWith(REPO_ROOT)).toBe(false);
-
-  const { stdout } = await exec('npm', ['pack', '--json', '--pack-destination', workDir], {
-    cwd: REPO_ROOT,
-    env: NPM_ENV,
-    timeout: 60_000,
-  });
-  const [packed] = JSON.parse(stdout) as [{ filename: string; files: PackedFile[] }];
-  tarball = join(workDir, packed.filename);
-  packedFiles = packed.files.map((file) => file.path);
-
-  project = join(workDir, 'consumer');
-  mkdirSync(project);
-  writeFileSync(
-    join(project, 'package.json'),
-    JSON.stringify({ name: 'idempotency-header-consumer', version: '0.0.0', private: true }),
-  );
-  await exec('npm', ['install', '--no-audit', '--no-fund', '--ignore-scripts', '--offline', tarball], {
-    cwd: project,
-    env: NPM_ENV,
-    timeout: 60_000,
-  });
-  // Express is an optional peer dependency: link the repository's copy instead of fetching it.
-  symlinkSync(join(REPO_ROOT, 'node_modules', 'express'), join(project, 'node_modules', 'express'), 'dir');
+  // Express is an optional peer dependency: linked from the repository instead of fetched.
+  consumer = await createConsumerProject({ name: 'pack', link: ['express'] });
+  ({ packedFiles, dir: project } = consumer);
   for (const file of ['scenario.cjs', 'consumer.mjs', 'consumer.cjs']) {
     copyFileSync(join(FIXTURES, file), join(project, file));
   }
 }, 120_000);
 
 afterAll(() => {
-  if (workDir !== undefined) rmSync(workDir, { recursive: true, force: true });
+  consumer?.remove();
 });
 
 async function runConsumer(file: string): Promise<ScenarioOutput> {

@@ -1,0 +1,205 @@
+/**
+ * The README's Quick start works when pasted into a fresh project: each framework's snippet is read from README.md
+ * by its heading (so this test follows the README as it changes), written as a file into a project that has only
+ * the packed tarball and the packages the section imports or tells to `npm install`, run as a user would run it,
+ * and sent the same keyed POST twice. A snippet that does not start, does not listen on `PORT`, or does not replay
+ * is a README bug.
+ *
+ * Every `###` section under `## Quick start` is covered, including ones added later; its first `ts` block is the
+ * snippet (later blocks, such as Express's `idempotencyOf` example, are fragments of the first). It runs with tsx,
+ * except the fetch handler, which exports `{ fetch }` instead of listening: that form is served as written by Bun
+ * (one of the runtimes the section names, and which reads `PORT` for it). The RedisBackend snippets are fragments
+ * (`app.use(...)`) and run inside {@link wrapExpressFragment}.
+ */
+import { randomUUID } from 'node:crypto';
+import { readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { Redis } from 'ioredis';
+import { afterAll, beforeAll, describe, it } from 'vitest';
+import { REDIS_URL, requireRedis } from '../support/redis.js';
+import { freePort } from '../support/redis-server.js';
+import { accepts, expectReplay, serve, stopGroup, waitFor } from '../support/served-process.js';
+import { REPO_ROOT } from './fixtures/build.js';
+import { type ConsumerProject, createConsumerProject } from './fixtures/consumer-project.js';
+
+const README = readFileSync(join(REPO_ROOT, 'README.md'), 'utf8');
+
+interface Section {
+  heading: string;
+  /** The section's text, headings excluded. */
+  text: string;
+  /** The contents of its fenced `ts`, `typescript`, `js` and `javascript` blocks, in order. */
+  code: string[];
+}
+
+/** The `###` sections under the `## ${chapter}` heading, skipping `#` lines inside fenced blocks. */
+function sectionsOf(markdown: string, chapter: string): Section[] {
+  const sections: Section[] = [];
+  let inChapter = false;
+  let fence: { lang: string; lines: string[] } | undefined;
+  let current: Section | undefined;
+  for (const line of markdown.split('\n')) {
+    const fenceMatch = /^```(\w*)\s*$/.exec(line);
+    if (fenceMatch !== null) {
+      if (fence === undefined) fence = { lang: fenceMatch[1]!, lines: [] };
+      else {
+        if (current !== undefined && /^(ts|typescript|js|javascript)$/.test(fence.lang))
+          current.code.push(`${fence.lines.join('\n')}\n`);
+        fence = undefined;
+      }
+      if (current !== undefined) current.text += `${line}\n`;
+      continue;
+    }
+    if (fence !== undefined) {
+      fence.lines.push(line);
+      if (current !== undefined) current.text += `${line}\n`;
+      continue;
+    }
+    if (line.startsWith('## ')) {
+      inChapter = line.slice(3).trim() === chapter;
+      current = undefined;
+      continue;
+    }
+    if (!inChapter) continue;
+    if (line.startsWith('### ')) {
+      current = { heading: line.slice(4).trim(), text: '', code: [] };
+      sections.push(current);
+    } else if (current !== undefined) current.text += `${line}\n`;
+  }
+  return sections;
+}
+
+/** The npm packages a snippet imports and its section tells to install, except this package itself. */
+function packagesFor(section: Section, snippet: string): string[] {
+  const names = new Set<string>();
+  for (const [, specifier] of snippet.matchAll(/\bfrom\s+'([^']+)'/g)) {
+    if (specifier!.startsWith('.') || specifier!.startsWith('node:')) continue;
+    const parts = specifier!.split('/');
+    names.add(specifier!.startsWith('@') ? parts.slice(0, 2).join('/') : parts[0]!);
+  }
+  for (const [, args] of section.text.matchAll(/`npm install ([^`]+)`/g)) {
+    for (const name of args!.split(/\s+/)) if (name !== '' && !name.startsWith('-')) names.add(name);
+  }
+  names.delete('idempotency-header');
+  return [...names].sort();
+}
+
+/**
+ * Completes a fragment that mounts the middleware on an Express `app` (the RedisBackend snippets): the Express
+ * Quick start around it, with a route and a listener on `PORT`. ES module imports are hoisted, so the fragment's
+ * own imports may stay where they are.
+ */
+function wrapExpressFragment(fragment: string): string {
+  return [
+    "import express from 'express';",
+    "import { idempotencyHeader } from 'idempotency-header/express';",
+    'const app = express();',
+    'app.use(express.json());',
+    '// ---- README snippet ----',
+    fragment,
+    '// ---- end of README snippet ----',
+    "app.post('/orders', (req, res) => {",
+    '  res.status(201).json({ id: crypto.randomUUID(), item: req.body.item });',
+    '});',
+    'app.listen(Number(process.env.PORT));',
+    '',
+  ].join('\n');
+}
+
+const slug = (heading: string) => heading.toLowerCase().replace(/[^a-z0-9]+/g, '-');
+const TSX = join(REPO_ROOT, 'node_modules', '.bin', 'tsx');
+const BUN = join(REPO_ROOT, 'node_modules', '.bin', 'bun');
+
+let project: ConsumerProject | undefined;
+
+beforeAll(async () => {
+  // "type": "module", as for any project using top-level await (the Fastify snippet does): `npm init` gives
+  // CommonJS, where tsx cannot run it.
+  project = await createConsumerProject({ name: 'readme', packageJson: { type: 'module' } });
+}, 120_000);
+
+afterAll(() => {
+  project?.remove();
+});
+
+/** Writes `source` into the project, runs it with `PORT` set, and checks the keyed POST replays. */
+async function runSnippet(file: string, source: string, packages: string[], runtime: 'tsx' | 'bun') {
+  const { dir, link } = project!;
+  link(packages);
+  writeFileSync(join(dir, file), source);
+  const port = await freePort();
+  const served = serve(runtime === 'bun' ? BUN : TSX, [file], {
+    cwd: dir,
+    env: { ...process.env, PORT: String(port), REDIS_URL },
+  });
+  try {
+    await waitFor(served, `a listener on port ${port}`, async () =>
+      (await accepts(port)) ? true : undefined,
+    );
+    return await expectReplay(`http://127.0.0.1:${port}/orders`);
+  } catch (error) {
+    (error as Error).message += `\n--- ${file} ---\n${source}--- output ---\n${served.output()}`;
+    throw error;
+  } finally {
+    stopGroup(served, 'SIGTERM');
+    const timer = setTimeout(() => stopGroup(served, 'SIGKILL'), 5_000);
+    await served.exited;
+    clearTimeout(timer);
+  }
+}
+
+const quickStart = sectionsOf(README, 'Quick start');
+
+describe.concurrent('README Quick start, pasted into a fresh project', () => {
+  it('has a section per adapter, each with a snippet', ({ expect }) => {
+    const headings = quickStart.map((section) => section.heading);
+    for (const framework of ['Express', 'node:http', 'Fastify', 'Hono', 'Koa', 'fetch'])
+      expect(
+        headings.some((heading) => heading.startsWith(framework)),
+        framework,
+      ).toBe(true);
+    for (const section of quickStart) expect(section.code.length, section.heading).toBeGreaterThan(0);
+  });
+
+  it.each(quickStart.map((section) => [section.heading, section] as const))(
+    '%s: the snippet listens on PORT and replays a keyed POST',
+    async (heading, section) => {
+      const snippet = section.code[0]!;
+      const runtime = heading.startsWith('fetch') ? 'bun' : 'tsx';
+      await runSnippet(`${slug(heading)}.ts`, snippet, packagesFor(section, snippet), runtime);
+    },
+    45_000,
+  );
+});
+
+const redisUp = await requireRedis('README RedisBackend snippets');
+const redisSnippets = sectionsOf(README, 'Backends').find((section) => section.heading === 'RedisBackend');
+
+describe.runIf(redisUp).concurrent('README RedisBackend snippets, inside the Express Quick start', () => {
+  const client = redisUp ? new Redis(REDIS_URL, { lazyConnect: true }) : undefined;
+  const used: string[] = [];
+
+  afterAll(async () => {
+    // The snippets use the default prefix; the keys are random UUIDs, so these are this run's keys only.
+    if (client === undefined) return;
+    if (used.length > 0) await client.del(...used.map((key) => `idempotency:-${key}`));
+    client.disconnect();
+  });
+
+  it('has the ioredis and node-redis snippets', ({ expect }) => {
+    expect(redisSnippets?.code.length).toBeGreaterThanOrEqual(2);
+  });
+
+  it.each((redisSnippets?.code ?? []).map((code, index) => [index + 1, code] as const))(
+    'snippet %i connects, stores in Redis and replays a keyed POST',
+    async (index, fragment) => {
+      const source = wrapExpressFragment(fragment);
+      const packages = packagesFor(redisSnippets!, source);
+      const keys = await runSnippet(`redis-${index}-${randomUUID().slice(0, 8)}.ts`, source, packages, 'tsx');
+      used.push(...keys);
+      const stored = await client!.get(`idempotency:-${keys[0]}`);
+      if (stored === null || !stored.startsWith('D')) throw new Error(`not stored in Redis: ${stored}`);
+    },
+    45_000,
+  );
+});
