@@ -8,11 +8,15 @@
  *
  * Deliberately left open: whether a lease that lapsed but that nobody took over still lets its holder complete,
  * release or renew. MemoryBackend says yes (the lock stays until replaced); RedisBackend says no (the lock's key
- * expired with its lease). Both are safe; the engine treats `false` as "lease lost" either way.
+ * expired with its lease). Both are safe; the engine treats `false` as "lease lost" either way. Likewise whether
+ * `forget()` of a record that expired but is still kept answers `true` (MemoryBackend, until its sweep) or `false`
+ * (Redis, SQL): `forgetKey()` inspects first and reports such a key not found either way.
  */
 import assert from 'node:assert/strict';
 import { randomBytes, randomUUID } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { storageKeyOf } from '../core/engine.js';
+import { forgetKey, inspectKey } from '../core/operator.js';
 import type {
   AcquireResult,
   Awaitable,
@@ -20,6 +24,7 @@ import type {
   CompletedKeyState,
   IdempotencyRecord,
   InFlightKeyState,
+  KeyState,
   StoredResponse,
 } from '../core/types.js';
 
@@ -72,6 +77,11 @@ export interface BackendContractOptions {
    * @default 50
    */
   concurrency?: number;
+  /**
+   * Optional methods the backend must have: their cases fail, instead of being skipped, when it lacks them.
+   * @default []
+   */
+  requires?: readonly ('inspect' | 'forget')[];
 }
 
 /**
@@ -264,6 +274,7 @@ export function describeBackendContract(
   /** A renewed lease: long enough to outlive a lapse wait several times over. */
   const RENEWED_LEASE_MS = Math.max(5_000, LAPSE_WAIT_MS * 4);
   const CONCURRENCY = Math.floor(positive('concurrency', options.concurrency ?? 50));
+  const requires = new Set(options.requires ?? []);
 
   const { describe } = test;
   const it = test.it as (name: string, body: (context: unknown) => Promise<void>) => unknown;
@@ -712,173 +723,237 @@ export function describeBackendContract(
       });
     });
 
-    describe('inspect (optional)', () => {
-      /** The backend's `inspect`, or `undefined` after skipping the test when it has none. */
-      function inspectOf(testContext: unknown): ((key: string) => Promise<unknown>) | undefined {
+    // The operator API (Backend.inspect, Backend.forget): run when the backend has the methods (or when
+    // `requires` names them), skipped otherwise.
+    describe('inspect and forget (optional operator API)', () => {
+      /** How far a backend's clock (a database's) and rounding may put an expiry from this process's estimate. */
+      const CLOCK_SLACK_MS = 1_000;
+
+      /**
+       * The backend's operator methods, when it has those the case needs. When it lacks one, the case is skipped
+       * (and `undefined` returned), or fails if `options.requires` names the method.
+       */
+      function operator(testContext: unknown, ...needs: ('inspect' | 'forget')[]) {
         const backend = current();
-        if (typeof backend.inspect !== 'function') {
-          skipTest(testContext, 'the backend has no inspect()');
+        for (const method of needs) {
+          if (typeof backend[method] === 'function') continue;
+          if (requires.has(method))
+            assert.fail(`the backend has no ${method}(), which options.requires names`);
+          skipTest(testContext, `the backend has no ${method}()`);
           return undefined;
         }
-        return async (key) => backend.inspect!(key);
+        return {
+          inspect: async (key: string): Promise<KeyState | undefined> => backend.inspect!(key),
+          forget: async (key: string, force = false): Promise<boolean> => backend.forget!(key, force),
+        };
       }
 
-      it('answers undefined for a key that was never acquired', async (testContext) => {
-        const inspect = inspectOf(testContext);
-        if (inspect === undefined) return;
-        assert.equal(await inspect(newKey()), undefined);
+      it('finds nothing for a key never used', async (testContext) => {
+        const op = operator(testContext, 'inspect');
+        if (op === undefined) return;
+        assert.equal(await op.inspect(newKey()), undefined);
       });
 
-      it('tells a lock in flight with its fingerprint and the time left on its lease', async (testContext) => {
-        const inspect = inspectOf(testContext);
-        if (inspect === undefined) return;
+      it('tells a lock in flight with its fingerprint and the lease left', async (testContext) => {
+        const op = operator(testContext, 'inspect');
+        if (op === undefined) return;
         const key = newKey();
-        const leaseMs = 5_000;
-        expectAcquired(await current().acquire(key, FINGERPRINT, leaseMs));
-        const state = (await inspect(key)) as InFlightKeyState;
+        expectAcquired(await current().acquire(key, FINGERPRINT, 5_000));
+        const state = (await op.inspect(key)) as InFlightKeyState;
         assert.equal(state?.state, 'in-flight', `inspect() of a held key, got ${show(state)}`);
-        assert.equal(state.fingerprint, FINGERPRINT);
+        assert.equal(typeof state.leaseLeftMs, 'number', 'leaseLeftMs must be a number');
+        assert.deepEqual(
+          { ...state },
+          { state: 'in-flight', fingerprint: FINGERPRINT, leaseLeftMs: state.leaseLeftMs },
+          'inspect() of a held key',
+        );
         assert.ok(
-          state.leaseLeftMs > leaseMs / 2 && state.leaseLeftMs <= leaseMs,
-          `leaseLeftMs ${state.leaseLeftMs} must be within (${leaseMs / 2}, ${leaseMs}]`,
+          state.leaseLeftMs > 2_500 && state.leaseLeftMs <= 5_000,
+          `leaseLeftMs ${state.leaseLeftMs} must be within (2500, 5000]`,
         );
       });
 
-      it('tells a completed key with its status, times, fingerprint and size', async (testContext) => {
-        const inspect = inspectOf(testContext);
-        if (inspect === undefined) return;
-        const before = Date.now();
-        const body = Buffer.from('{"size":"counted"}');
-        const { key, record } = await completedKey(makeRecord(body), TTL_MS);
-        const after = Date.now();
-        const state = (await inspect(key)) as CompletedKeyState;
+      it('tells a completed key with its status, fingerprint, times and body size', async (testContext) => {
+        const op = operator(testContext, 'inspect');
+        if (op === undefined) return;
+        const body = randomBytes(200 * 1024);
+        const record = makeRecord(body);
+        const { key } = await completedKey(record, TTL_MS);
+        const state = (await op.inspect(key)) as CompletedKeyState;
         assert.equal(state?.state, 'completed', `inspect() of a completed key, got ${show(state)}`);
-        assert.equal(state.fingerprint, FINGERPRINT);
-        assert.equal(state.status, 201);
-        // The record's createdAt, or the storage's own clock at the write: either is "when it was stored".
-        assert.ok(
-          typeof state.storedAt === 'number' && Math.abs(state.storedAt - record.createdAt) <= 5_000,
-          `storedAt ${state.storedAt} must be about the record's createdAt, ${record.createdAt}`,
+        assert.equal(
+          typeof state.expiresAt,
+          'number',
+          `expiresAt must be a number, got ${show(state.expiresAt)}`,
         );
-        assert.equal(state.size, body.byteLength, 'size: the stored body bytes');
-        assert.ok(
-          typeof state.expiresAt === 'number' &&
-            state.expiresAt >= before + TTL_MS - 1_000 &&
-            state.expiresAt <= after + TTL_MS + 1_000,
-          `expiresAt ${state.expiresAt} must be about ${TTL_MS} ms after complete()`,
+        assert.deepEqual(
+          { ...state },
+          {
+            state: 'completed',
+            fingerprint: FINGERPRINT,
+            status: 201,
+            storedAt: record.createdAt,
+            expiresAt: state.expiresAt,
+            size: body.byteLength,
+          },
+          'inspect() of a completed key',
         );
+        const expected = Date.now() + TTL_MS;
+        assert.ok(
+          Math.abs(state.expiresAt! - expected) < CLOCK_SLACK_MS,
+          `expiresAt ${state.expiresAt} must be within ${CLOCK_SLACK_MS} ms of ${expected}`,
+        );
+        // Inspecting reads, and changes nothing: the record still replays.
+        expectCompletedWith(await current().acquire(key, FINGERPRINT, LONG_LEASE_MS), record);
       });
 
-      it('tells a record kept forever (expiresAt null) and one stored without its response (status null, size 0)', async (testContext) => {
-        const inspect = inspectOf(testContext);
-        if (inspect === undefined) return;
+      it('tells a record kept forever (expiresAt null), one without its response (status null, size 0), and an empty body', async (testContext) => {
+        const op = operator(testContext, 'inspect');
+        if (op === undefined) return;
+        const backend = current();
         const forever = await completedKey(makeRecord(), null);
-        const foreverState = (await inspect(forever.key)) as CompletedKeyState;
+        const foreverState = (await op.inspect(forever.key)) as CompletedKeyState;
         assert.equal(foreverState?.state, 'completed');
-        assert.equal(foreverState.expiresAt, null);
-        const record: IdempotencyRecord = { fingerprint: FINGERPRINT, createdAt: Date.now(), response: null };
-        const remembered = await completedKey(record);
-        const rememberedState = (await inspect(remembered.key)) as CompletedKeyState;
-        assert.equal(rememberedState?.state, 'completed');
-        assert.equal(rememberedState.status, null);
-        assert.equal(rememberedState.size, 0);
+        assert.equal(foreverState.expiresAt, null, 'expiresAt of a record stored with ttlMs null');
+
+        const unstored: IdempotencyRecord = {
+          fingerprint: OTHER_FINGERPRINT,
+          createdAt: 1_000,
+          response: null,
+        };
+        const { key, token } = await lockedKey();
+        assert.equal(await backend.complete(key, token, unstored, TTL_MS), true);
+        const unstoredState = (await op.inspect(key)) as CompletedKeyState;
+        assert.equal(unstoredState?.state, 'completed');
+        assert.equal(unstoredState.fingerprint, OTHER_FINGERPRINT);
+        assert.equal(unstoredState.status, null, 'status of a record without its response');
+        assert.equal(unstoredState.storedAt, 1_000, "storedAt is the record's createdAt");
+        assert.equal(unstoredState.size, 0, 'size of a record without its response');
+
+        const empty = await completedKey(makeRecord(new Uint8Array(0)));
+        const emptyState = (await op.inspect(empty.key)) as CompletedKeyState;
+        assert.equal(emptyState?.status, 201);
+        assert.equal(emptyState.size, 0, 'size of an empty body');
       });
 
-      it('answers undefined once a key is released, its lease lapsed or its record expired', async (testContext) => {
-        const inspect = inspectOf(testContext);
-        if (inspect === undefined) return;
+      it('finds nothing once a lock is released, its lease lapsed or its record expired', async (testContext) => {
+        const op = operator(testContext, 'inspect', 'forget');
+        if (op === undefined) return;
         const backend = current();
         const released = await lockedKey();
         assert.equal(await backend.release(released.key, released.token), true);
-        assert.equal(await inspect(released.key), undefined, 'inspect() of a released key');
+        assert.equal(await op.inspect(released.key), undefined, 'inspect() of a released key');
 
         const lapsed = newKey();
         expectAcquired(await backend.acquire(lapsed, FINGERPRINT, SHORT_LEASE_MS));
         const expired = await completedKey(makeRecord(), SHORT_TTL_MS);
         await sleep(SHORT_TTL_MS + LAPSE_WAIT_MS);
-        assert.equal(await inspect(lapsed), undefined, 'inspect() of a lapsed lease');
-        assert.equal(await inspect(expired.key), undefined, 'inspect() of an expired record');
-      });
-
-      it('does not change the key: a lock stays held and a record stays replayable', async (testContext) => {
-        const inspect = inspectOf(testContext);
-        if (inspect === undefined) return;
-        const backend = current();
-        const locked = await lockedKey();
-        await inspect(locked.key);
-        expectInFlight(await backend.acquire(locked.key, FINGERPRINT, LONG_LEASE_MS));
-        const completed = await completedKey();
-        await inspect(completed.key);
-        expectCompletedWith(
-          await backend.acquire(completed.key, FINGERPRINT, LONG_LEASE_MS),
-          completed.record,
+        assert.equal(await op.inspect(lapsed), undefined, 'inspect() of a lapsed lease');
+        assert.equal(await op.inspect(expired.key), undefined, 'inspect() of an expired record');
+        // What forget() answers for an expired record is left open (see the top of this file); the key is free.
+        await op.forget(expired.key, true);
+        assert.equal(
+          await op.inspect(expired.key),
+          undefined,
+          'inspect() after forget() of an expired record',
         );
+        expectAcquired(await backend.acquire(expired.key, FINGERPRINT, LONG_LEASE_MS));
       });
-    });
 
-    describe('forget (optional)', () => {
-      /** The backend's `forget`, or `undefined` after skipping the test when it has none. */
-      function forgetOf(
-        testContext: unknown,
-      ): ((key: string, force: boolean) => Promise<boolean>) | undefined {
-        const backend = current();
-        if (typeof backend.forget !== 'function') {
-          skipTest(testContext, 'the backend has no forget()');
-          return undefined;
-        }
-        return async (key, force) => backend.forget!(key, force);
-      }
+      it('changes nothing by inspecting: a lock stays held', async (testContext) => {
+        const op = operator(testContext, 'inspect');
+        if (op === undefined) return;
+        const { key, token } = await lockedKey();
+        await op.inspect(key);
+        expectInFlight(await current().acquire(key, FINGERPRINT, LONG_LEASE_MS));
+        assert.equal(await current().release(key, token), true, 'the holder still holds the key');
+      });
 
-      it('deletes a completed record, so the next acquire wins and runs again', async (testContext) => {
-        const forget = forgetOf(testContext);
-        if (forget === undefined) return;
+      it('forgets a completed key, so that the next acquire runs again', async (testContext) => {
+        const op = operator(testContext, 'inspect', 'forget');
+        if (op === undefined) return;
         const { key } = await completedKey();
-        assert.equal(await forget(key, false), true, 'forget() of a completed key');
-        expectAcquired(await current().acquire(key, FINGERPRINT, LONG_LEASE_MS));
+        assert.equal(await op.forget(key), true, 'forget() of a completed key');
+        assert.equal(await op.inspect(key), undefined, 'inspect() of a forgotten key');
+        assert.equal(await op.forget(key), false, 'a second forget()');
+        expectAcquired(await current().acquire(key, OTHER_FINGERPRINT, LONG_LEASE_MS));
       });
 
-      it('answers false for a key that holds nothing', async (testContext) => {
-        const forget = forgetOf(testContext);
-        if (forget === undefined) return;
-        assert.equal(await forget(newKey(), false), false);
-        assert.equal(await forget(newKey(), true), false);
-      });
-
-      it('refuses a lock still held unless forced, and a forced forget fences its holder out', async (testContext) => {
-        const forget = forgetOf(testContext);
-        if (forget === undefined) return;
+      it('refuses to forget a lock unless forced, and a forced forget fences its holder out', async (testContext) => {
+        const op = operator(testContext, 'inspect', 'forget');
+        if (op === undefined) return;
         const backend = current();
         const { key, token } = await lockedKey();
-        assert.equal(await forget(key, false), false, 'forget() of a held lock without force');
+        assert.equal(await op.forget(key), false, 'forget() of a held lock without force');
         expectInFlight(await backend.acquire(key, FINGERPRINT, LONG_LEASE_MS));
-        assert.equal(await forget(key, true), true, 'forget() of a held lock with force');
-        const next = expectAcquired(await backend.acquire(key, FINGERPRINT, LONG_LEASE_MS));
+        assert.equal(await op.forget(key, true), true, 'forget() of a held lock with force');
+        assert.equal(await op.inspect(key), undefined, 'inspect() after a forced forget()');
+        // The holder's late store is refused, and the key is free for the next request.
         assert.equal(
           await backend.complete(key, token, makeRecord(), TTL_MS),
           false,
-          'the old holder’s complete()',
+          "the old holder's complete()",
         );
-        assert.equal(await backend.release(key, next), true, 'the new holder still holds the key');
+        expectAcquired(await backend.acquire(key, FINGERPRINT, LONG_LEASE_MS));
       });
 
-      it('deletes only the key it is given', async (testContext) => {
-        const forget = forgetOf(testContext);
-        if (forget === undefined) return;
+      it('lets exactly one of 20 parallel forgets of one record delete it', async (testContext) => {
+        if (operator(testContext, 'forget') === undefined) return;
+        const { key } = await completedKey();
+        const all = instances().filter((instance) => typeof instance.forget === 'function');
+        const results = await Promise.all(
+          Array.from({ length: 20 }, async (_, i) => all[i % all.length]!.forget!(key, false)),
+        );
+        assert.equal(results.filter(Boolean).length, 1, 'forgets that answered true');
+      });
+
+      it('forgets only the key it is given', async (testContext) => {
+        const op = operator(testContext, 'forget');
+        if (op === undefined) return;
         const backend = current();
         const base = newKey();
-        const neighbours = [`${base}:`, `${base}:a`, `${base.slice(0, -1)}`];
-        const stored = [];
-        for (const key of [base, ...neighbours]) {
+        const stored: { key: string; record: IdempotencyRecord }[] = [];
+        for (const key of [base, `${base}:`, `${base}:a`, base.slice(0, -1)]) {
           const token = expectAcquired(await backend.acquire(key, FINGERPRINT, LONG_LEASE_MS));
           const record = makeRecord(Buffer.from(JSON.stringify({ key })));
           assert.equal(await backend.complete(key, token, record, TTL_MS), true);
           stored.push({ key, record });
         }
-        assert.equal(await forget(base, true), true);
+        assert.equal(await op.forget(base, true), true);
         expectAcquired(await backend.acquire(base, FINGERPRINT, LONG_LEASE_MS));
         for (const { key, record } of stored.slice(1)) {
           expectCompletedWith(await backend.acquire(key, FINGERPRINT, LONG_LEASE_MS), record);
         }
+      });
+
+      it('reaches keys by scope through inspectKey and forgetKey, and keeps scopes apart', async (testContext) => {
+        if (operator(testContext, 'inspect', 'forget') === undefined) return;
+        const backend = current();
+        const key = randomUUID();
+        const tenantA = storageKeyOf(key, 'tenant-a');
+        const token = expectAcquired(await backend.acquire(tenantA, FINGERPRINT, LONG_LEASE_MS));
+        assert.equal(await backend.complete(tenantA, token, makeRecord(), TTL_MS), true);
+        expectAcquired(await backend.acquire(storageKeyOf(key, 'tenant-b'), FINGERPRINT, LONG_LEASE_MS));
+
+        assert.equal((await inspectKey(backend, key, { scope: 'tenant-a' }))?.state, 'completed');
+        assert.equal((await inspectKey(backend, key, { scope: 'tenant-b' }))?.state, 'in-flight');
+        assert.equal(await inspectKey(backend, key), undefined, 'the key without a scope');
+
+        assert.deepEqual(await forgetKey(backend, key, { scope: 'tenant-b' }), {
+          forgotten: false,
+          reason: 'in-flight',
+        });
+        const forgotten = await forgetKey(backend, key, { scope: 'tenant-a' });
+        assert.equal(forgotten.forgotten, true, `forgetKey() of tenant-a, got ${show(forgotten)}`);
+        if (forgotten.forgotten) {
+          assert.equal(forgotten.was.state, 'completed');
+          assert.equal((forgotten.was as CompletedKeyState).status, 201);
+        }
+        assert.deepEqual(await forgetKey(backend, key, { scope: 'tenant-a' }), {
+          forgotten: false,
+          reason: 'not-found',
+        });
+        assert.equal((await forgetKey(backend, key, { scope: 'tenant-b', force: true })).forgotten, true);
       });
     });
   });

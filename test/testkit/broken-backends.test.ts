@@ -108,7 +108,7 @@ const DEFECTS: [description: string, flaws: Flaws, mustFail: string[]][] = [
     'forget deletes a running request’s lock without force',
     { forgetIgnoresForce: true },
     [
-      'forget (optional) > refuses a lock still held unless forced, and a forced forget fences its holder out',
+      'inspect and forget (optional operator API) > refuses to forget a lock unless forced, and a forced forget fences its holder out',
     ],
   ],
 ];
