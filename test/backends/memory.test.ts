@@ -15,6 +15,7 @@ describeBackendContract(
     return { backend, teardown: () => backend.close() };
   },
   { describe, it, beforeAll, afterAll },
+  { requires: ['inspect', 'forget'] },
 );
 
 const FINGERPRINT = 'f'.repeat(64);

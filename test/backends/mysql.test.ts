@@ -62,6 +62,8 @@ async function rowCount(pool: Pool, table: string): Promise<number> {
 
 describe.runIf(mysqlUp)('MysqlBackend', () => {
   const contractTest = { describe, it, beforeAll, afterAll };
+  /** Every backend of this project has the operator methods: their cases must run, never be skipped. */
+  const contractOptions = { requires: ['inspect', 'forget'] } as const;
 
   describeBackendContract(
     'MysqlBackend',
@@ -80,6 +82,7 @@ describe.runIf(mysqlUp)('MysqlBackend', () => {
       };
     },
     contractTest,
+    contractOptions,
   );
 
   describeBackendContract(
@@ -96,6 +99,7 @@ describe.runIf(mysqlUp)('MysqlBackend', () => {
       };
     },
     contractTest,
+    contractOptions,
   );
 
   describeBackendContract(
@@ -112,6 +116,7 @@ describe.runIf(mysqlUp)('MysqlBackend', () => {
       };
     },
     contractTest,
+    contractOptions,
   );
 
   describe('on the shared server', () => {

@@ -80,6 +80,7 @@ describe.runIf(postgresUp)('PostgresBackend', () => {
       };
     },
     { describe, it, beforeAll, afterAll },
+    { requires: ['inspect', 'forget'] },
   );
 
   describe('on the shared server', () => {

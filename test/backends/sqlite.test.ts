@@ -107,6 +107,8 @@ describe.runIf(sqliteLoads)('SqliteBackend', () => {
   });
 
   const contractTest = { describe, it, beforeAll, afterAll };
+  /** Every backend of this project has the operator methods: their cases must run, never be skipped. */
+  const contractOptions = { requires: ['inspect', 'forget'] } as const;
 
   describeBackendContract(
     'SqliteBackend with a Database',
@@ -120,6 +122,7 @@ describe.runIf(sqliteLoads)('SqliteBackend', () => {
       };
     },
     contractTest,
+    contractOptions,
   );
 
   describeBackendContract(
@@ -139,6 +142,7 @@ describe.runIf(sqliteLoads)('SqliteBackend', () => {
       };
     },
     contractTest,
+    contractOptions,
   );
 
   describe('opening', () => {

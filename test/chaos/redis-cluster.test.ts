@@ -123,6 +123,7 @@ describe.runIf(enabled)('chaos: RedisBackend on a 3-master Redis Cluster', () =>
       return { backend: new RedisBackend({ redis: cluster, prefix: prefixes.ioredis }) };
     },
     { describe, it, beforeAll, afterAll },
+    { requires: ['inspect', 'forget'] },
   );
 
   describeBackendContract(
@@ -135,6 +136,7 @@ describe.runIf(enabled)('chaos: RedisBackend on a 3-master Redis Cluster', () =>
       return { backend: new RedisBackend({ redis: cluster, prefix: prefixes['node-redis'] }) };
     },
     { describe, it, beforeAll, afterAll },
+    { requires: ['inspect', 'forget'] },
   );
 
   it('spread the contract’s keys over every master', async () => {
