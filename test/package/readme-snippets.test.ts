@@ -18,7 +18,7 @@ import { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, it } from 'vitest';
 import { REDIS_URL, requireRedis } from '../support/redis.js';
 import { freePort } from '../support/redis-server.js';
-import { accepts, expectReplay, serve, stopGroup, waitFor } from '../support/served-process.js';
+import { accepts, expectReplay, quote, serve, stopGroup, waitFor } from '../support/served-process.js';
 import { REPO_ROOT } from './fixtures/build.js';
 import { type ConsumerProject, createConsumerProject } from './fixtures/consumer-project.js';
 
@@ -138,7 +138,7 @@ async function runSnippet(file: string, source: string, packages: string[], runt
     );
     return await expectReplay(`http://127.0.0.1:${port}/orders`);
   } catch (error) {
-    (error as Error).message += `\n--- ${file} ---\n${source}--- output ---\n${served.output()}`;
+    (error as Error).message += `\n${file}:\n${quote(source)}\noutput:\n${quote(served.output())}`;
     throw error;
   } finally {
     stopGroup(served, 'SIGTERM');

@@ -4,6 +4,7 @@
  */
 import { type ChildProcess, spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
+import { readdirSync, readFileSync } from 'node:fs';
 import { connect } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { expect } from 'vitest';
@@ -35,11 +36,45 @@ export function serve(command: string, args: string[], options: { cwd: string; e
   return { child, output: () => output, exited } satisfies ServedProcess;
 }
 
+/**
+ * A child's output or source for an error message, each line behind a bar: vitest reads `at …` lines in a message
+ * as stack frames of the test and fails parsing the child's files for source maps.
+ */
+export function quote(text: string): string {
+  // The last lines, each cut short: a crash prints the minified source line it happened on, 100 kB long.
+  return text
+    .split('\n')
+    .slice(-60)
+    .map((line) => `│ ${line.length > 300 ? `${line.slice(0, 300)}…` : line}`)
+    .join('\n');
+}
+
 /** Sends `signal` to the process group; ignores a group that is already gone. */
 export function stopGroup(served: ServedProcess, signal: NodeJS.Signals): void {
   try {
     process.kill(-served.child.pid!, signal);
   } catch {}
+}
+
+/**
+ * The processes of the group that have not exited, read from /proc (Linux). Zombies do not count: a process
+ * orphaned when `npm` exits first is reaped by init, which in a container may never happen.
+ */
+export function liveInGroup(pgid: number): number[] {
+  const live: number[] = [];
+  for (const entry of readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue;
+    let stat: string;
+    try {
+      stat = readFileSync(`/proc/${entry}/stat`, 'utf8');
+    } catch {
+      continue;
+    }
+    // pid (comm) state ppid pgrp …; comm may hold spaces and parentheses, so read after its last ')'.
+    const [state, , pgrp] = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    if (Number(pgrp) === pgid && state !== 'Z') live.push(Number(entry));
+  }
+  return live;
 }
 
 /** Waits until `test()` returns a value, failing early (with the output) if the process exits first. */
@@ -57,8 +92,32 @@ export async function waitFor<T>(
   for (;;) {
     const value = await test();
     if (value !== undefined) return value;
-    if (exit !== undefined) throw new Error(`exited (${exit}) before ${what}:\n${served.output()}`);
-    if (Date.now() > deadline) throw new Error(`no ${what} within ${timeoutMs} ms:\n${served.output()}`);
+    if (exit !== undefined) throw new Error(`exited (${exit}) before ${what}:\n${quote(served.output())}`);
+    if (Date.now() > deadline)
+      throw new Error(`no ${what} within ${timeoutMs} ms:\n${quote(served.output())}`);
+    await sleep(50);
+  }
+}
+
+/**
+ * Sends SIGTERM to the whole process group, as a terminal's Ctrl-C or a supervisor stopping a service does, and
+ * waits until none of its processes is left; SIGKILLs what remains after `timeoutMs` and throws. (SIGTERM to
+ * `npm` alone is not enough: npm exits at once and leaves the server running, orphaned.)
+ */
+export async function stopsOnSigterm(served: ServedProcess, timeoutMs = 10_000): Promise<void> {
+  const pgid = served.child.pid!;
+  stopGroup(served, 'SIGTERM');
+  const deadline = Date.now() + timeoutMs;
+  while (liveInGroup(pgid).length > 0) {
+    if (Date.now() > deadline) {
+      const left = liveInGroup(pgid).map((pid) =>
+        readFileSync(`/proc/${pid}/cmdline`, 'utf8').replace(/\0/g, ' '),
+      );
+      stopGroup(served, 'SIGKILL');
+      throw new Error(
+        `still running ${timeoutMs} ms after SIGTERM: ${left.join('; ')}\n${quote(served.output())}`,
+      );
+    }
     await sleep(50);
   }
 }
