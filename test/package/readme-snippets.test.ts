@@ -9,11 +9,15 @@
  * snippet (later blocks, such as Express's `idempotencyOf` example, are fragments of the first). It runs with tsx,
  * except the fetch handler, which exports `{ fetch }` instead of listening: that form is served as written by Bun
  * (one of the runtimes the section names, and which reads `PORT` for it). The RedisBackend snippets are fragments
- * (`app.use(...)`) and run inside {@link wrapExpressFragment}.
+ * (`app.use(...)`) and run inside {@link wrapExpressFragment}. All of them are also type-checked, as TypeScript
+ * users paste them: with the strict settings `tsc --init` writes, the `@types/` packages of what they import and
+ * `@types/node`.
  */
+import { execFile } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { promisify } from 'node:util';
 import { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, it } from 'vitest';
 import { REDIS_URL, requireRedis } from '../support/redis.js';
@@ -109,6 +113,8 @@ function wrapExpressFragment(fragment: string): string {
 const slug = (heading: string) => heading.toLowerCase().replace(/[^a-z0-9]+/g, '-');
 const TSX = join(REPO_ROOT, 'node_modules', '.bin', 'tsx');
 const BUN = join(REPO_ROOT, 'node_modules', '.bin', 'bun');
+const TSC = join(REPO_ROOT, 'node_modules', '.bin', 'tsc');
+const exec = promisify(execFile);
 
 let project: ConsumerProject | undefined;
 
@@ -149,6 +155,44 @@ async function runSnippet(file: string, source: string, packages: string[], runt
 }
 
 const quickStart = sectionsOf(README, 'Quick start');
+const redisSnippets = sectionsOf(README, 'Backends').find((section) => section.heading === 'RedisBackend');
+
+/** The `@types/` package for `name`, when the repository has one: what a TypeScript user installs beside it. */
+function typesFor(name: string): string[] {
+  const types = `@types/${name.startsWith('@') ? name.slice(1).replace('/', '__') : name}`;
+  return existsSync(join(REPO_ROOT, 'node_modules', types)) ? [types] : [];
+}
+
+describe('README snippets in a fresh TypeScript project', () => {
+  it('type-check as written, with the settings `tsc --init` writes', async ({ expect }) => {
+    const dir = join(project!.dir, 'typecheck');
+    mkdirSync(dir);
+    const files: [string, Section, string][] = [
+      ...quickStart.map((section): [string, Section, string] => [
+        slug(section.heading),
+        section,
+        section.code[0]!,
+      ]),
+      ...(redisSnippets?.code ?? []).map((code, index): [string, Section, string] => [
+        `redis-${index + 1}`,
+        redisSnippets!,
+        wrapExpressFragment(code),
+      ]),
+    ];
+    for (const [name, section, source] of files) {
+      const packages = packagesFor(section, source);
+      project!.link([...packages, ...packages.flatMap(typesFor), '@types/node']);
+      writeFileSync(join(dir, `${name}.ts`), source);
+    }
+    await exec(TSC, ['--init'], { cwd: dir });
+    // `tsc --init` leaves `types` empty, with a comment asking to add "node" in a Node.js project.
+    const result = await exec(TSC, ['-p', '.', '--noEmit', '--types', 'node'], {
+      cwd: dir,
+      timeout: 60_000,
+    }).catch((error: { stdout: string }) => error);
+    expect(result.stdout).toBe('');
+  }, 60_000);
+});
 
 describe.concurrent('README Quick start, pasted into a fresh project', () => {
   it('has a section per adapter, each with a snippet', ({ expect }) => {
@@ -173,7 +217,6 @@ describe.concurrent('README Quick start, pasted into a fresh project', () => {
 });
 
 const redisUp = await requireRedis('README RedisBackend snippets');
-const redisSnippets = sectionsOf(README, 'Backends').find((section) => section.heading === 'RedisBackend');
 
 describe.runIf(redisUp).concurrent('README RedisBackend snippets, inside the Express Quick start', () => {
   const client = redisUp ? new Redis(REDIS_URL, { lazyConnect: true }) : undefined;
