@@ -3,8 +3,11 @@
  * `describeBackendContract`, against MemoryBackend and real Redis, from the sources (through tsx) and from the
  * build (importing the package by its name, as a user's test file does). The TAP report must count every case of
  * the suite, none failing; and on a backend whose complete() is not fenced by its token, the fencing cases fail.
+ * The README's node:test snippet runs as written, too.
  */
 import { execFile } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
+import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { beforeAll, describe, expect, it } from 'vitest';
@@ -50,9 +53,9 @@ interface TapReport {
   output: string;
 }
 
-/** Runs the fixture under `node --test` with the TAP reporter; a failing run is reported, not thrown. */
-async function nodeTest(from: 'src' | 'dist', backend: string): Promise<TapReport> {
-  const args = [...(from === 'src' ? ['--import', 'tsx'] : []), '--test', '--test-reporter=tap', FIXTURE];
+/** Runs the fixture (or `file`) under `node --test` with the TAP reporter; a failing run is reported, not thrown. */
+async function nodeTest(from: 'src' | 'dist', backend: string, file = FIXTURE): Promise<TapReport> {
+  const args = [...(from === 'src' ? ['--import', 'tsx'] : []), '--test', '--test-reporter=tap', file];
   const env = { ...process.env, TESTKIT_FROM: from, TESTKIT_BACKEND: backend };
   let output: string;
   try {
@@ -127,6 +130,34 @@ describe('the testkit under node:test', () => {
       // Without inspect() and forget(), their cases are skipped, not failed.
       expect(tests.get('finds nothing for a key never used')).toBe('skip');
       expect(tests.get('forgets a completed key, so that the next acquire runs again')).toBe('skip');
+    }, 60_000);
+  });
+
+  describe('the README snippet', () => {
+    beforeAll(ensureBuilt, 180_000);
+
+    it('runs as written under node --test, with MyBackend a MemoryBackend', async () => {
+      const readme = readFileSync(join(REPO_ROOT, 'README.md'), 'utf8');
+      const section = readme.slice(readme.indexOf('### Testing your own backend'));
+      const snippet = /```js\n(\/\/ my-backend\.test\.mjs\n[\s\S]*?)```/.exec(section)?.[1];
+      expect(snippet, 'the node:test snippet of "Testing your own backend"').toBeDefined();
+      // Inside the repository, so that `idempotency-header/testkit` resolves to this package's build.
+      const dir = join(REPO_ROOT, '.tmp', `testkit-readme-${randomUUID()}`);
+      mkdirSync(dir, { recursive: true });
+      try {
+        writeFileSync(
+          join(dir, 'my-backend.js'),
+          "import { MemoryBackend } from 'idempotency-header';\nexport class MyBackend extends MemoryBackend {}\n" +
+            'export async function connect() {}\n',
+        );
+        // `connect()` is the reader's own: the snippet leaves it undeclared.
+        const file = join(dir, 'my-backend.test.mjs');
+        writeFileSync(file, `import { connect } from './my-backend.js';\n${snippet}`);
+        const { summary, output } = await nodeTest('dist', 'memory', file);
+        expect(summary, output).toMatchObject({ tests: registered.count, fail: 0, skipped: 1 });
+      } finally {
+        rmSync(dir, { recursive: true, force: true });
+      }
     }, 60_000);
   });
 });
