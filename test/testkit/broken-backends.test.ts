@@ -162,6 +162,38 @@ describe('the backend contract from the testkit', () => {
     expect(failures(withPeers)).toEqual([RACE]);
   });
 
+  it('skips the operator cases for a backend without inspect and forget, and fails them when requires names them', async () => {
+    /** The toy backend without its optional methods. */
+    const bare = () => {
+      const toy = new ToyBackend();
+      return {
+        acquire: toy.acquire.bind(toy),
+        complete: toy.complete.bind(toy),
+        release: toy.release.bind(toy),
+        renew: toy.renew.bind(toy),
+      };
+    };
+    const operatorCases = (outcomes: TestOutcome[]) =>
+      outcomes.filter((outcome) => outcome.path.includes('(optional operator API)'));
+
+    const skipped = operatorCases(await runContract(() => ({ backend: bare() })));
+    expect(skipped.length).toBeGreaterThanOrEqual(10);
+    expect(skipped.every((outcome) => outcome.status === 'skip')).toBe(true);
+
+    const runner = collectingRunner();
+    describeBackendContract('required', () => ({ backend: bare() }), runner.functions, {
+      requires: ['inspect', 'forget'],
+    });
+    const failed = operatorCases(await runner.run());
+    expect(failed).toHaveLength(skipped.length);
+    for (const outcome of failed) {
+      expect(outcome.status, outcome.path).toBe('fail');
+      expect(String(outcome.error)).toMatch(
+        /the backend has no (inspect|forget)\(\), which options.requires names/,
+      );
+    }
+  });
+
   it('fails every case, naming the cause, when setup throws', async () => {
     const outcomes = await runContract(() => {
       throw new Error('cannot connect');
