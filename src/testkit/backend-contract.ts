@@ -277,10 +277,16 @@ export function describeBackendContract(
   const requires = new Set(options.requires ?? []);
 
   const { describe } = test;
-  const it = test.it as (name: string, body: (context: unknown) => Promise<void>) => unknown;
+  const register = test.it as (name: string, body: (...args: unknown[]) => Promise<void>) => unknown;
   const beforeAll = test.beforeAll ?? test.before;
   const afterAll = test.afterAll ?? test.after;
-  if (typeof describe !== 'function' || typeof it !== 'function') {
+  /**
+   * Registers a test whose body takes no declared parameter (`length` 0): Jest, Bun and Mocha read a body with one
+   * as taking a `done` callback and wait for it. The context a runner passes (vitest, `node:test`) is still handed on.
+   */
+  const it = (name: string, body: (context: unknown) => Promise<void>): unknown =>
+    register(name, (...args: unknown[]) => body(args[0]));
+  if (typeof describe !== 'function' || typeof register !== 'function') {
     throw new TypeError('describeBackendContract: the test functions must include describe and it');
   }
   if (typeof beforeAll !== 'function' || typeof afterAll !== 'function') {

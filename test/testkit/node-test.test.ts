@@ -160,4 +160,34 @@ describe('the testkit under node:test', () => {
       }
     }, 60_000);
   });
+
+  describe('under bun test (the bun:test module handed over as it is)', () => {
+    it('passes every case on MemoryBackend: bodies that take the test context do not read as done callbacks', async () => {
+      const dir = join(REPO_ROOT, '.tmp', `testkit-bun-${randomUUID()}`);
+      mkdirSync(dir, { recursive: true });
+      try {
+        const file = join(dir, 'contract.test.ts');
+        writeFileSync(
+          file,
+          [
+            "import * as bunTest from 'bun:test';",
+            `import { MemoryBackend } from ${JSON.stringify(join(REPO_ROOT, 'src', 'index.ts'))};`,
+            `import { describeBackendContract } from ${JSON.stringify(join(REPO_ROOT, 'src', 'testkit', 'index.ts'))};`,
+            "describeBackendContract('MemoryBackend', () => ({ backend: new MemoryBackend() }), bunTest);",
+            '',
+          ].join('\n'),
+        );
+        const bun = join(REPO_ROOT, 'node_modules', '.bin', 'bun');
+        const output = await run(bun, ['test', file], { cwd: dir, timeout: 60_000 }).then(
+          ({ stdout, stderr }) => stdout + stderr,
+          (error: { stdout?: string; stderr?: string }) => `${error.stdout ?? ''}${error.stderr ?? ''}`,
+        );
+        // Bun has no test context: the peers case passes instead of being skipped.
+        expect(output).toMatch(new RegExp(`^\\s*${registered.count} pass$`, 'm'));
+        expect(output).toMatch(/^\s*0 fail$/m);
+      } finally {
+        rmSync(dir, { recursive: true, force: true });
+      }
+    }, 60_000);
+  });
 });
