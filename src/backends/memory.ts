@@ -224,13 +224,20 @@ export class MemoryBackend implements Backend {
 
   /** Deletes the key's record, and its lock only with `force`: see {@link Backend.forget}. */
   forget(key: string, force: boolean): boolean {
+    const now = Date.now();
     const entry = this.#records.get(key);
     if (entry !== undefined) {
       this.#deleteRecord(key, entry);
-      return true;
+      // An expired record, not yet swept, was no longer held: as on the other backends, nothing was forgotten.
+      return entry.expiresAt > now;
     }
     const lock = this.#locks.get(key);
-    if (lock === undefined || !force) return false;
+    if (lock === undefined) return false;
+    if (lock.leaseEndsAt <= now) {
+      this.#deleteLock(key, lock);
+      return false;
+    }
+    if (!force) return false;
     this.#deleteLock(key, lock);
     this.#wake(key);
     return true;

@@ -8,9 +8,7 @@
  *
  * Deliberately left open: whether a lease that lapsed but that nobody took over still lets its holder complete,
  * release or renew. MemoryBackend says yes (the lock stays until replaced); RedisBackend says no (the lock's key
- * expired with its lease). Both are safe; the engine treats `false` as "lease lost" either way. Likewise whether
- * `forget()` of a record that expired but is still kept answers `true` (MemoryBackend, until its sweep) or `false`
- * (Redis, SQL): `forgetKey()` inspects first and reports such a key not found either way.
+ * expired with its lease). Both are safe; the engine treats `false` as "lease lost" either way.
  */
 import assert from 'node:assert/strict';
 import { randomBytes, randomUUID } from 'node:crypto';
@@ -856,8 +854,9 @@ export function describeBackendContract(
         await sleep(SHORT_TTL_MS + LAPSE_WAIT_MS);
         assert.equal(await op.inspect(lapsed), undefined, 'inspect() of a lapsed lease');
         assert.equal(await op.inspect(expired.key), undefined, 'inspect() of an expired record');
-        // What forget() answers for an expired record is left open (see the top of this file); the key is free.
-        await op.forget(expired.key, true);
+        // Nothing was held any more, even where the expired record is still kept until a sweep.
+        assert.equal(await op.forget(expired.key, true), false, 'forget() of an expired record');
+        assert.equal(await op.forget(lapsed, true), false, 'forget() of a lapsed lock');
         assert.equal(
           await op.inspect(expired.key),
           undefined,

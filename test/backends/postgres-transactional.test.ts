@@ -134,8 +134,8 @@ describe.runIf(postgresUp)('PostgresBackend, transactional mode', () => {
     try {
       const pending = fetch(`${first.url}/payments`, {
         method: 'POST',
-        headers: { 'content-type': 'application/json', 'idempotency-key': key },
-        body: JSON.stringify({ wait: true }),
+        headers: { 'content-type': 'application/json', 'idempotency-key': key, 'x-wait': '1' },
+        body: JSON.stringify({}),
       }).catch(() => 'cut');
       // The row is written inside the transaction, not committed: nobody else sees it.
       for (let i = 0; i < 100 && (await lockHeld(keysTable)) === false; i++) await sleep(20);
