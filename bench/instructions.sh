@@ -5,7 +5,7 @@
 # compiled the request path as a long-running server would have; then counting is switched on for the next N
 # requests, and their total divided by N is the cost of one request. N spans several garbage collections, which
 # come in bursts.
-# Usage: npm run bench:instructions   (needs valgrind; builds first). WARMUP, N and VARIANTS override the defaults.
+# Usage: npm run bench:instructions   (needs valgrind; builds first). WARMUP, N, BASE and VARIANTS override the defaults.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { echo "valgrind is not installed (apt-get install valgrind)" >&2; exit 1; }
@@ -50,9 +50,11 @@ per_request() { # mode
   echo $((total / N))
 }
 
-# VARIANTS: other servers to count beside bare Express, by bench/server.mjs's names (express-redis, fastify, …).
-bare=$(per_request bare)
-echo "instructions per request (first runs, new key each, after $WARMUP warm-up requests, over $N): bare Express $bare"
+# BASE: the server the others are compared with (bare Express); VARIANTS: the others, by bench/server.mjs's names
+# (express-redis, hono-memory, …).
+base=${BASE:-bare}
+bare=$(per_request "$base")
+echo "instructions per request (first runs, new key each, after $WARMUP warm-up requests, over $N): $base $bare"
 for variant in ${VARIANTS:-idempotent}; do
   count=$(per_request "$variant")
   awk -v v="$variant" -v b="$bare" -v i="$count" \
