@@ -18,6 +18,7 @@ import type {
   BackendTransaction,
   HeaderPair,
   IdempotencyRecord,
+  KeyState,
   StoredResponse,
   TransactionalBackend,
 } from './types.js';
@@ -219,6 +220,13 @@ export class IdempotencyEngine<Req = unknown> {
    * locked found its own record, not another request's, and is no lost lease.
    */
   readonly #storedLate = new WeakSet<Ticket>();
+  /**
+   * Requests an attempt of whose store failed (rejected, or timed out): it may have landed with its answer lost
+   * (the backend died or the connection dropped right after running it). A later attempt then finds the key
+   * holding a record instead of the lock and is refused; {@link #ownRecordStored} tells its own record from
+   * another request's.
+   */
+  readonly #storeFailed = new WeakSet<Ticket>();
 
   constructor(options: IdempotencyOptions<Req>, runtime: EngineRuntime = {}) {
     const resolved = resolveOptions(options);
@@ -791,13 +799,42 @@ export class IdempotencyEngine<Req = unknown> {
     held: boolean,
     status: number,
     outcome: IdempotencyOutcome | undefined,
-  ): void {
+  ): Awaitable<void> {
     this.#leases.delete(ticket);
     ticket.backendMs += performance.now() - ticket.writeStartedAt;
     if (outcome === undefined) return;
-    // A release that finds the lock gone is as good as done; a store that does is a lost lease.
+    // A release that finds the lock gone is as good as done; a store that does is a lost lease, unless an earlier
+    // attempt of it landed (its answer lost): then the record there is its own.
     const stored = held || this.#storedLate.has(ticket);
+    if (record !== undefined && !stored && this.#storeFailed.has(ticket)) {
+      const own = this.#ownRecordStored(ticket, record);
+      if (own !== undefined)
+        return own.then((found) => this.#emitFor(ticket, found ? outcome : 'lease-lost', status));
+    }
     this.#emitFor(ticket, record === undefined || stored ? outcome : 'lease-lost', status);
+  }
+
+  /**
+   * Whether the key holds this request's own record (same fingerprint, same `createdAt`), looked up with the
+   * backend's optional `inspect`, bounded by `backendTimeout`; `undefined` when the backend cannot tell. Never
+   * rejects.
+   */
+  #ownRecordStored(ticket: Ticket, record: IdempotencyRecord): Promise<boolean> | undefined {
+    const { backend } = this.options;
+    if (backend.inspect === undefined) return undefined;
+    let state: Awaitable<KeyState | undefined>;
+    try {
+      state = backend.inspect(ticket.storageKey);
+    } catch {
+      return Promise.resolve(false);
+    }
+    return this.#bounded(Promise.resolve(state)).then(
+      (found) =>
+        found?.state === 'completed' &&
+        found.fingerprint === record.fingerprint &&
+        found.storedAt === record.createdAt,
+      () => false,
+    );
   }
 
   /** Notes a store that answered `true` after it timed out (see {@link #storedLate}). */
@@ -815,6 +852,7 @@ export class IdempotencyEngine<Req = unknown> {
     retry: number,
     error: unknown,
   ): Awaitable<void> {
+    if (record !== undefined) this.#storeFailed.add(ticket);
     // A write that did not answer within backendTimeout is not retried while the response waits: the backend is
     // hung, a new attempt would queue behind the first and wait as long, and the response would wait for each.
     if (retry < RETRY_DELAYS_MS.length && !isTimeout(error)) {

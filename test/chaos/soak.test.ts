@@ -34,7 +34,7 @@ import {
 } from '../support/sql.js';
 import { max, percentile, report, size } from './support/chaos.js';
 import { createLedger, type Ledger } from './support/ledger.js';
-import { type Fault, type LoadResult, runLoad } from './support/load.js';
+import { type Fault, type LoadResult, runLoad, type SentRequest } from './support/load.js';
 
 const redisServer = requireRedisServer('Chaos soak on Redis');
 const postgresUp = await requirePostgres('Chaos soak on PostgreSQL');
@@ -98,6 +98,21 @@ async function judge(name: string, result: LoadResult, ledger: Ledger, children:
   );
   const done = result.operations.filter((op) => op.done);
   const outcomes = await statsOf(children);
+  // The retries the run is about: the same key resent after its client gave up on it, and after a 409 or a 503.
+  const resentAfter = (gaveUp: (request: SentRequest) => boolean) => {
+    const keys = new Set<string>();
+    const pending = new Set<string>();
+    for (const request of [...result.requests].sort((a, b) => a.sentAtMs - b.sentAtMs)) {
+      if (pending.has(request.key)) keys.add(request.key);
+      if (gaveUp(request)) pending.add(request.key);
+    }
+    return keys.size;
+  };
+  const resentAfterTimeout = resentAfter((request) => request.kind === 'timeout');
+  const resentAfterRefusal = resentAfter(
+    (request) => request.kind === 'answer' && (request.status === 409 || request.status === 503),
+  );
+  const totalExecutions = [...executions.values()].reduce((sum, runs) => sum + runs.length, 0);
 
   report(`backend fault under load: ${name}`, {
     processes: children.length,
@@ -109,13 +124,15 @@ async function judge(name: string, result: LoadResult, ledger: Ledger, children:
     requests: result.requests.length,
     'logical requests (keys)': result.operations.length,
     'keys answered 2xx': done.length,
-    executions: [...executions.values()].reduce((sum, runs) => sum + runs.length, 0),
+    executions: totalExecutions,
     'duplicate executions': duplicates.length,
     answers: Object.entries(statuses)
       .sort()
       .map(([label, count]) => `${label}: ${count}`)
       .join(', '),
     'client timeouts (impatient clients)': statuses.timeout ?? 0,
+    'keys resent after a client timeout': resentAfterTimeout,
+    'keys resent after a 409 or 503': resentAfterRefusal,
     'wait, median': { ms: percentile(waits, 50) },
     'wait, p99': { ms: percentile(waits, 99) },
     'wait, max': { ms: max(waits) },
@@ -154,8 +171,16 @@ async function judge(name: string, result: LoadResult, ledger: Ledger, children:
   // Nothing ran that no client asked for.
   const asked = new Set(result.operations.map((op) => op.key));
   expect([...executions.keys()].filter((key) => !asked.has(key))).toEqual([]);
-  // The replays happened, and so did the faults' 503s: the run tested what it claims to.
+  // The run tested what it claims to: replays happened, and keys were resent after client timeouts and after
+  // 409s or 503s.
   expect(result.requests.some((request) => request.replayed)).toBe(true);
+  expect(resentAfterTimeout).toBeGreaterThan(0);
+  expect(resentAfterRefusal).toBeGreaterThan(0);
+  // Every execution was stored and reported as such through onEvent: the outages were far shorter than the lease,
+  // so no store may be lost or misreported (a store that landed with its answer lost once showed as lease-lost).
+  expect(outcomes['lease-lost'] ?? 0).toBe(0);
+  expect(outcomes['store-failed'] ?? 0).toBe(0);
+  expect(outcomes.executed ?? 0).toBe(totalExecutions);
 }
 
 const faultTimes = FAULTS_AT.map((fraction) => Math.round(SOAK_MS * fraction));
