@@ -177,6 +177,8 @@ describe.runIf(redisUp)('chaos: processes that crash or run long (Express on Red
 
       // 409 until the lease ran out, then one run, in B; every later request replays it.
       expect(success.answer.status).toBe(201);
+      // Not before the lease the dead process held ran out (the PTTL was read just before the kill), nor long after.
+      expect(lapsedAfterMs).toBeGreaterThanOrEqual(pttlAtKill - 250);
       expect(lapsedAfterMs).toBeLessThanOrEqual(pttlAtKill + POLL_MS + 1000);
       const { answer: honoured, at: honouredAt } = await honouring;
       expect(honoured.status).toBe(201);

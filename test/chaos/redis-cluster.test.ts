@@ -1,7 +1,8 @@
 /**
  * RedisBackend on a real Redis Cluster of three masters, started by the test on loopback ports
  * (`redis-server --cluster-enabled yes` three times, joined by `redis-cli --cluster create`), passes the backend
- * contract with an ioredis `Cluster` and a node-redis cluster client. Every step touches one key, so the keys of
+ * contract with an ioredis `Cluster` and a node-redis cluster client (each with a second client of its kind as the
+ * contract's peer, as a second process would be). Every step touches one key, so the keys of
  * the run land on all three masters and each step runs where its key lives.
  */
 import { execFile } from 'node:child_process';
@@ -112,15 +113,24 @@ describe.runIf(enabled)('chaos: RedisBackend on a 3-master Redis Cluster', () =>
   describeBackendContract(
     'RedisBackend with an ioredis Cluster of 3 masters',
     async () => {
-      const cluster = new Cluster(
-        servers.map((server) => ({ host: '127.0.0.1', port: server.port })),
-        { redisOptions: { maxRetriesPerRequest: 2 } },
+      // Two clients, as two processes would have: the second one's backend is the contract's peer.
+      const [cluster, peer] = await Promise.all(
+        [0, 1].map(async () => {
+          const client = new Cluster(
+            servers.map((server) => ({ host: '127.0.0.1', port: server.port })),
+            { redisOptions: { maxRetriesPerRequest: 2 } },
+          );
+          client.on('error', () => {});
+          await client.ping();
+          clusterClients.push({ close: () => client.disconnect() });
+          return client;
+        }),
       );
-      cluster.on('error', () => {});
-      await cluster.ping();
-      clusterClients.push({ close: () => cluster.disconnect() });
       // Keys are left for the spread check below; the servers go with the run.
-      return { backend: new RedisBackend({ redis: cluster, prefix: prefixes.ioredis }) };
+      return {
+        backend: new RedisBackend({ redis: cluster!, prefix: prefixes.ioredis }),
+        peers: [new RedisBackend({ redis: peer!, prefix: prefixes.ioredis })],
+      };
     },
     { describe, it, beforeAll, afterAll },
     { requires: ['inspect', 'forget'] },
@@ -129,11 +139,19 @@ describe.runIf(enabled)('chaos: RedisBackend on a 3-master Redis Cluster', () =>
   describeBackendContract(
     'RedisBackend with a node-redis cluster of 3 masters',
     async () => {
-      const cluster = createCluster({ rootNodes: servers.map((server) => ({ url: server.url })) });
-      cluster.on('error', () => {});
-      await cluster.connect();
-      clusterClients.push({ close: () => cluster.close() });
-      return { backend: new RedisBackend({ redis: cluster, prefix: prefixes['node-redis'] }) };
+      const [cluster, peer] = await Promise.all(
+        [0, 1].map(async () => {
+          const client = createCluster({ rootNodes: servers.map((server) => ({ url: server.url })) });
+          client.on('error', () => {});
+          await client.connect();
+          clusterClients.push({ close: () => client.close() });
+          return client;
+        }),
+      );
+      return {
+        backend: new RedisBackend({ redis: cluster!, prefix: prefixes['node-redis'] }),
+        peers: [new RedisBackend({ redis: peer!, prefix: prefixes['node-redis'] })],
+      };
     },
     { describe, it, beforeAll, afterAll },
     { requires: ['inspect', 'forget'] },

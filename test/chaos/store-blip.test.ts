@@ -221,16 +221,19 @@ describe.runIf(enabled)(
         expect(storedAfterMs).toBeLessThan(LONG_LOCK_S * 1000 - 3_000);
 
         // Reported once, as executed: the background store succeeded.
-        await waitFor(
-          'the outcome event',
-          () => (app.events.some((e) => e.keyHash === keyHash(key)) ? true : undefined),
-          5_000,
-        );
-        const mine = app.events.slice(before).filter((event) => event.keyHash === keyHash(key));
-        const terminal = mine.filter(
-          (event) =>
-            event.outcome !== 'conflict' && event.outcome !== 'replayed' && event.outcome !== 'backend-error',
-        );
+        const terminalOf = () =>
+          app.events
+            .slice(before)
+            .filter(
+              (event) =>
+                event.keyHash === keyHash(key) &&
+                event.outcome !== 'conflict' &&
+                event.outcome !== 'replayed' &&
+                event.outcome !== 'backend-error',
+            );
+        await waitFor('the outcome event', () => (terminalOf().length > 0 ? true : undefined), 5_000);
+        await sleep(200);
+        const terminal = terminalOf();
         expect(terminal.map(({ outcome, status }) => ({ outcome, status }))).toEqual([
           { outcome: 'executed', status: 201 },
         ]);
@@ -299,6 +302,15 @@ describe.runIf(enabled)(
         );
         expect(failed.status).toBe(201);
         const reportedAfterMs = performance.now() - stoppedAt;
+        // Reported once, and as nothing else: not as executed, not as a lost lease.
+        const firstRun = app.events
+          .slice(before)
+          .filter(
+            (event) =>
+              event.keyHash === keyHash(key) &&
+              !['conflict', 'replayed', 'backend-error'].includes(event.outcome),
+          );
+        expect(firstRun.map(({ outcome, status }) => `${outcome} ${status}`)).toEqual(['store-failed 201']);
         // The lease was last renewed before Redis died: it has lapsed, inside Redis, by now.
         await sleep(Math.max(0, SHORT_LOCK_S * 1000 - (performance.now() - stoppedAt)));
         await server.start();
