@@ -9,6 +9,7 @@ export const entries = {
   hono: 'src/adapters/hono.ts',
   koa: 'src/adapters/koa.ts',
   fetch: 'src/adapters/fetch.ts',
+  nestjs: 'src/adapters/nestjs.ts',
   redis: 'src/backends/redis.ts',
   postgres: 'src/backends/postgres.ts',
   mysql: 'src/backends/mysql.ts',

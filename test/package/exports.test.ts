@@ -37,6 +37,7 @@ const PROMISED: Record<string, string[]> = {
   './hono': ['idempotencyHeader'],
   './koa': ['idempotencyHeader'],
   './fetch': ['withIdempotency', 'idempotencyOf'],
+  './nestjs': ['IdempotencyModule', 'IdempotencyInterceptor', 'Idempotent', 'idempotencyOf'],
   './redis': ['RedisBackend'],
   './postgres': ['PostgresBackend', 'postgresSchema'],
   './mysql': ['MysqlBackend', 'mysqlSchema'],
