@@ -59,7 +59,7 @@ export function idempotencyHeader(options: HonoIdempotencyOptions): MiddlewareHa
     const method = c.req.method;
     if (!engine.handles(method)) return next();
     const startedAt = performance.now();
-    const key = engine.readKey(method, c.req.raw.headers.get(engine.headerName));
+    const key = engine.readKey(method, requestHeader(c, engine.headerName));
     if (key === undefined) return next();
     if (typeof key !== 'string') return reply(c, key);
     let body: Uint8Array | undefined;
@@ -73,13 +73,11 @@ export function idempotencyHeader(options: HonoIdempotencyOptions): MiddlewareHa
     if (result.kind === 'reply') return reply(c, result);
     const before = headersSetBefore(c);
     c.set('idempotency', result);
-    const signal = c.req.raw.signal;
-    const clientLeft = () => engine.clientLeft(result);
-    signal?.addEventListener('abort', clientLeft, { once: true });
+    const unwatch = watchClient(c, () => engine.clientLeft(result));
     try {
       await next();
     } finally {
-      signal?.removeEventListener('abort', clientLeft);
+      unwatch();
     }
     // A handler that threw comes back as `c.error`, its response the app's `onError` answer: sent as it is.
     if (c.error !== undefined) return void (await engine.fail(result));
@@ -90,6 +88,63 @@ export function idempotencyHeader(options: HonoIdempotencyOptions): MiddlewareHa
     c.res = undefined;
     c.res = sent;
   };
+}
+
+/** What `@hono/node-server` puts in `c.env.incoming`: the `node:http` request, seen by its shape only. */
+interface NodeRequest {
+  readonly headers: Record<string, string | string[] | undefined>;
+  readonly headersDistinct: Record<string, string[] | undefined>;
+}
+
+/**
+ * A request header (`name` in lower case) as `readKey` takes it. On `@hono/node-server` from the `node:http`
+ * request's own headers: `c.req.raw.headers` there builds a `Headers` from them on first use, a cost a handler
+ * that reads no header never pays. Node.js joins repeated lines with `, `: a value with a comma is read line by
+ * line, as `Headers` cannot.
+ */
+function requestHeader(c: Context, name: string): string | string[] | undefined {
+  const incoming = (c.env as { incoming?: Partial<NodeRequest> } | undefined)?.incoming;
+  const headers = incoming?.headers;
+  if (typeof headers !== 'object' || headers === null) return c.req.raw.headers.get(name) ?? undefined;
+  const value = headers[name];
+  if (typeof value !== 'string' || !value.includes(',')) return value;
+  return incoming?.headersDistinct?.[name] ?? value;
+}
+
+/** What `@hono/node-server` puts in `c.env.outgoing`: the `node:http` response, seen by its shape only. */
+interface NodeResponse {
+  readonly writableFinished: boolean;
+  once(event: 'close', listener: () => void): unknown;
+  removeListener(event: 'close', listener: () => void): unknown;
+}
+
+function isNodeResponse(value: unknown): value is NodeResponse {
+  return (
+    typeof value === 'object' &&
+    value !== null &&
+    typeof (value as NodeResponse).once === 'function' &&
+    typeof (value as NodeResponse).removeListener === 'function' &&
+    typeof (value as NodeResponse).writableFinished === 'boolean'
+  );
+}
+
+/**
+ * Calls `left` if the client goes away while the handler runs; returns what stops watching. On
+ * `@hono/node-server` through its `node:http` response: reading `c.req.raw.signal` there builds an
+ * `AbortController` for every request, which costs more than the rest of a replay. Elsewhere the request's signal.
+ */
+function watchClient(c: Context, left: () => void): () => void {
+  const outgoing = (c.env as { outgoing?: unknown } | undefined)?.outgoing;
+  if (isNodeResponse(outgoing)) {
+    const closed = () => {
+      if (!outgoing.writableFinished) left();
+    };
+    outgoing.once('close', closed);
+    return () => outgoing.removeListener('close', closed);
+  }
+  const signal = c.req.raw.signal;
+  signal?.addEventListener('abort', left, { once: true });
+  return () => signal?.removeEventListener('abort', left);
 }
 
 /**
@@ -140,7 +195,7 @@ async function readRequestBody(c: Context, limit: number): Promise<Uint8Array | 
   // Hono keeps promises in its cache (typed as the methods that make them).
   const cache = c.req.bodyCache as Record<string, unknown>;
   for (const _read in cache) return new Uint8Array(await c.req.arrayBuffer());
-  const length = raw.headers.get('content-length');
+  const length = requestHeader(c, 'content-length') ?? null;
   if (length !== null && Number(length) > limit) return TOO_LARGE;
   let bytes: Uint8Array | typeof TOO_LARGE;
   if (length !== null || raw.body === null) {
@@ -160,6 +215,8 @@ async function readRequestBody(c: Context, limit: number): Promise<Uint8Array | 
 }
 
 const decoder = new TextDecoder();
+/** Bodies up to this size are offered as text decoded at once; larger ones only when read. */
+const EAGER_TEXT_BYTES = 16 * 1024;
 
 /**
  * Offers the body as text in Hono's cache, decoded only if read. `c.req.json()` and `c.req.text()` read the
@@ -167,6 +224,11 @@ const decoder = new TextDecoder();
  * copy of the body per request). The decoding is the one `Request.text()` does: UTF-8, a byte order mark dropped.
  */
 function offerText(cache: Record<string, unknown>, bytes: Uint8Array): void {
+  // A small body is decoded at once: cheaper than defining an accessor on the cache for every request.
+  if (bytes.byteLength <= EAGER_TEXT_BYTES) {
+    cache.text = Promise.resolve(decoder.decode(bytes));
+    return;
+  }
   let text: unknown;
   Object.defineProperty(cache, 'text', {
     configurable: true,

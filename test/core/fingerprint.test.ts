@@ -197,6 +197,11 @@ describe('the SHA-256 implementations', () => {
     ['café ☕'],
     [''],
     ['x', new Uint8Array(0), 'y'],
+    // Joined into one buffer below 64 KiB, multi-byte characters included; hashed piece by piece above.
+    ['POST /cafés/☕\n', bytes('{"é":"☕"}'), '😀'],
+    ['POST /orders\n', new Uint8Array(64 * 1024 - 14).fill(7)],
+    ['POST /orders\n', new Uint8Array(64 * 1024).fill(7)],
+    ['☕'.repeat(30_000), bytes('x')],
   ];
 
   it.each(inputs)('agree with node:crypto on %j', async (...parts) => {
