@@ -37,8 +37,11 @@ let packedFiles: string[];
 let project: string;
 
 beforeAll(async () => {
-  // Express is an optional peer dependency: linked from the repository instead of fetched.
-  consumer = await createConsumerProject({ name: 'pack', link: ['express'] });
+  // Express and Nest are optional peer dependencies: linked from the repository instead of fetched.
+  consumer = await createConsumerProject({
+    name: 'pack',
+    link: ['express', '@nestjs/common', '@nestjs/core', 'rxjs', 'reflect-metadata'],
+  });
   ({ packedFiles, dir: project } = consumer);
   for (const file of ['scenario.cjs', 'consumer.mjs', 'consumer.cjs']) {
     copyFileSync(join(FIXTURES, file), join(project, file));
@@ -186,6 +189,25 @@ describe('the installed tarball’s executable and client', () => {
   ])('loads idempotency-header/testkit as %s, without a test runner installed', async (_, args) => {
     const { stdout } = await exec(process.execPath, args, { cwd: project, timeout: 20_000 });
     expect(stdout.trim()).toBe('describeBackendContract');
+  });
+});
+
+describe('the installed tarball’s NestJS subpath', () => {
+  it.each([
+    [
+      'ESM',
+      [
+        '--input-type=module',
+        '-e',
+        "import * as n from 'idempotency-header/nestjs'; console.log(Object.keys(n).sort().join())",
+      ],
+    ],
+    ['CommonJS', ['-e', "console.log(Object.keys(require('idempotency-header/nestjs')).sort().join())"]],
+  ])('loads idempotency-header/nestjs as %s', async (_, args) => {
+    const { stdout } = await exec(process.execPath, args, { cwd: project, timeout: 20_000 });
+    expect(stdout.trim().split(',')).toEqual(
+      expect.arrayContaining(['Idempotent', 'IdempotencyInterceptor', 'IdempotencyModule', 'idempotencyOf']),
+    );
   });
 });
 
