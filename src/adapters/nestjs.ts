@@ -156,9 +156,13 @@ export class IdempotencyInterceptor implements NestInterceptor, OnModuleInit {
     this.#engine = engineFor(options);
     this.#reflector = reflector;
     this.#adapterHost = adapterHost;
+    // As early as possible: Nest builds providers in `NestFactory.create`, before `main.ts` registers Fastify
+    // plugins, so the capture's `onSend` hook runs before theirs (a compression hook then compresses what was
+    // stored, not the other way round).
+    this.onModuleInit();
   }
 
-  /** Prepares the platform: on Fastify, adds the capture hooks before the app is ready (and before `app.register` calls). */
+  /** Prepares the platform (once per app): on Fastify, adds the capture hooks before the app is ready. */
   onModuleInit(): void {
     const adapter = this.#adapterHost.httpAdapter as unknown as HttpAdapter | undefined;
     if (adapter !== undefined) preparePlatform(adapter);
