@@ -1,5 +1,6 @@
 import { IdempotencyError, invalidOption } from '../core/errors.js';
 import type { AcquireResult, Backend, HeaderPair, IdempotencyRecord, KeyState } from '../core/types.js';
+import { KeyWatchers } from './_watchers.js';
 
 /** Options of {@link MemoryBackend}. */
 export interface MemoryBackendOptions {
@@ -91,7 +92,7 @@ export class MemoryBackend implements Backend {
   #closed = false;
   #bytes = 0;
   /** Who waits for each key's lock to end ({@link watch}), woken in this process by complete and release. */
-  readonly #watchers = new Map<string, Set<() => void>>();
+  readonly #watchers = new KeyWatchers();
   #tokenSequence = 0;
   #lastFullSweep = 0;
 
@@ -176,22 +177,7 @@ export class MemoryBackend implements Backend {
 
   /** Resolves once the key's lock is completed or released in this backend, or `signal` aborts. */
   watch(key: string, signal: AbortSignal): Promise<void> {
-    return new Promise((resolve) => {
-      if (signal.aborted) return resolve();
-      let watchers = this.#watchers.get(key);
-      if (watchers === undefined) {
-        watchers = new Set();
-        this.#watchers.set(key, watchers);
-      }
-      const done = () => {
-        watchers.delete(done);
-        if (watchers.size === 0 && this.#watchers.get(key) === watchers) this.#watchers.delete(key);
-        signal.removeEventListener('abort', done);
-        resolve();
-      };
-      watchers.add(done);
-      signal.addEventListener('abort', done, { once: true });
-    });
+    return this.#watchers.watch(key, signal);
   }
 
   renew(key: string, token: string, leaseMs: number): boolean {
@@ -284,9 +270,7 @@ export class MemoryBackend implements Backend {
   }
 
   #wake(key: string): void {
-    if (this.#watchers.size === 0) return;
-    const watchers = this.#watchers.get(key);
-    if (watchers !== undefined) for (const wake of [...watchers]) wake();
+    this.#watchers.wake(key);
   }
 
   #fits(bytes: number): boolean {

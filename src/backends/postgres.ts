@@ -28,6 +28,7 @@ import {
   unexpectedRow,
   wholeMilliseconds,
 } from './_sql.js';
+import { KeyWatchers } from './_watchers.js';
 
 /**
  * The part of a `pg` `Pool` this backend uses: `query(text, values)`, resolving to the rows and the count of rows
@@ -354,7 +355,7 @@ export class PostgresBackend implements TransactionalBackend {
   /** Creates the table once, unless `createTable` is off. */
   readonly #setUp: SetUpOnce;
   /** Who waits for each key (by its hash, in hex) to be stored or released, woken by `LISTEN`. */
-  readonly #watchers = new Map<string, Set<() => void>>();
+  readonly #watchers = new KeyWatchers();
   /** The listening connection, once `LISTEN` was sent; `undefined` until the first {@link watch}. */
   #listening: Promise<PgClientLike> | undefined;
   /** Whether {@link #listening} has resolved: `LISTEN` is in place. */
@@ -517,26 +518,10 @@ export class PostgresBackend implements TransactionalBackend {
   watch(key: string, signal: AbortSignal): Promise<void> | undefined {
     const channel = this.#sql.channel;
     if (channel === undefined) return undefined;
-    return new Promise((resolve) => {
-      if (signal.aborted) return resolve();
-      const hash = keyHash(key).toString('hex');
-      let watchers = this.#watchers.get(hash);
-      if (watchers === undefined) {
-        watchers = new Set();
-        this.#watchers.set(hash, watchers);
-      }
-      const done = () => {
-        watchers.delete(done);
-        if (watchers.size === 0 && this.#watchers.get(hash) === watchers) this.#watchers.delete(hash);
-        signal.removeEventListener('abort', done);
-        resolve();
-      };
-      watchers.add(done);
-      signal.addEventListener('abort', done, { once: true });
-      // Until the connection listens, a notification could pass unheard: a watch begun before `LISTEN` is in
-      // place (or failed) wakes its waiter then, to look again.
-      if (!this.#listenReady) (this.#listening ?? this.#listen(channel)).then(done, done);
-    });
+    // Until the connection listens, a notification could pass unheard: a watch begun before `LISTEN` is in place
+    // (or failed) wakes its waiter then, to look again.
+    const ready = this.#listenReady ? undefined : (this.#listening ?? this.#listen(channel));
+    return this.#watchers.watch(keyHash(key).toString('hex'), signal, ready);
   }
 
   /** Stops listening (with `notifications`) and gives the listening connection back to the pool. */
@@ -554,8 +539,7 @@ export class PostgresBackend implements TransactionalBackend {
       const client = await this.#pool.connect!();
       client.on?.('notification', ((message: { channel?: string; payload?: string }) => {
         if (message.channel !== channel || message.payload === undefined) return;
-        const watchers = this.#watchers.get(message.payload);
-        if (watchers !== undefined) for (const wake of [...watchers]) wake();
+        this.#watchers.wake(message.payload);
       }) as never);
       // A listening connection that breaks is given up; the next watch opens another.
       client.on?.('error', (() => {

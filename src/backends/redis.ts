@@ -1,6 +1,7 @@
 import { createHash, randomUUID } from 'node:crypto';
 import { IdempotencyError, invalidOption } from '../core/errors.js';
 import type { AcquireResult, Backend, HeaderPair, IdempotencyRecord, KeyState } from '../core/types.js';
+import { KeyWatchers } from './_watchers.js';
 
 /** A command argument as both clients accept it. */
 type RedisArgument = string | Buffer;
@@ -305,7 +306,7 @@ export class RedisBackend implements Backend {
   /** The pub/sub channel with `notifications` on; `undefined` off. */
   readonly #channel: string | undefined;
   /** Who waits for each key's lock to end ({@link watch}), woken by the channel's messages. */
-  readonly #watchers = new Map<string, Set<() => void>>();
+  readonly #watchers = new KeyWatchers();
   /** The subscriber, once subscribed; `undefined` until the first {@link watch}, or after {@link close}. */
   #subscribing: Promise<Subscriber> | undefined;
   /** Whether {@link #subscribing} has resolved: the subscription is in place. */
@@ -436,25 +437,10 @@ export class RedisBackend implements Backend {
     if (this.#subscribing === undefined && Date.now() - this.#subscribeFailedAt < SUBSCRIBE_RETRY_MS) {
       return undefined;
     }
-    return new Promise((resolve) => {
-      if (signal.aborted) return resolve();
-      let watchers = this.#watchers.get(key);
-      if (watchers === undefined) {
-        watchers = new Set();
-        this.#watchers.set(key, watchers);
-      }
-      const done = () => {
-        watchers.delete(done);
-        if (watchers.size === 0 && this.#watchers.get(key) === watchers) this.#watchers.delete(key);
-        signal.removeEventListener('abort', done);
-        resolve();
-      };
-      watchers.add(done);
-      signal.addEventListener('abort', done, { once: true });
-      // Until the subscription is in place, a message could pass unheard: a watch begun before it (or when it
-      // failed) wakes its waiter then, to look again.
-      if (!this.#subscribed) (this.#subscribing ?? this.#subscribe(channel)).then(done, done);
-    });
+    // Until the subscription is in place, a message could pass unheard: a watch begun before it (or when it
+    // failed) wakes its waiter then, to look again.
+    const ready = this.#subscribed ? undefined : (this.#subscribing ?? this.#subscribe(channel));
+    return this.#watchers.watch(key, signal, ready);
   }
 
   /**
@@ -472,14 +458,9 @@ export class RedisBackend implements Backend {
 
   #subscribe(channel: string): Promise<Subscriber> {
     const subscribing = subscribe(this.#client, channel, {
-      message: (key) => {
-        const watchers = this.#watchers.get(key);
-        if (watchers !== undefined) for (const wake of [...watchers]) wake();
-      },
+      message: (key) => this.#watchers.wake(key),
       // Messages sent while the connection was down are lost: every waiter looks again once it is back.
-      reconnected: () => {
-        for (const watchers of [...this.#watchers.values()]) for (const wake of [...watchers]) wake();
-      },
+      reconnected: () => this.#watchers.wakeAll(),
     });
     this.#subscribing = subscribing;
     subscribing.then(
