@@ -42,21 +42,13 @@ interface Entry {
   readonly createdAt: number;
   /** `null` for a request remembered without its response. */
   readonly status: number | null;
-  /**
-   * The response's headers (JSON of names and values, one after the other, UTF-8) then its body, in one buffer of
-   * its own: a record is then a handful of objects for the garbage collector to trace, not one per header, and
-   * its body does not keep alive the shared pool a small `Buffer` is cut from. `null` without a response.
-   */
-  readonly packed: Uint8Array | null;
-  /** Where the body starts in {@link packed}. */
-  readonly bodyStart: number;
+  /** Header names and values, one after the other. */
+  readonly headers: readonly string[];
+  readonly body: Uint8Array | null;
   /** `Infinity` for records stored with `expiry: null`. */
   readonly expiresAt: number;
   readonly bytes: number;
 }
-
-const encoder = new TextEncoder();
-const decoder = new TextDecoder();
 
 /** Default of {@link MemoryBackendOptions.maxEntries}. */
 export const DEFAULT_MAX_ENTRIES = 100_000;
@@ -206,7 +198,7 @@ export class MemoryBackend implements Backend {
         status: entry.status,
         storedAt: entry.createdAt,
         expiresAt: Number.isFinite(entry.expiresAt) ? entry.expiresAt : null,
-        size: entry.packed === null ? 0 : entry.packed.byteLength - entry.bodyStart,
+        size: entry.body?.byteLength ?? 0,
       };
     }
     const lock = this.#locks.get(key);
@@ -298,33 +290,30 @@ export class MemoryBackend implements Backend {
 
 function entryOf(key: string, record: IdempotencyRecord, expiresAt: number): Entry {
   const response = record.response;
-  const fixed = ENTRY_OVERHEAD_BYTES + 2 * (key.length + record.fingerprint.length);
-  if (response === null) {
-    const { fingerprint, createdAt } = record;
-    return { fingerprint, createdAt, status: null, packed: null, bodyStart: 0, expiresAt, bytes: fixed };
+  let bytes = ENTRY_OVERHEAD_BYTES + 2 * (key.length + record.fingerprint.length);
+  const headers: string[] = [];
+  if (response !== null) {
+    bytes += response.body.byteLength;
+    for (const [name, value] of response.headers) {
+      headers.push(name, value);
+      bytes += 2 * (name.length + value.length) + 16;
+    }
   }
-  const flat: string[] = [];
-  for (const [name, value] of response.headers) flat.push(name, value);
-  const headers = encoder.encode(JSON.stringify(flat));
-  const packed = new Uint8Array(headers.byteLength + response.body.byteLength);
-  packed.set(headers);
-  packed.set(response.body, headers.byteLength);
   return {
     fingerprint: record.fingerprint,
     createdAt: record.createdAt,
-    status: response.status,
-    packed,
-    bodyStart: headers.byteLength,
+    status: response === null ? null : response.status,
+    headers,
+    body: response === null ? null : response.body,
     expiresAt,
-    bytes: fixed + packed.byteLength,
+    bytes,
   };
 }
 
 function recordOf(entry: Entry): IdempotencyRecord {
-  const { fingerprint, createdAt, status, packed, bodyStart } = entry;
-  if (status === null || packed === null) return { fingerprint, createdAt, response: null };
-  const flat = JSON.parse(decoder.decode(packed.subarray(0, bodyStart))) as string[];
+  const { fingerprint, createdAt, status, body } = entry;
+  if (status === null || body === null) return { fingerprint, createdAt, response: null };
   const headers: HeaderPair[] = [];
-  for (let i = 0; i < flat.length; i += 2) headers.push([flat[i]!, flat[i + 1]!]);
-  return { fingerprint, createdAt, response: { status, headers, body: packed.subarray(bodyStart) } };
+  for (let i = 0; i < entry.headers.length; i += 2) headers.push([entry.headers[i]!, entry.headers[i + 1]!]);
+  return { fingerprint, createdAt, response: { status, headers, body } };
 }
