@@ -607,39 +607,19 @@ async function subscribe(
  * or the expiry are Redis's, the time a record was stored the storing process's.
  */
 function keyStateOf(held: Buffer, ttlMs: number): KeyState {
-  const newline = held.indexOf(10);
-  if (held[0] === 0x4c /* L */ && newline !== -1) {
-    const second = held.indexOf(10, newline + 1);
-    if (second !== -1) {
-      return {
-        state: 'in-flight',
-        fingerprint: held.toString('utf8', second + 1),
-        leaseLeftMs: Math.max(1, ttlMs),
-      };
-    }
-  } else if (held[0] === 0x44 /* D */ && newline !== -1) {
-    const [fingerprintBytes, createdAt, status, headersBytes] = held
-      .toString('latin1', 1, newline)
-      .split(' ')
-      .map((field) => (field === '-' ? Number.NaN : Number(field)));
-    const headersAt = newline + 1 + fingerprintBytes!;
-    const bodyAt = headersAt + headersBytes!;
-    if (Number.isInteger(createdAt) && Number.isInteger(headersBytes) && bodyAt <= held.byteLength) {
-      return {
-        state: 'completed',
-        fingerprint: held.toString('utf8', newline + 1, headersAt),
-        status: Number.isInteger(status) ? status! : null,
-        storedAt: createdAt!,
-        // PTTL -1: the record has no expiry (stored with `expiry: null`).
-        expiresAt: ttlMs < 0 ? null : Date.now() + ttlMs,
-        size: held.byteLength - bodyAt,
-      };
-    }
+  const value = parseValue(held);
+  if (value.kind === 'lock') {
+    return { state: 'in-flight', fingerprint: value.fingerprint, leaseLeftMs: Math.max(1, ttlMs) };
   }
-  throw new IdempotencyError(
-    'ERR_IDEMPOTENCY_BACKEND',
-    `The Redis key holds a value RedisBackend did not write (${held.byteLength} bytes): is another program using the prefix?`,
-  );
+  return {
+    state: 'completed',
+    fingerprint: value.fingerprint,
+    status: value.status ?? null,
+    storedAt: value.createdAt,
+    // PTTL -1: the record has no expiry (stored with `expiry: null`).
+    expiresAt: ttlMs < 0 ? null : Date.now() + ttlMs,
+    size: held.byteLength - value.bodyAt,
+  };
 }
 
 /** The first bytes of a lock taken with `token`: what complete, release and renew compare. */
@@ -668,17 +648,58 @@ function packRecord(record: IdempotencyRecord): Buffer {
  * fingerprint differs. The Retry-After hint of a lock is its lease end by the holder's clock, within its lease.
  */
 function heldBy(fingerprint: string, held: Buffer): AcquireResult {
+  const value = parseValue(held);
+  if (value.fingerprint !== fingerprint) return MISMATCH;
+  if (value.kind === 'lock') {
+    return {
+      state: 'in-flight',
+      retryAfterMs: Math.min(value.lease, Math.max(1, value.leaseEnd - Date.now())),
+    };
+  }
+  const { createdAt, status, headersAt, bodyAt } = value;
+  return {
+    state: 'completed',
+    record: {
+      fingerprint,
+      createdAt,
+      response:
+        status === undefined
+          ? null
+          : {
+              status,
+              headers: parseHeaders(held.toString('utf8', headersAt, bodyAt)),
+              body: held.subarray(bodyAt),
+            },
+    },
+  };
+}
+
+/** A stored value taken apart: see the storage layout above. */
+type StoredValue =
+  | { readonly kind: 'lock'; readonly fingerprint: string; readonly leaseEnd: number; readonly lease: number }
+  | {
+      readonly kind: 'record';
+      readonly fingerprint: string;
+      readonly createdAt: number;
+      /** `undefined` for a request remembered without its response. */
+      readonly status: number | undefined;
+      readonly headersAt: number;
+      readonly bodyAt: number;
+    };
+
+/** Takes a value apart; throws for one this backend did not write. */
+function parseValue(held: Buffer): StoredValue {
   const newline = held.indexOf(10);
   if (held[0] === 0x4c /* L */ && newline !== -1) {
     const second = held.indexOf(10, newline + 1);
     if (second !== -1) {
-      if (held.toString('utf8', second + 1) !== fingerprint) return MISMATCH;
-      const [end, lease] = held
+      const [leaseEnd, lease] = held
         .toString('latin1', newline + 1, second)
         .split(' ')
         .map(Number);
-      if (Number.isFinite(end) && Number.isFinite(lease)) {
-        return { state: 'in-flight', retryAfterMs: Math.min(lease!, Math.max(1, end! - Date.now())) };
+      if (Number.isFinite(leaseEnd) && Number.isFinite(lease)) {
+        const fingerprint = held.toString('utf8', second + 1);
+        return { kind: 'lock', fingerprint, leaseEnd: leaseEnd!, lease: lease! };
       }
     }
   } else if (held[0] === 0x44 /* D */ && newline !== -1) {
@@ -689,20 +710,13 @@ function heldBy(fingerprint: string, held: Buffer): AcquireResult {
     const headersAt = newline + 1 + fingerprintBytes!;
     const bodyAt = headersAt + headersBytes!;
     if (Number.isInteger(createdAt) && Number.isInteger(headersBytes) && bodyAt <= held.byteLength) {
-      if (held.toString('utf8', newline + 1, headersAt) !== fingerprint) return MISMATCH;
       return {
-        state: 'completed',
-        record: {
-          fingerprint,
-          createdAt: createdAt!,
-          response: Number.isInteger(status)
-            ? {
-                status: status!,
-                headers: parseHeaders(held.toString('utf8', headersAt, bodyAt)),
-                body: held.subarray(bodyAt),
-              }
-            : null,
-        },
+        kind: 'record',
+        fingerprint: held.toString('utf8', newline + 1, headersAt),
+        createdAt: createdAt!,
+        status: Number.isInteger(status) ? status : undefined,
+        headersAt,
+        bodyAt,
       };
     }
   }
