@@ -87,7 +87,7 @@ export function idempotencyOnSend(
   holding.add(request);
   const status = reply.statusCode;
   const headers = reply.getHeaders();
-  captureReply(state, reply, payload, (sent) => {
+  captureReply(state, payload, status, headers, (sent) => {
     holding.delete(request);
     if (reply.sent) {
       // Taken over by `onError` meanwhile, whose error handling changed the status and headers: restored.
@@ -136,18 +136,19 @@ export function sendFastifyReply(reply: FastifyReply, answer: EngineReply): void
 }
 
 /**
- * Hands the serialised payload to the engine: a string or buffer at once, a stream read whole (or relayed, when it
+ * Hands the serialised payload to the engine, with the reply's `status` and `headers` as `onSend` found them: a
+ * string or buffer at once, a stream read whole (or relayed, when it
  * is not stored or outgrows `maxResponseBytes`, its end held until the engine settled).
  */
 function captureReply(
   state: Running,
-  reply: FastifyReply,
   payload: unknown,
+  status: number,
+  headers: Readonly<Record<string, HeaderRecordValue>>,
   next: (payload: unknown) => void,
 ): void {
   const { engine, ticket } = state;
-  const status = reply.statusCode;
-  const head = { status, headers: handlerHeaders(reply.getHeaders(), state.before) };
+  const head = { status, headers: handlerHeaders(headers, state.before) };
   if (Object.prototype.toString.call(payload) === '[object Response]') {
     // Fastify applies a `Response`'s status and headers after `onSend`: it is sent as it is, and not stored.
     return settleThen(engine.fail(ticket), () => next(payload));
