@@ -170,40 +170,69 @@ async function openRedis(
   load: ModuleLoader,
 ): Promise<OpenedBackend> {
   const driver = await loadDriver(['ioredis', 'redis'], 'Redis', load);
-  const location = redact(url);
-  if (driver.name === 'ioredis') {
-    const Redis = exportOf<new (url: string, options: object) => IoredisLike>(driver.module, 'Redis');
-    // Fail fast while Redis is away (RedisBackend's documented settings): a request gets a 503 at once instead of
-    // waiting for a reconnect, and a command that failed is never resent after one (it could take a lock).
-    const redis = new Redis(url.href, {
-      enableOfflineQueue: false,
-      maxRetriesPerRequest: 0,
-      autoResendUnfulfilledCommands: false,
-      commandTimeout: CONNECT_TIMEOUT_MS,
-      connectTimeout: CONNECT_TIMEOUT_MS,
-    });
-    redis.on('error', (error) => report('ioredis', error));
-    await waitFor(new Promise<void>((resolve) => redis.once('ready', resolve)));
-    const backend = new RedisBackend({
-      redis: redis as never,
-      prefix: settings.prefix,
-      notifications: settings.notifications ?? false,
-    });
-    return {
-      backend,
-      name: 'RedisBackend',
-      location,
-      close: async () => {
-        await backend.close().catch(() => {});
-        await waitFor(
-          redis.quit().catch(() => {}),
-          1_000,
-        );
-        redis.disconnect();
-      },
-    };
-  }
-  const createClient = exportOf<(options: object) => NodeRedisLike>(driver.module, 'createClient');
+  const { client, quit } =
+    driver.name === 'ioredis'
+      ? await connectIoredis(driver.module, url, report)
+      : await connectNodeRedis(driver.module, url, report);
+  const backend = new RedisBackend({
+    redis: client as never,
+    prefix: settings.prefix,
+    notifications: settings.notifications ?? false,
+  });
+  return {
+    backend,
+    name: 'RedisBackend',
+    location: redact(url),
+    close: async () => {
+      await backend.close().catch(() => {});
+      await quit();
+    },
+  };
+}
+
+/** A connected Redis client, and how to close it within a second. */
+interface RedisConnection {
+  readonly client: unknown;
+  quit(): Promise<void>;
+}
+
+async function connectIoredis(
+  module: Record<string, unknown>,
+  url: URL,
+  report: (driver: string, error: Error) => void,
+): Promise<RedisConnection> {
+  const Redis = exportOf<new (url: string, options: object) => IoredisLike>(module, 'Redis');
+  // Fail fast while Redis is away (RedisBackend's documented settings): a request gets a 503 at once instead of
+  // waiting for a reconnect, and a command that failed is never resent after one (it could take a lock).
+  // Auto-pipelining, as the README advises: concurrent requests share socket writes and reads.
+  const redis = new Redis(url.href, {
+    enableOfflineQueue: false,
+    maxRetriesPerRequest: 0,
+    autoResendUnfulfilledCommands: false,
+    commandTimeout: CONNECT_TIMEOUT_MS,
+    connectTimeout: CONNECT_TIMEOUT_MS,
+    enableAutoPipelining: true,
+  });
+  redis.on('error', (error) => report('ioredis', error));
+  await waitFor(new Promise<void>((resolve) => redis.once('ready', resolve)));
+  return {
+    client: redis,
+    quit: async () => {
+      await waitFor(
+        redis.quit().catch(() => {}),
+        1_000,
+      );
+      redis.disconnect();
+    },
+  };
+}
+
+async function connectNodeRedis(
+  module: Record<string, unknown>,
+  url: URL,
+  report: (driver: string, error: Error) => void,
+): Promise<RedisConnection> {
+  const createClient = exportOf<(options: object) => NodeRedisLike>(module, 'createClient');
   const client = createClient({
     url: url.href,
     disableOfflineQueue: true,
@@ -216,17 +245,9 @@ async function openRedis(
   });
   client.on('error', (error) => report('redis', error));
   await waitFor(client.connect().catch(() => {}));
-  const backend = new RedisBackend({
-    redis: client as never,
-    prefix: settings.prefix,
-    notifications: settings.notifications ?? false,
-  });
   return {
-    backend,
-    name: 'RedisBackend',
-    location,
-    close: async () => {
-      await backend.close().catch(() => {});
+    client,
+    quit: async () => {
       const closing = client.close?.() ?? client.quit?.();
       await waitFor(
         Promise.resolve(closing).catch(() => {}),
