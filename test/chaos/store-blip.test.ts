@@ -18,13 +18,12 @@ import type { Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import express from 'express';
-import { Redis } from 'ioredis';
-import { createClient } from 'redis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { idempotencyHeader } from '../../src/adapters/express.js';
 import { RedisBackend, type RedisClientLike } from '../../src/backends/redis.js';
 import type { IdempotencyEvent } from '../../src/core/options.js';
 import { type Answer, postJson } from '../processes/client.js';
+import { type FailFastClient, failFastClients } from '../support/fail-fast-redis.js';
 import { type RedisServer, requireRedisServer, startRedisServer } from '../support/redis-server.js';
 import { report, waitFor } from './support/chaos.js';
 
@@ -36,37 +35,7 @@ const LONG_LOCK_S = 10;
 const SHORT_LOCK_S = 3;
 const PREFIX = 'chaos-blip:';
 
-interface Client {
-  redis: RedisClientLike;
-  close(): void;
-}
-
-/** The fail-fast configurations of the README. */
-const clients: Record<string, (url: string) => Promise<Client>> = {
-  async ioredis(url) {
-    const redis = new Redis(url, {
-      enableOfflineQueue: false,
-      maxRetriesPerRequest: 0,
-      autoResendUnfulfilledCommands: false,
-      commandTimeout: 2000,
-      lazyConnect: true,
-    });
-    redis.on('error', () => {});
-    await redis.connect();
-    return { redis, close: () => redis.disconnect() };
-  },
-  async 'node-redis'(url) {
-    const redis = createClient({
-      url,
-      disableOfflineQueue: true,
-      pingInterval: 1000,
-      socket: { socketTimeout: 3000, reconnectStrategy: (retries) => Math.min(retries * 100, 2000) },
-    });
-    redis.on('error', () => {});
-    await redis.connect();
-    return { redis, close: () => redis.destroy() };
-  },
-};
+const clients = failFastClients;
 
 interface Gate {
   started: Promise<void>;
@@ -150,7 +119,7 @@ describe.runIf(enabled)(
     });
 
     describe.each(Object.keys(clients))('with a fail-fast %s client', (clientName) => {
-      let client: Client;
+      let client: FailFastClient;
       let app: App;
 
       beforeAll(async () => {

@@ -10,13 +10,12 @@ import type { Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import express from 'express';
-import { Redis } from 'ioredis';
-import { createClient } from 'redis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { idempotencyHeader } from '../../src/adapters/express.js';
 import { RedisBackend, type RedisClientLike } from '../../src/backends/redis.js';
 import { IdempotencyError } from '../../src/core/errors.js';
 import type { IdempotencyEvent } from '../../src/core/options.js';
+import { type FailFastClient, failFastClients } from '../support/fail-fast-redis.js';
 import { type RedisServer, requireRedisServer, startRedisServer } from '../support/redis-server.js';
 import { type Answer, postJson } from './client.js';
 
@@ -32,37 +31,7 @@ const STORE_RETRIES_MS = 1500;
 const LOCK_TIMEOUT_S = 2;
 const UNAVAILABLE = { detail: 'Idempotency backend unavailable; retry later' };
 
-interface Client {
-  redis: RedisClientLike;
-  close(): void;
-}
-
-/** The fail-fast configurations of RedisBackend's TSDoc, verbatim. */
-const clients: Record<string, (url: string) => Promise<Client>> = {
-  async ioredis(url) {
-    const redis = new Redis(url, {
-      enableOfflineQueue: false,
-      maxRetriesPerRequest: 0,
-      autoResendUnfulfilledCommands: false,
-      commandTimeout: 2000,
-      lazyConnect: true,
-    });
-    redis.on('error', () => {});
-    await redis.connect();
-    return { redis, close: () => redis.disconnect() };
-  },
-  async 'node-redis'(url) {
-    const redis = createClient({
-      url,
-      disableOfflineQueue: true,
-      pingInterval: 1000,
-      socket: { socketTimeout: 3000, reconnectStrategy: (retries) => Math.min(retries * 100, 2000) },
-    });
-    redis.on('error', () => {});
-    await redis.connect();
-    return { redis, close: () => redis.destroy() };
-  },
-};
+const clients = failFastClients;
 
 interface Deferred {
   promise: Promise<void>;
@@ -158,7 +127,7 @@ describe.runIf(enabled)('the Express middleware while Redis goes down and comes 
   });
 
   describe.each(Object.keys(clients))('with a fail-fast %s client', (clientName) => {
-    let client: Client | undefined;
+    let client: FailFastClient | undefined;
     let app: App;
 
     beforeAll(async () => {

@@ -255,7 +255,10 @@ describe('two proxies sharing a SQL backend', () => {
         // Woken by the notification as the first run was stored, not by a poll seconds later.
         expect(repeat.at - done.at).toBeLessThan(500);
         expect((await upstream.counts())[key]).toBe(1);
-        expect(b!.lines().find((line) => line.msg === 'request')).toMatchObject({ outcome: 'replayed' });
+        // The log line is written as the response ends, and read from the child's stdout a little later.
+        await expect
+          .poll(() => b!.lines().find((line) => line.msg === 'request'))
+          .toMatchObject({ outcome: 'replayed' });
       } finally {
         await stopAll([a!, b!]);
         const pool = postgresPool();

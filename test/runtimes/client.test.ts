@@ -1,24 +1,17 @@
-/**
- * `idempotency-header/client` on the runtimes it promises besides Node.js: Bun, Deno and workerd (Miniflare),
- * each installed from npm. The client, bundled for a neutral platform (which fails on any `node:` import), runs
- * inside each runtime and calls our `node:http` middleware here, which loses the first response on the wire: the
- * call retries with its key, sends its streamed body again, and ends with the one run's stored response.
- */
-import { type ChildProcess, spawn } from 'node:child_process';
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { createServer, type IncomingMessage } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { build } from 'esbuild';
-import { Miniflare } from 'miniflare';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { withIdempotency } from '../../src/adapters/node.js';
 import { MemoryBackend } from '../../src/backends/memory.js';
 import { listen, readAll, type TestServer } from '../support/http.js';
+import { runtimes, type Served } from './serve.js';
 
 const HERE = fileURLToPath(new URL('.', import.meta.url));
-const BIN = join(HERE, '..', '..', 'node_modules', '.bin');
+const _BIN = join(HERE, '..', '..', 'node_modules', '.bin');
 
 let workDir = '';
 let bundle = '';
@@ -79,75 +72,6 @@ describe('the client bundle', () => {
   });
 });
 
-interface Served {
-  readonly url: string;
-  stop(): Promise<void>;
-}
-
-/** Starts `command` and waits for it to print `LISTENING <port>`. */
-function serveProcess(command: string, args: string[]): Promise<Served> {
-  return new Promise((resolve, reject) => {
-    const child: ChildProcess = spawn(command, args, {
-      env: { ...process.env, DENO_NO_UPDATE_CHECK: '1', DENO_NO_PROMPT: '1', NO_COLOR: '1' },
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
-    let output = '';
-    const timer = setTimeout(() => {
-      child.kill();
-      reject(new Error(`${command} did not start within 30 s:\n${output}`));
-    }, 30_000);
-    child.stdout?.on('data', (chunk: Buffer) => {
-      output += chunk.toString();
-      const port = /LISTENING (\d+)/.exec(output)?.[1];
-      if (port === undefined) return;
-      clearTimeout(timer);
-      resolve({
-        url: `http://127.0.0.1:${port}`,
-        stop: () =>
-          new Promise<void>((done) => {
-            if (child.exitCode !== null) return done();
-            child.once('exit', () => done());
-            child.kill();
-          }),
-      });
-    });
-    child.stderr?.on('data', (chunk: Buffer) => {
-      output += chunk.toString();
-    });
-    child.once('error', (error) => {
-      clearTimeout(timer);
-      reject(error);
-    });
-  });
-}
-
-const RUNTIMES: readonly (readonly [string, () => Promise<Served>])[] = [
-  ['Bun', () => serveProcess(join(BIN, 'bun'), [join(HERE, 'serve-bun.mjs'), bundle])],
-  [
-    'Deno',
-    () =>
-      serveProcess(join(BIN, 'deno'), [
-        'run',
-        '--allow-net=127.0.0.1',
-        `--allow-read=${workDir}`,
-        join(HERE, 'serve-deno.mjs'),
-        bundle,
-      ]),
-  ],
-  [
-    'workerd (Miniflare)',
-    async () => {
-      const mf = new Miniflare({
-        modules: true,
-        script: await readFile(bundle, 'utf8'),
-        compatibilityDate: '2025-01-01',
-      });
-      const url = await mf.ready;
-      return { url: url.origin, stop: () => mf.dispose() };
-    },
-  ],
-];
-
 interface CallResult {
   status: number;
   replayed: string | null;
@@ -155,7 +79,7 @@ interface CallResult {
   retries: { attempt: number; status: number | undefined; network: boolean }[];
 }
 
-for (const [runtime, serve] of RUNTIMES) {
+for (const [runtime, serve] of runtimes(() => ({ file: bundle, dir: workDir }))) {
   describe(runtime, () => {
     let served: Served | undefined;
 

@@ -1,10 +1,3 @@
-/**
- * The web-standard adapters (Hono and fetch) on the runtimes they promise besides Node.js: Bun, Deno and
- * Cloudflare's workerd (through Miniflare), each installed from npm. The app (`app.ts`) is bundled for a neutral
- * platform, which fails on any `node:` import, then served by each runtime; the core scenarios run against it over
- * HTTP: first run and replay, 409 while the first runs, 422 for a different request, scopes kept apart.
- */
-import { type ChildProcess, spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -12,11 +5,11 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { build } from 'esbuild';
-import { Miniflare } from 'miniflare';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { runtimes, type Served } from './serve.js';
 
 const HERE = fileURLToPath(new URL('.', import.meta.url));
-const BIN = join(HERE, '..', '..', 'node_modules', '.bin');
+const _BIN = join(HERE, '..', '..', 'node_modules', '.bin');
 
 let workDir = '';
 let bundle = '';
@@ -46,82 +39,6 @@ describe('the runtime app bundle', () => {
   });
 });
 
-/** A runtime serving the bundle: its base URL, and how to stop it. */
-interface Served {
-  readonly url: string;
-  stop(): Promise<void>;
-}
-
-/** Starts `command` and waits for it to print `LISTENING <port>`. */
-function serveProcess(command: string, args: string[]): Promise<Served> {
-  return new Promise((resolve, reject) => {
-    const child: ChildProcess = spawn(command, args, {
-      env: { ...process.env, DENO_NO_UPDATE_CHECK: '1', DENO_NO_PROMPT: '1', NO_COLOR: '1' },
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
-    let output = '';
-    const timer = setTimeout(() => {
-      child.kill();
-      reject(new Error(`${command} did not start within 30 s:\n${output}`));
-    }, 30_000);
-    const onData = (chunk: Buffer) => {
-      output += chunk.toString();
-      const port = /LISTENING (\d+)/.exec(output)?.[1];
-      if (port === undefined) return;
-      clearTimeout(timer);
-      child.stdout?.off('data', onData);
-      resolve({
-        url: `http://127.0.0.1:${port}`,
-        stop: () =>
-          new Promise<void>((done) => {
-            if (child.exitCode !== null) return done();
-            child.once('exit', () => done());
-            child.kill();
-          }),
-      });
-    };
-    child.stdout?.on('data', onData);
-    child.stderr?.on('data', (chunk: Buffer) => {
-      output += chunk.toString();
-    });
-    child.once('error', (error) => {
-      clearTimeout(timer);
-      reject(error);
-    });
-    child.once('exit', (code) => {
-      clearTimeout(timer);
-      reject(new Error(`${command} exited with ${code}:\n${output}`));
-    });
-  });
-}
-
-const RUNTIMES: readonly (readonly [string, () => Promise<Served>])[] = [
-  ['Bun', () => serveProcess(join(BIN, 'bun'), [join(HERE, 'serve-bun.mjs'), bundle])],
-  [
-    'Deno',
-    () =>
-      serveProcess(join(BIN, 'deno'), [
-        'run',
-        '--allow-net=127.0.0.1',
-        `--allow-read=${workDir}`,
-        join(HERE, 'serve-deno.mjs'),
-        bundle,
-      ]),
-  ],
-  [
-    'workerd (Miniflare)',
-    async () => {
-      const mf = new Miniflare({
-        modules: true,
-        script: await readFile(bundle, 'utf8'),
-        compatibilityDate: '2025-01-01',
-      });
-      const url = await mf.ready;
-      return { url: url.origin, stop: () => mf.dispose() };
-    },
-  ],
-];
-
 interface Result {
   status: number;
   headers: Headers;
@@ -142,7 +59,7 @@ async function post(
   return { status: response.status, headers: response.headers, text: await response.text() };
 }
 
-for (const [runtime, serve] of RUNTIMES) {
+for (const [runtime, serve] of runtimes(() => ({ file: bundle, dir: workDir }))) {
   describe(`${runtime}`, () => {
     let served: Served | undefined;
 
