@@ -30,22 +30,17 @@ import compression from 'compression';
 import cors from 'cors';
 import express from 'express';
 import helmet from 'helmet';
-import { Redis } from 'ioredis';
 import morgan from 'morgan';
 import responseTime from 'response-time';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { idempotencyHeader } from '../../src/adapters/express.js';
 import { withIdempotency } from '../../src/adapters/node.js';
-import { MemoryBackend } from '../../src/backends/memory.js';
-import { RedisBackend } from '../../src/backends/redis.js';
 import type { IdempotencyEvent } from '../../src/core/options.js';
 import type { Backend } from '../../src/core/types.js';
 import { CORPUS, type CorpusCase, type Next } from '../support/corpus.js';
+import { type BackendSetup, differentialBackends } from '../support/differential.js';
 import { type ExpressModule, express4 } from '../support/http.js';
 import { exchange, type RawRequest, type RawResponse } from '../support/raw-http.js';
-import { deleteKeysWithPrefix, REDIS_URL, requireRedis, uniquePrefix } from '../support/redis.js';
-
-const redisUp = await requireRedis('Differential corpus on RedisBackend');
 
 const unexpected: unknown[] = [];
 const onUnexpected = (error: unknown) => unexpected.push(error);
@@ -202,38 +197,7 @@ function headerLines(response: RawResponse, leaveOut: ReadonlySet<string>): [str
   return response.headers.filter(([name]) => !leaveOut.has(name));
 }
 
-interface BackendSetup {
-  readonly name: string;
-  readonly up: boolean;
-  create(): Promise<{ backend: Backend; teardown(): Promise<void> }>;
-}
-
-const BACKENDS: readonly BackendSetup[] = [
-  {
-    name: 'MemoryBackend',
-    up: true,
-    async create() {
-      const backend = new MemoryBackend();
-      return { backend, teardown: async () => backend.close() };
-    },
-  },
-  {
-    name: 'RedisBackend',
-    up: redisUp,
-    async create() {
-      const redis = new Redis(REDIS_URL, { lazyConnect: true });
-      await redis.connect();
-      const prefix = uniquePrefix('differential');
-      return {
-        backend: new RedisBackend({ redis, prefix }),
-        async teardown() {
-          await deleteKeysWithPrefix(redis, prefix);
-          redis.disconnect();
-        },
-      };
-    },
-  },
-];
+const BACKENDS = await differentialBackends('Express and node:http');
 
 /**
  * Registers the corpus for one pair of servers. `start` builds the bare server and the one with the middleware
