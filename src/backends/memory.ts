@@ -25,11 +25,13 @@ export interface MemoryBackendOptions {
   sweepIntervalMs?: number;
 }
 
+/** A key whose request is running. */
 interface Lock {
-  token: string;
-  fingerprint: string;
+  readonly locked: true;
+  readonly token: string;
+  readonly fingerprint: string;
   leaseEndsAt: number;
-  bytes: number;
+  readonly bytes: number;
 }
 
 /**
@@ -38,12 +40,17 @@ interface Lock {
  * are made again on a replay, which is rarer than a store.
  */
 interface Entry {
+  readonly locked: false;
   readonly fingerprint: string;
   readonly createdAt: number;
   /** `null` for a request remembered without its response. */
   readonly status: number | null;
-  /** Header names and values, one after the other. */
-  readonly headers: readonly string[];
+  /**
+   * Header names and values, one after the other: joined by line feeds into one string (one object to keep rather
+   * than a list and its strings), or as a list when one of them holds a line feed (which Node.js and the Fetch API
+   * never let through, but a backend's caller might).
+   */
+  readonly headers: string | readonly string[];
   readonly body: Uint8Array | null;
   /** `Infinity` for records stored with `expiry: null`. */
   readonly expiresAt: number;
@@ -84,8 +91,8 @@ const MISMATCH: AcquireResult = Object.freeze({ state: 'mismatch' });
 export class MemoryBackend implements Backend {
   readonly #maxEntries: number;
   readonly #maxBytes: number;
-  readonly #locks = new Map<string, Lock>();
-  readonly #records = new Map<string, Entry>();
+  /** Each key's lock or record: one map, so that a lock turns into its record in place. */
+  readonly #entries = new Map<string, Lock | Entry>();
   readonly #sweepIntervalMs: number;
   /** Started by the first `acquire`: a Cloudflare Worker may not start a timer at its global scope. */
   #sweeper: ReturnType<typeof setInterval> | undefined;
@@ -123,7 +130,7 @@ export class MemoryBackend implements Backend {
 
   /** Number of keys held: completed records plus in-flight locks. */
   get size(): number {
-    return this.#records.size + this.#locks.size;
+    return this.#entries.size;
   }
 
   /** Bytes held, as counted against `maxBytes`. */
@@ -134,43 +141,43 @@ export class MemoryBackend implements Backend {
   acquire(key: string, fingerprint: string, leaseMs: number): AcquireResult {
     if (this.#sweeper === undefined && !this.#closed) this.#startSweeper();
     const now = Date.now();
-    const entry = this.#records.get(key);
-    if (entry !== undefined) {
-      if (entry.expiresAt > now) {
-        if (entry.fingerprint !== fingerprint) return MISMATCH;
-        return { state: 'completed', record: recordOf(entry) };
-      }
-      this.#deleteRecord(key, entry);
-    }
-    const lock = this.#locks.get(key);
-    if (lock !== undefined && lock.leaseEndsAt > now) {
-      if (lock.fingerprint !== fingerprint) return MISMATCH;
-      return { state: 'in-flight', retryAfterMs: lock.leaseEndsAt - now };
-    }
+    const held = this.#entries.get(key);
     const bytes = ENTRY_OVERHEAD_BYTES + 2 * (key.length + fingerprint.length);
-    if (lock !== undefined) this.#deleteLock(key, lock);
-    else this.#makeRoom(bytes, now);
+    if (held === undefined) this.#makeRoom(bytes, now);
+    else if (held.locked) {
+      if (held.leaseEndsAt > now) {
+        if (held.fingerprint !== fingerprint) return MISMATCH;
+        return { state: 'in-flight', retryAfterMs: held.leaseEndsAt - now };
+      }
+      this.#bytes -= held.bytes;
+    } else {
+      if (held.expiresAt > now) {
+        if (held.fingerprint !== fingerprint) return MISMATCH;
+        return { state: 'completed', record: recordOf(held) };
+      }
+      this.#bytes -= held.bytes;
+    }
+    // A lapsed lock or an expired record is replaced where it is: the key count does not grow.
     const token = String(++this.#tokenSequence);
-    this.#locks.set(key, { token, fingerprint, leaseEndsAt: now + leaseMs, bytes });
+    this.#entries.set(key, { locked: true, token, fingerprint, leaseEndsAt: now + leaseMs, bytes });
     this.#bytes += bytes;
     return { state: 'acquired', token };
   }
 
   complete(key: string, token: string, record: IdempotencyRecord, ttlMs: number | null): boolean {
-    const lock = this.#locks.get(key);
-    if (lock?.token !== token) return false;
-    this.#deleteLock(key, lock);
-    this.#wake(key);
+    const lock = this.#lockOf(key, token);
+    if (lock === undefined) return false;
     const entry = entryOf(key, record, ttlMs === null ? Number.POSITIVE_INFINITY : Date.now() + ttlMs);
-    this.#records.set(key, entry);
-    this.#bytes += entry.bytes;
+    this.#entries.set(key, entry);
+    this.#bytes += entry.bytes - lock.bytes;
+    this.#wake(key);
     return true;
   }
 
   release(key: string, token: string): boolean {
-    const lock = this.#locks.get(key);
-    if (lock?.token !== token) return false;
-    this.#deleteLock(key, lock);
+    const lock = this.#lockOf(key, token);
+    if (lock === undefined) return false;
+    this.#delete(key, lock);
     this.#wake(key);
     return true;
   }
@@ -181,8 +188,8 @@ export class MemoryBackend implements Backend {
   }
 
   renew(key: string, token: string, leaseMs: number): boolean {
-    const lock = this.#locks.get(key);
-    if (lock === undefined || lock.token !== token) return false;
+    const lock = this.#lockOf(key, token);
+    if (lock === undefined) return false;
     lock.leaseEndsAt = Date.now() + leaseMs;
     return true;
   }
@@ -190,58 +197,47 @@ export class MemoryBackend implements Backend {
   /** The key's state: see {@link Backend.inspect}. */
   inspect(key: string): KeyState | undefined {
     const now = Date.now();
-    const entry = this.#records.get(key);
-    if (entry !== undefined && entry.expiresAt > now) {
-      return {
-        state: 'completed',
-        fingerprint: entry.fingerprint,
-        status: entry.status,
-        storedAt: entry.createdAt,
-        expiresAt: Number.isFinite(entry.expiresAt) ? entry.expiresAt : null,
-        size: entry.body?.byteLength ?? 0,
-      };
-    }
-    const lock = this.#locks.get(key);
-    if (lock !== undefined && lock.leaseEndsAt > now) {
-      return { state: 'in-flight', fingerprint: lock.fingerprint, leaseLeftMs: lock.leaseEndsAt - now };
-    }
-    return undefined;
+    const held = this.#entries.get(key);
+    if (held === undefined || !isHeld(held, now)) return undefined;
+    if (held.locked)
+      return { state: 'in-flight', fingerprint: held.fingerprint, leaseLeftMs: held.leaseEndsAt - now };
+    return {
+      state: 'completed',
+      fingerprint: held.fingerprint,
+      status: held.status,
+      storedAt: held.createdAt,
+      expiresAt: Number.isFinite(held.expiresAt) ? held.expiresAt : null,
+      size: held.body?.byteLength ?? 0,
+    };
   }
 
   /** Deletes the key's record, and its lock only with `force`: see {@link Backend.forget}. */
   forget(key: string, force: boolean): boolean {
-    const now = Date.now();
-    const entry = this.#records.get(key);
-    if (entry !== undefined) {
-      this.#deleteRecord(key, entry);
-      // An expired record, not yet swept, was no longer held: as on the other backends, nothing was forgotten.
-      return entry.expiresAt > now;
-    }
-    const lock = this.#locks.get(key);
-    if (lock === undefined) return false;
-    if (lock.leaseEndsAt <= now) {
-      this.#deleteLock(key, lock);
+    const held = this.#entries.get(key);
+    if (held === undefined) return false;
+    // An expired record or a lapsed lock, not yet swept, was no longer held: as on the other backends, nothing
+    // was forgotten.
+    if (!isHeld(held, Date.now())) {
+      this.#delete(key, held);
       return false;
     }
-    if (!force) return false;
-    this.#deleteLock(key, lock);
-    this.#wake(key);
+    if (held.locked && !force) return false;
+    this.#delete(key, held);
+    if (held.locked) this.#wake(key);
     return true;
   }
 
   /** Drops expired records and lapsed locks. Runs on a timer; call it directly to free memory at once. */
   sweep(): void {
     const now = Date.now();
-    for (const [key, entry] of this.#records) if (entry.expiresAt <= now) this.#deleteRecord(key, entry);
-    for (const [key, lock] of this.#locks) if (lock.leaseEndsAt <= now) this.#deleteLock(key, lock);
+    for (const [key, held] of this.#entries) if (!isHeld(held, now)) this.#delete(key, held);
   }
 
   /** Deletes every key and stops the sweep timer. */
   close(): void {
     this.#closed = true;
     clearInterval(this.#sweeper);
-    this.#records.clear();
-    this.#locks.clear();
+    this.#entries.clear();
     this.#bytes = 0;
   }
 
@@ -277,33 +273,42 @@ export class MemoryBackend implements Backend {
     return this.size < this.#maxEntries && this.#bytes + bytes <= this.#maxBytes;
   }
 
-  #deleteRecord(key: string, entry: Entry): void {
-    this.#records.delete(key);
-    this.#bytes -= entry.bytes;
+  /** The key's lock, if `token` holds it (a lapsed lease included, until another request takes the key). */
+  #lockOf(key: string, token: string): Lock | undefined {
+    const held = this.#entries.get(key);
+    return held?.locked && held.token === token ? held : undefined;
   }
 
-  #deleteLock(key: string, lock: Lock): void {
-    this.#locks.delete(key);
-    this.#bytes -= lock.bytes;
+  #delete(key: string, held: Lock | Entry): void {
+    this.#entries.delete(key);
+    this.#bytes -= held.bytes;
   }
+}
+
+/** Whether a lock's lease or a record's expiry is still running. */
+function isHeld(held: Lock | Entry, now: number): boolean {
+  return (held.locked ? held.leaseEndsAt : held.expiresAt) > now;
 }
 
 function entryOf(key: string, record: IdempotencyRecord, expiresAt: number): Entry {
   const response = record.response;
   let bytes = ENTRY_OVERHEAD_BYTES + 2 * (key.length + record.fingerprint.length);
   const headers: string[] = [];
+  let lineFeed = false;
   if (response !== null) {
     bytes += response.body.byteLength;
     for (const [name, value] of response.headers) {
       headers.push(name, value);
       bytes += 2 * (name.length + value.length) + 16;
+      lineFeed ||= name.includes('\n') || value.includes('\n');
     }
   }
   return {
+    locked: false,
     fingerprint: record.fingerprint,
     createdAt: record.createdAt,
     status: response === null ? null : response.status,
-    headers,
+    headers: lineFeed ? headers : headers.join('\n'),
     body: response === null ? null : response.body,
     expiresAt,
     bytes,
@@ -313,7 +318,12 @@ function entryOf(key: string, record: IdempotencyRecord, expiresAt: number): Ent
 function recordOf(entry: Entry): IdempotencyRecord {
   const { fingerprint, createdAt, status, body } = entry;
   if (status === null || body === null) return { fingerprint, createdAt, response: null };
+  const list = typeof entry.headers === 'string' ? splitHeaders(entry.headers) : entry.headers;
   const headers: HeaderPair[] = [];
-  for (let i = 0; i < entry.headers.length; i += 2) headers.push([entry.headers[i]!, entry.headers[i + 1]!]);
+  for (let i = 0; i + 1 < list.length; i += 2) headers.push([list[i]!, list[i + 1]!]);
   return { fingerprint, createdAt, response: { status, headers, body } };
+}
+
+function splitHeaders(joined: string): string[] {
+  return joined === '' ? [] : joined.split('\n');
 }

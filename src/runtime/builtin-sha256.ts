@@ -30,15 +30,25 @@ const JOIN_LIMIT = 64 * 1024;
 const encoder = new TextEncoder();
 
 /**
+ * Where {@link joinSmall} copies the parts: one buffer for the process, grown as needed up to {@link JOIN_LIMIT},
+ * since a new one per request (an `ArrayBuffer` with its backing store) cost more than the copy. Safe to share:
+ * the parts are hashed synchronously, before anything else can write to it.
+ */
+let scratch = new Uint8Array(1024);
+
+/**
  * `parts` as one buffer, when they are small: copying a few kilobytes costs less than a Hash object (a request
  * with a raw body hashes its method and path, then the body). `undefined` for larger parts, hashed piece by piece.
+ * The bytes are valid until the next call.
  */
 function joinSmall(parts: readonly (string | Uint8Array)[]): Uint8Array | undefined {
   let size = 0;
   // A string takes at most 3 bytes of UTF-8 per UTF-16 unit.
   for (const part of parts) size += typeof part === 'string' ? part.length * 3 : part.byteLength;
   if (size > JOIN_LIMIT) return undefined;
-  const joined = new Uint8Array(size);
+  if (size > scratch.byteLength)
+    scratch = new Uint8Array(Math.min(JOIN_LIMIT, Math.max(size, scratch.byteLength * 2)));
+  const joined = scratch;
   let offset = 0;
   for (const part of parts) {
     if (typeof part === 'string') offset += encoder.encodeInto(part, joined.subarray(offset)).written;
