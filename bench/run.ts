@@ -105,7 +105,14 @@ const VARIANTS: Variant[] = [
   },
   {
     name: 'fastify-redis',
-    label: 'ours, Fastify + Redis',
+    label: 'ours, Fastify + Redis (ioredis)',
+    framework: 'fastify',
+    kind: 'ours',
+    backend: 'redis',
+  },
+  {
+    name: 'fastify-node-redis',
+    label: 'ours, Fastify + Redis (node-redis)',
     framework: 'fastify',
     kind: 'ours',
     backend: 'redis',

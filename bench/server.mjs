@@ -388,6 +388,7 @@ const VARIANTS = {
   'express-sqlite': () => oursOnExpress('sqlite'),
   'fastify-memory': async () => fastifyApp(await memoryBackend()),
   'fastify-redis': async () => fastifyApp(await redisBackend()),
+  'fastify-node-redis': async () => fastifyApp(await nodeRedisBackend()),
   'hono-memory': async () => honoApp(await memoryBackend()),
   'koa-memory': async () => koaApp(await memoryBackend()),
   'node-idempotency-memory': () => nodeIdempotency('memory'),

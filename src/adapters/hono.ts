@@ -1,6 +1,6 @@
 import type { Context, MiddlewareHandler } from 'hono';
 import type { ContentfulStatusCode } from 'hono/utils/http-status';
-import { IdempotencyEngine, type RequestIdempotency } from '../core/engine.js';
+import { IdempotencyEngine, isPromise, type RequestIdempotency, type Ticket } from '../core/engine.js';
 import type { IdempotencyOptions } from '../core/options.js';
 import { type EngineReply, REMOVED_HEADER } from '../core/responses.js';
 import { builtinSha256 } from '../runtime/builtin-sha256.js';
@@ -68,21 +68,27 @@ export function idempotencyHeader(options: HonoIdempotencyOptions): MiddlewareHa
       if (read === TOO_LARGE) return reply(c, engine.bodyTooLarge(method, startedAt));
       body = read;
     }
-    const result = await engine.begin(c, method, c.req.url, key, body, startedAt);
+    const begun = engine.begin(c, method, c.req.url, key, body, startedAt);
+    const result = isPromise(begun) ? await begun : begun;
     if (result.kind === 'pass') return next();
     if (result.kind === 'reply') return reply(c, result);
     const before = headersSetBefore(c);
     c.set('idempotency', result);
-    const unwatch = watchClient(c, () => engine.clientLeft(result));
+    const unwatch = watchClient(c, engine, result);
     try {
       await next();
     } finally {
       unwatch();
     }
     // A handler that threw comes back as `c.error`, its response the app's `onError` answer: sent as it is.
-    if (c.error !== undefined) return void (await engine.fail(result));
+    if (c.error !== undefined) {
+      const failed = engine.fail(result);
+      if (isPromise(failed)) await failed;
+      return;
+    }
     const response = c.res;
-    const sent = await captureResponse(engine, result, response, before);
+    const captured = captureResponse(engine, result, response, before);
+    const sent = isPromise(captured) ? await captured : captured;
     if (sent === response) return;
     // Cleared first, so that Hono does not copy the handler's headers onto their own copy again.
     c.res = undefined;
@@ -114,34 +120,48 @@ function requestHeader(c: Context, name: string): string | string[] | undefined 
 /** What `@hono/node-server` puts in `c.env.outgoing`: the `node:http` response, seen by its shape only. */
 interface NodeResponse {
   readonly writableFinished: boolean;
-  once(event: 'close', listener: () => void): unknown;
-  removeListener(event: 'close', listener: () => void): unknown;
+  on(event: 'close', listener: (this: NodeResponse) => void): unknown;
 }
 
 function isNodeResponse(value: unknown): value is NodeResponse {
   return (
     typeof value === 'object' &&
     value !== null &&
-    typeof (value as NodeResponse).once === 'function' &&
-    typeof (value as NodeResponse).removeListener === 'function' &&
+    typeof (value as NodeResponse).on === 'function' &&
     typeof (value as NodeResponse).writableFinished === 'boolean'
   );
 }
 
+/** A request whose client is watched through its `node:http` response. */
+interface Watched {
+  readonly engine: IdempotencyEngine<Context>;
+  readonly ticket: Ticket;
+}
+
 /**
- * Calls `left` if the client goes away while the handler runs; returns what stops watching. On
+ * The request each `node:http` response serves while its handler runs, for {@link onOutgoingClose}: one listener
+ * shared by every response rather than a closure and a `once` wrapper made for each.
+ */
+const watchedResponses = new WeakMap<NodeResponse, Watched>();
+
+function onOutgoingClose(this: NodeResponse): void {
+  const watched = watchedResponses.get(this);
+  if (watched !== undefined && !this.writableFinished) watched.engine.clientLeft(watched.ticket);
+}
+
+/**
+ * Tells the engine if the client goes away while the handler runs; returns what stops watching. On
  * `@hono/node-server` through its `node:http` response: reading `c.req.raw.signal` there builds an
  * `AbortController` for every request, which costs more than the rest of a replay. Elsewhere the request's signal.
  */
-function watchClient(c: Context, left: () => void): () => void {
+function watchClient(c: Context, engine: IdempotencyEngine<Context>, ticket: Ticket): () => void {
   const outgoing = (c.env as { outgoing?: unknown } | undefined)?.outgoing;
   if (isNodeResponse(outgoing)) {
-    const closed = () => {
-      if (!outgoing.writableFinished) left();
-    };
-    outgoing.once('close', closed);
-    return () => outgoing.removeListener('close', closed);
+    watchedResponses.set(outgoing, { engine, ticket });
+    outgoing.on('close', onOutgoingClose);
+    return () => watchedResponses.delete(outgoing);
   }
+  const left = () => engine.clientLeft(ticket);
   const signal = c.req.raw.signal;
   signal?.addEventListener('abort', left, { once: true });
   return () => signal?.removeEventListener('abort', left);

@@ -1,7 +1,7 @@
-import { captureBody, finishWithBody } from '../../core/capture.js';
-import type { IdempotencyEngine, Ticket } from '../../core/engine.js';
+import { captureBody, finishWithBody, type ResponseHead } from '../../core/capture.js';
+import { type IdempotencyEngine, isPromise, type Ticket } from '../../core/engine.js';
 import { type EngineReply, headerValue, REMOVED_HEADER } from '../../core/responses.js';
-import type { HeaderPair } from '../../core/types.js';
+import type { Awaitable, HeaderPair } from '../../core/types.js';
 
 /**
  * Web-standard pieces shared by the adapters whose handlers answer with a `Response` (Hono, fetch): replies as
@@ -126,46 +126,61 @@ function inHandHeaders(init: unknown, hasBody: boolean): Iterable<[string, strin
  * headers. A body in hand (see {@link responseInHand}) that is a string, bytes or a `Blob` is handed over as it
  * is, and the very same `Response` is sent. A streamed body is read: whole, and stored before anything is sent,
  * or relayed as it comes with its end held back until the engine settled (see `captureBody`). `before`: see
- * {@link responseHeaders}. Never rejects for a `Response`.
+ * {@link responseHeaders}. Never rejects for a `Response`. Synchronous when the body is in hand and the engine
+ * settled at once (a synchronous backend): no promise to wait for on the commonest path.
  */
-export async function captureResponse(
+export function captureResponse(
+  engine: IdempotencyEngine<never>,
+  ticket: Ticket,
+  response: Response,
+  before?: Headers,
+): Response | Promise<Response> {
+  const cache = responseInHand(response);
+  if (cache === undefined) return captureStreamed(engine, ticket, response, before);
+  const [status, body, init] = cache;
+  const head = { status, headers: responseHeaders(inHandHeaders(init, body !== null), before) };
+  let settled: Awaitable<void>;
+  if (body === null || NULL_BODY_STATUSES.has(status)) settled = finishWithBody(engine, ticket, head, EMPTY);
+  else if (typeof body === 'string') settled = finishWithBody(engine, ticket, head, encoder.encode(body));
+  else if (body instanceof Uint8Array) settled = finishWithBody(engine, ticket, head, body);
+  else return captureInHand(engine, ticket, response, head, body, init);
+  return isPromise(settled) ? settled.then(() => response) : response;
+}
+
+/** A body in hand that is a `Blob` or a stream. */
+async function captureInHand(
+  engine: IdempotencyEngine<never>,
+  ticket: Ticket,
+  response: Response,
+  head: ResponseHead,
+  body: Blob | ReadableStream<Uint8Array>,
+  init: unknown,
+): Promise<Response> {
+  const { status } = head;
+  if (body instanceof Blob) {
+    // Read only when it is kept: a `Blob` can be read again, by the runtime when it sends it.
+    const keep =
+      body.size <= engine.maxResponseBytes &&
+      engine.plan(status, headerValue(head.headers, 'content-type')) === 'store';
+    const bytes = keep ? new Uint8Array(await body.arrayBuffer()) : undefined;
+    await engine.finish(ticket, { status, headers: head.headers, body: bytes });
+    return response;
+  }
+  // A stream: the `Response` sent is built with the headers as they were given, for the runtime to write them
+  // in the same order and case. Its status text is not kept: `@hono/node-server` never writes one.
+  const captured = await captureBody(engine, ticket, head, chunksOf(body));
+  const sent = { status, headers: init as ResponseInit['headers'] };
+  if (captured.kind === 'kept') return new Response(captured.body as Uint8Array<ArrayBuffer>, sent);
+  return new Response(streamOf(captured.chunks), sent);
+}
+
+/** A `Response` whose body is not in hand: read from its stream. */
+async function captureStreamed(
   engine: IdempotencyEngine<never>,
   ticket: Ticket,
   response: Response,
   before?: Headers,
 ): Promise<Response> {
-  const cache = responseInHand(response);
-  if (cache !== undefined) {
-    const [status, body, init] = cache;
-    const head = { status, headers: responseHeaders(inHandHeaders(init, body !== null), before) };
-    if (body === null || NULL_BODY_STATUSES.has(status)) {
-      await finishWithBody(engine, ticket, head, EMPTY);
-      return response;
-    }
-    if (typeof body === 'string') {
-      await finishWithBody(engine, ticket, head, encoder.encode(body));
-      return response;
-    }
-    if (body instanceof Uint8Array) {
-      await finishWithBody(engine, ticket, head, body);
-      return response;
-    }
-    if (body instanceof Blob) {
-      // Read only when it is kept: a `Blob` can be read again, by the runtime when it sends it.
-      const keep =
-        body.size <= engine.maxResponseBytes &&
-        engine.plan(status, headerValue(head.headers, 'content-type')) === 'store';
-      const bytes = keep ? new Uint8Array(await body.arrayBuffer()) : undefined;
-      await engine.finish(ticket, { status, headers: head.headers, body: bytes });
-      return response;
-    }
-    // A stream: the `Response` sent is built with the headers as they were given, for the runtime to write them
-    // in the same order and case. Its status text is not kept: `@hono/node-server` never writes one.
-    const captured = await captureBody(engine, ticket, head, chunksOf(body));
-    const sent = { status, headers: init as ResponseInit['headers'] };
-    if (captured.kind === 'kept') return new Response(captured.body as Uint8Array<ArrayBuffer>, sent);
-    return new Response(streamOf(captured.chunks), sent);
-  }
   const source = response.body;
   const head = { status: response.status, headers: responseHeaders(response.headers, before) };
   if (source === null || NULL_BODY_STATUSES.has(response.status)) {
