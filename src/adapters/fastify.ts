@@ -8,6 +8,7 @@ import type {
 import fp from 'fastify-plugin';
 import { type BeginResult, isPromise, type RequestIdempotency } from '../core/engine.js';
 import type { RequestBody } from '../core/fingerprint.js';
+import { nodeRequestHeader } from '../core/key.js';
 import type { IdempotencyOptions } from '../core/options.js';
 import {
   type FastifyEngine,
@@ -17,7 +18,7 @@ import {
   sendFastifyReply as sendReply,
   startRun,
 } from './fastify/hooks.js';
-import { createNodeEngine, keyHeader } from './node-http/flow.js';
+import { createNodeEngine } from './node-http/flow.js';
 
 export type { RequestIdempotency } from '../core/engine.js';
 
@@ -86,7 +87,7 @@ const plugin: FastifyPluginCallback<FastifyIdempotencyOptions> = function idempo
     const method = request.method;
     if (engine === undefined || !engine.handles(method)) return next();
     const startedAt = performance.now();
-    const key = engine.readKey(method, keyHeader(request.raw, engine.headerName));
+    const key = engine.readKey(method, nodeRequestHeader(request.raw, engine.headerName));
     if (key === undefined) return next();
     if (typeof key !== 'string') return sendReply(reply, key);
     let result: BeginResult | Promise<BeginResult>;

@@ -1,6 +1,8 @@
 import type { Context, MiddlewareHandler } from 'hono';
 import type { ContentfulStatusCode } from 'hono/utils/http-status';
+import { type ClosingResponse, stopWatchingConnection, watchConnection } from '../core/capture.js';
 import { IdempotencyEngine, isPromise, type RequestIdempotency, type Ticket } from '../core/engine.js';
+import { type NodeRequestHeaders, nodeRequestHeader } from '../core/key.js';
 import type { IdempotencyOptions } from '../core/options.js';
 import { type EngineReply, REMOVED_HEADER } from '../core/responses.js';
 import { builtinSha256 } from '../runtime/builtin-sha256.js';
@@ -96,12 +98,6 @@ export function idempotencyHeader(options: HonoIdempotencyOptions): MiddlewareHa
   };
 }
 
-/** What `@hono/node-server` puts in `c.env.incoming`: the `node:http` request, seen by its shape only. */
-interface NodeRequest {
-  readonly headers: Record<string, string | string[] | undefined>;
-  readonly headersDistinct: Record<string, string[] | undefined>;
-}
-
 /**
  * A request header (`name` in lower case) as `readKey` takes it. On `@hono/node-server` from the `node:http`
  * request's own headers: `c.req.raw.headers` there builds a `Headers` from them on first use, a cost a handler
@@ -109,57 +105,34 @@ interface NodeRequest {
  * line, as `Headers` cannot.
  */
 function requestHeader(c: Context, name: string): string | string[] | undefined {
-  const incoming = (c.env as { incoming?: Partial<NodeRequest> } | undefined)?.incoming;
-  const headers = incoming?.headers;
-  if (typeof headers !== 'object' || headers === null) return c.req.raw.headers.get(name) ?? undefined;
-  const value = headers[name];
-  if (typeof value !== 'string' || !value.includes(',')) return value;
-  return incoming?.headersDistinct?.[name] ?? value;
+  // What `@hono/node-server` puts in `c.env.incoming`: the `node:http` request.
+  const incoming = (c.env as { incoming?: Partial<NodeRequestHeaders> } | undefined)?.incoming;
+  if (typeof incoming?.headers !== 'object' || incoming.headers === null) {
+    return c.req.raw.headers.get(name) ?? undefined;
+  }
+  return nodeRequestHeader(incoming as NodeRequestHeaders, name);
 }
 
-/** What `@hono/node-server` puts in `c.env.outgoing`: the `node:http` response, seen by its shape only. */
-interface NodeResponse {
-  readonly writableFinished: boolean;
-  on(event: 'close', listener: (this: NodeResponse) => void): unknown;
-}
-
-function isNodeResponse(value: unknown): value is NodeResponse {
+function isNodeResponse(value: unknown): value is ClosingResponse {
   return (
     typeof value === 'object' &&
     value !== null &&
-    typeof (value as NodeResponse).on === 'function' &&
-    typeof (value as NodeResponse).writableFinished === 'boolean'
+    typeof (value as ClosingResponse).on === 'function' &&
+    typeof (value as ClosingResponse).writableFinished === 'boolean'
   );
-}
-
-/** A request whose client is watched through its `node:http` response. */
-interface Watched {
-  readonly engine: IdempotencyEngine<Context>;
-  readonly ticket: Ticket;
-}
-
-/**
- * The request each `node:http` response serves while its handler runs, for {@link onOutgoingClose}: one listener
- * shared by every response rather than a closure and a `once` wrapper made for each.
- */
-const watchedResponses = new WeakMap<NodeResponse, Watched>();
-
-function onOutgoingClose(this: NodeResponse): void {
-  const watched = watchedResponses.get(this);
-  if (watched !== undefined && !this.writableFinished) watched.engine.clientLeft(watched.ticket);
 }
 
 /**
  * Tells the engine if the client goes away while the handler runs; returns what stops watching. On
- * `@hono/node-server` through its `node:http` response: reading `c.req.raw.signal` there builds an
- * `AbortController` for every request, which costs more than the rest of a replay. Elsewhere the request's signal.
+ * `@hono/node-server` through its `node:http` response (`c.env.outgoing`): reading `c.req.raw.signal` there builds
+ * an `AbortController` for every request, which costs more than the rest of a replay. Elsewhere the request's
+ * signal.
  */
 function watchClient(c: Context, engine: IdempotencyEngine<Context>, ticket: Ticket): () => void {
   const outgoing = (c.env as { outgoing?: unknown } | undefined)?.outgoing;
   if (isNodeResponse(outgoing)) {
-    watchedResponses.set(outgoing, { engine, ticket });
-    outgoing.on('close', onOutgoingClose);
-    return () => watchedResponses.delete(outgoing);
+    watchConnection(outgoing, engine, ticket);
+    return () => stopWatchingConnection(outgoing);
   }
   const left = () => engine.clientLeft(ticket);
   const signal = c.req.raw.signal;

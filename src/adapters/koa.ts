@@ -1,14 +1,15 @@
 import { Readable, Stream } from 'node:stream';
 import type { Context, Middleware, Next } from 'koa';
-import { captureBody, finishWithBody, handlerHeaders } from '../core/capture.js';
+import { captureBody, finishWithBody, handlerHeaders, watchConnection } from '../core/capture.js';
 import type { IdempotencyEngine, RequestIdempotency, Ticket } from '../core/engine.js';
 import { IdempotencyError } from '../core/errors.js';
 import type { RequestBody } from '../core/fingerprint.js';
+import { nodeRequestHeader } from '../core/key.js';
 import type { IdempotencyOptions } from '../core/options.js';
 import { type EngineReply, REMOVED_HEADER } from '../core/responses.js';
 import type { HeaderPair } from '../core/types.js';
 import { BODY_TOO_LARGE, hasBody, readRequestBody } from './node-http/body.js';
-import { createNodeEngine, keyHeader } from './node-http/flow.js';
+import { createNodeEngine } from './node-http/flow.js';
 
 export type { RequestIdempotency } from '../core/engine.js';
 
@@ -65,7 +66,7 @@ export function idempotencyHeader(options: KoaIdempotencyOptions): Middleware {
     const method = ctx.method;
     if (!engine.handles(method)) return next();
     const startedAt = performance.now();
-    const key = engine.readKey(method, keyHeader(ctx.req, engine.headerName));
+    const key = engine.readKey(method, nodeRequestHeader(ctx.req, engine.headerName));
     if (key === undefined) return next();
     if (typeof key !== 'string') return reply(ctx, key);
     let body: RequestBody;
@@ -83,9 +84,7 @@ export function idempotencyHeader(options: KoaIdempotencyOptions): Middleware {
     const before = res.getHeaders();
     ctx.state.idempotency = ticket;
     // The client going away changes nothing: the handler goes on and its response is stored all the same.
-    res.once('close', () => {
-      if (!ticket.settled) engine.clientLeft(ticket);
-    });
+    watchConnection(res, engine, ticket);
     try {
       await next();
     } catch (error) {

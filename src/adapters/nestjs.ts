@@ -28,6 +28,7 @@ import {
 } from '../core/engine.js';
 import { IdempotencyError } from '../core/errors.js';
 import type { RequestBody } from '../core/fingerprint.js';
+import { nodeRequestHeader } from '../core/key.js';
 import { type IdempotencyOptions, KNOWN_OPTIONS } from '../core/options.js';
 import type { EngineReply } from '../core/responses.js';
 import {
@@ -40,7 +41,7 @@ import {
   startRun,
 } from './fastify/hooks.js';
 import { failCapture, ticketOf } from './node-http/capture.js';
-import { createNodeEngine, handleNodeRequest, keyHeader, sendReply } from './node-http/flow.js';
+import { createNodeEngine, handleNodeRequest, sendReply } from './node-http/flow.js';
 import { parsedBodyOf } from './node-http/parsed-body.js';
 
 export type { RequestIdempotency } from '../core/engine.js';
@@ -511,7 +512,7 @@ function beginFastify(
   // Running already: the Fastify plugin registered on Nest's instance took the key.
   if (isRunning(request) || !engine.handles(method)) return started({ kind: 'pass' });
   const startedAt = performance.now();
-  const key = engine.readKey(method, keyHeader(request.raw, engine.headerName));
+  const key = engine.readKey(method, nodeRequestHeader(request.raw, engine.headerName));
   if (key === undefined) return started({ kind: 'pass' });
   if (typeof key !== 'string') return started({ kind: 'answer', reply: key });
   let result: BeginResult | Promise<BeginResult>;

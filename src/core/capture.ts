@@ -46,6 +46,42 @@ function sameValue(a: HeaderRecordValue, b: HeaderRecordValue): boolean {
   return a.length === b.length && a.every((item, i) => item === b[i]);
 }
 
+/** A `node:http` response, seen by its shape only: adapters that must not import `node:http` (Hono) use it too. */
+export interface ClosingResponse {
+  readonly writableFinished: boolean;
+  on(event: 'close', listener: (this: ClosingResponse) => void): unknown;
+}
+
+/** What {@link watchConnection} tells the engine. */
+type ConnectionEngine = Pick<IdempotencyEngine<never>, 'fail' | 'clientLeft'>;
+
+/** The request each watched response serves; see {@link watchConnection}. */
+const watchedConnections = new WeakMap<ClosingResponse, { engine: ConnectionEngine; ticket: Ticket }>();
+
+/**
+ * Watches the connection of a request that runs its handler under its key, until the engine settled or
+ * {@link stopWatchingConnection}. Closed before the response was handed to the engine, either the client went
+ * away (nothing changes for the request: the engine only notes when), or the response went out without passing
+ * the adapter (a hijacked reply): nothing can be stored then, and the key is released. One listener shared by
+ * every response, rather than a closure and a `once` wrapper made for each.
+ */
+export function watchConnection(res: ClosingResponse, engine: ConnectionEngine, ticket: Ticket): void {
+  watchedConnections.set(res, { engine, ticket });
+  res.on('close', onWatchedClose);
+}
+
+/** Stops {@link watchConnection}: the response is in the adapter's hands again. */
+export function stopWatchingConnection(res: ClosingResponse): void {
+  watchedConnections.delete(res);
+}
+
+function onWatchedClose(this: ClosingResponse): void {
+  const watched = watchedConnections.get(this);
+  if (watched === undefined || watched.ticket.settled) return;
+  if (this.writableFinished) watched.engine.fail(watched.ticket);
+  else watched.engine.clientLeft(watched.ticket);
+}
+
 /** Status and headers of a finished response, as {@link IdempotencyEngine.finish} takes them. */
 export interface ResponseHead {
   readonly status: number;

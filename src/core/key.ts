@@ -52,3 +52,23 @@ export function hasControlCharacter(key: string): boolean {
 export function isUuid4(key: string): boolean {
   return key.length === 36 ? UUID4_HYPHENATED.test(key) : key.length === 32 && UUID4_COMPACT.test(key);
 }
+
+/**
+ * A `node:http` request's headers, seen by their shape only, so that adapters which must not import `node:http`
+ * (Hono on `@hono/node-server`) read them the same way.
+ */
+export interface NodeRequestHeaders {
+  readonly headers: Readonly<Record<string, string | string[] | undefined>>;
+  readonly headersDistinct?: Readonly<Record<string, string[] | undefined>>;
+}
+
+/**
+ * A header of a `node:http` request (`name` in lower case) as `readKey` takes it. Node.js joins repeated lines
+ * with `, `, and then a pair such as `"a` and `b"` reads as the one quoted key `a, b`: a value with a comma is
+ * looked at line by line.
+ */
+export function nodeRequestHeader(req: NodeRequestHeaders, name: string): string | string[] | undefined {
+  const header = req.headers[name];
+  if (typeof header !== 'string' || !header.includes(',')) return header;
+  return req.headersDistinct?.[name] ?? header;
+}

@@ -10,11 +10,11 @@ import Fastify, { type FastifyInstance, type RouteHandlerMethod, type RouteShort
 import { describe, expect, it } from 'vitest';
 import { idempotencyHeader } from '../../src/adapters/fastify.js';
 import {
-  type DifferentialCase,
   describeDifferential,
   differentialBackends,
   failOnUnexpectedErrors,
   type Listening,
+  numberedCases,
 } from '../support/differential.js';
 
 failOnUnexpectedErrors();
@@ -418,11 +418,7 @@ function listening(app: FastifyInstance): Listening {
   };
 }
 
-const cases: DifferentialCase[] = CORPUS.map((corpusCase, i) => ({
-  name: corpusCase.name,
-  path: `/case/${i}`,
-  skip: corpusCase.skip,
-}));
+const cases = numberedCases(CORPUS);
 
 const backends = await differentialBackends('Fastify');
 

@@ -9,11 +9,11 @@ import { getRequestListener } from '@hono/node-server';
 import { describe, expect, it } from 'vitest';
 import { withIdempotency } from '../../src/adapters/fetch.js';
 import {
-  type DifferentialCase,
   describeDifferential,
   differentialBackends,
   failOnUnexpectedErrors,
   listenOn,
+  numberedCases,
 } from '../support/differential.js';
 
 failOnUnexpectedErrors();
@@ -218,11 +218,7 @@ async function handlerFor(request: Request): Promise<Response> {
   return CORPUS[Number(pathname.split('/')[2])]!.handler(request);
 }
 
-const cases: DifferentialCase[] = CORPUS.map((corpusCase, i) => ({
-  name: corpusCase.name,
-  path: `/case/${i}`,
-  skip: corpusCase.skip,
-}));
+const cases = numberedCases(CORPUS);
 
 const backends = await differentialBackends('fetch');
 

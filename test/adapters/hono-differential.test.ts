@@ -19,11 +19,11 @@ import { describe, expect, it } from 'vitest';
 import { type IdempotencyVariables, idempotencyHeader } from '../../src/adapters/hono.js';
 import type { IdempotencyOptions } from '../../src/core/options.js';
 import {
-  type DifferentialCase,
   describeDifferential,
   differentialBackends,
   failOnUnexpectedErrors,
   listenOn,
+  numberedCases,
 } from '../support/differential.js';
 
 failOnUnexpectedErrors();
@@ -362,11 +362,7 @@ function honoApp(stack: Stack, idempotency?: MiddlewareHandler<Env>): Hono<Env> 
   return app;
 }
 
-const cases: DifferentialCase[] = CORPUS.map((corpusCase, i) => ({
-  name: corpusCase.name,
-  path: `/case/${i}`,
-  skip: corpusCase.skip,
-}));
+const cases = numberedCases(CORPUS);
 
 const backends = await differentialBackends('Hono');
 

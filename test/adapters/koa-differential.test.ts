@@ -15,11 +15,11 @@ import { describe, expect, it } from 'vitest';
 import { idempotencyHeader } from '../../src/adapters/koa.js';
 import type { IdempotencyOptions } from '../../src/core/options.js';
 import {
-  type DifferentialCase,
   describeDifferential,
   differentialBackends,
   failOnUnexpectedErrors,
   listenOn,
+  numberedCases,
 } from '../support/differential.js';
 import { type KoaModule, koa3 } from '../support/koa.js';
 
@@ -381,11 +381,7 @@ function koaApp(
   return app;
 }
 
-const cases: DifferentialCase[] = CORPUS.map((corpusCase, i) => ({
-  name: corpusCase.name,
-  path: `/case/${i}`,
-  skip: corpusCase.skip,
-}));
+const cases = numberedCases(CORPUS);
 
 const backends = await differentialBackends('Koa');
 

@@ -155,6 +155,68 @@ describe('MemoryBackend', () => {
     });
   });
 
+  describe('one entry per key', () => {
+    it('takes over an expired record or a lapsed lock in place, its bytes counted once', async () => {
+      const backend = create();
+      const reference = create();
+      expect(reference.acquire('k', FINGERPRINT, LEASE_MS).state).toBe('acquired');
+      const lockBytes = reference.bytes;
+
+      store(backend, 'k', 20);
+      await sleep(40);
+      const taken = backend.acquire('k', FINGERPRINT, LEASE_MS);
+      expect(taken.state).toBe('acquired');
+      expect(backend.size).toBe(1);
+      expect(backend.bytes).toBe(lockBytes);
+
+      const lapsing = backend.acquire('l', FINGERPRINT, 20);
+      await sleep(40);
+      const next = backend.acquire('l', FINGERPRINT, LEASE_MS);
+      expect(next.state).toBe('acquired');
+      expect(backend.size).toBe(2);
+      expect(backend.bytes).toBe(2 * lockBytes);
+      // The lapsed holder is fenced out: its store and release find another token.
+      const stale = (lapsing as { token: string }).token;
+      expect(backend.complete('l', stale, record('late'), null)).toBe(false);
+      expect(backend.release('l', stale)).toBe(false);
+
+      backend.release('k', (taken as { token: string }).token);
+      backend.release('l', (next as { token: string }).token);
+      expect(backend.size).toBe(0);
+      expect(backend.bytes).toBe(0);
+    });
+
+    it('replays stored headers exactly: repeated, empty, and a value with a line feed', () => {
+      const backend = create();
+      const lists: [string, string][][] = [
+        [],
+        [['x-empty', '']],
+        [
+          ['set-thing', 'a'],
+          ['set-thing', 'b'],
+          ['content-type', 'text/plain'],
+        ],
+        [
+          ['x-line', 'one\ntwo'],
+          ['x-after', ''],
+        ],
+      ];
+      lists.forEach((headers, i) => {
+        const key = `h${i}`;
+        const lock = backend.acquire(key, FINGERPRINT, LEASE_MS) as { token: string };
+        const stored: IdempotencyRecord = {
+          fingerprint: FINGERPRINT,
+          createdAt: Date.now(),
+          response: { status: 201, headers, body: Buffer.from(key) },
+        };
+        expect(backend.complete(key, lock.token, stored, null)).toBe(true);
+        const replay = backend.acquire(key, FINGERPRINT, LEASE_MS);
+        expect(replay.state).toBe('completed');
+        expect((replay as { record: IdempotencyRecord }).record.response?.headers).toEqual(headers);
+      });
+    });
+  });
+
   describe('sweeping', () => {
     it('frees expired records and lapsed locks without their keys being read', async () => {
       const backend = create({ sweepIntervalMs: 50 });

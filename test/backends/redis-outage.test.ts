@@ -8,8 +8,9 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { Redis } from 'ioredis';
 import { createClient } from 'redis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { RedisBackend, type RedisClientLike } from '../../src/backends/redis.js';
+import { RedisBackend } from '../../src/backends/redis.js';
 import type { IdempotencyRecord } from '../../src/core/types.js';
+import type { FailFastClient } from '../support/fail-fast-redis.js';
 import { type RedisServer, requireRedisServer, startRedisServer } from '../support/redis-server.js';
 
 const enabled = requireRedisServer('RedisBackend outage tests');
@@ -27,12 +28,10 @@ const record: IdempotencyRecord = {
   response: { status: 200, headers: [], body: Buffer.from('{}') },
 };
 
-interface FailFastClient {
-  redis: RedisClientLike;
-  close(): void;
-}
-
-/** Fail-fast client configurations: no offline queue, bounded commands, keep reconnecting. */
+/**
+ * Fail-fast client configurations: no offline queue, bounded commands, keep reconnecting. Tighter than the README's
+ * (`../support/fail-fast-redis.ts`), so that every failing call is seen to reject within {@link REJECT_WITHIN_MS}.
+ */
 const clients: Record<string, (url: string) => Promise<FailFastClient>> = {
   async ioredis(url) {
     const redis = new Redis(url, {

@@ -211,6 +211,20 @@ describe('the SHA-256 implementations', () => {
     expect(nodeSha256(parts)).toBe(hex);
     expect(await webSha256(parts)).toBe(hex);
   });
+
+  it('hash each input alone when one buffer is reused for the joined parts: nothing of a longer one before it', () => {
+    const sequence: (string | Uint8Array)[][] = [
+      ['POST /long\n', new Uint8Array(5000).fill(9)],
+      ['POST /a\n', bytes('{}')],
+      ['☕'.repeat(400), bytes('x')],
+      ['b', new Uint8Array(0)],
+    ];
+    for (const parts of sequence) {
+      const expected = createHash('sha256');
+      for (const part of parts) expected.update(part);
+      expect(nodeSha256(parts)).toBe(expected.digest('hex'));
+    }
+  });
 });
 
 describe('requestTarget', () => {

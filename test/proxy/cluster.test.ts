@@ -22,7 +22,13 @@ import {
   sqliteDirectory,
   uniqueTable,
 } from '../support/sql.js';
-import { type ProxyProcess, startProxy, startUpstream, type Upstream } from './processes.js';
+import {
+  firstRunAndRepeat,
+  type ProxyProcess,
+  startProxy,
+  startUpstream,
+  type Upstream,
+} from './processes.js';
 
 interface Call {
   key: string;
@@ -235,21 +241,7 @@ describe('two proxies sharing a SQL backend', () => {
       );
       try {
         const key = `wait-${table}`;
-        const send = (proxy: ProxyProcess) =>
-          fetch(`${proxy.url}/orders?delay=800`, {
-            method: 'POST',
-            headers: { 'content-type': 'application/json', 'idempotency-key': key },
-            body: '{}',
-          }).then(async (response) => ({
-            status: response.status,
-            replayed: response.headers.get('idempotent-replayed'),
-            text: await response.text(),
-            at: performance.now(),
-          }));
-        const first = send(a!);
-        await new Promise((resolve) => setTimeout(resolve, 300));
-        const repeat = await send(b!);
-        const done = await first;
+        const { done, repeat } = await firstRunAndRepeat(a!, b!, key);
         expect(done.status).toBe(201);
         expect(repeat).toMatchObject({ status: 201, replayed: 'true', text: done.text });
         // Woken by the notification as the first run was stored, not by a poll seconds later.

@@ -200,3 +200,38 @@ export async function runCommand(
   live.delete(child);
   return { code, stdout, stderr };
 }
+
+/** A response as the waiting tests compare them, with when it ended (`performance.now()`). */
+export interface TimedAnswer {
+  readonly status: number;
+  readonly replayed: string | null;
+  readonly text: string;
+  readonly at: number;
+}
+
+/**
+ * A first run that takes 800 ms upstream, sent to `holder`, and the same request sent to `waiter` 300 ms later,
+ * while the first still runs: the two answers, the repeat's to be compared with the first's (a waiting proxy
+ * replays it as soon as it is stored).
+ */
+export async function firstRunAndRepeat(
+  holder: ProxyProcess,
+  waiter: ProxyProcess,
+  key: string,
+): Promise<{ done: TimedAnswer; repeat: TimedAnswer }> {
+  const send = (proxy: ProxyProcess): Promise<TimedAnswer> =>
+    fetch(`${proxy.url}/orders?delay=800`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', 'idempotency-key': key },
+      body: '{}',
+    }).then(async (response) => ({
+      status: response.status,
+      replayed: response.headers.get('idempotent-replayed'),
+      text: await response.text(),
+      at: performance.now(),
+    }));
+  const first = send(holder);
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  const repeat = await send(waiter);
+  return { done: await first, repeat };
+}

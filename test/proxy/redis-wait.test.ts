@@ -5,7 +5,13 @@
 import { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { deleteKeysWithPrefix, REDIS_URL, requireRedis, uniquePrefix } from '../support/redis.js';
-import { type ProxyProcess, startProxy, startUpstream, type Upstream } from './processes.js';
+import {
+  firstRunAndRepeat,
+  type ProxyProcess,
+  startProxy,
+  startUpstream,
+  type Upstream,
+} from './processes.js';
 
 const redisUp = await requireRedis('proxy --on-conflict wait on Redis');
 
@@ -37,21 +43,7 @@ describe.runIf(redisUp)('two proxies sharing Redis with --on-conflict wait', () 
   it('wakes a repeat on another proxy by PUBLISH as the run is stored', async () => {
     const [a, b] = proxies as [ProxyProcess, ProxyProcess];
     const key = `wait-${prefix}`;
-    const send = (proxy: ProxyProcess) =>
-      fetch(`${proxy.url}/orders?delay=800`, {
-        method: 'POST',
-        headers: { 'content-type': 'application/json', 'idempotency-key': key },
-        body: '{}',
-      }).then(async (response) => ({
-        status: response.status,
-        replayed: response.headers.get('idempotent-replayed'),
-        text: await response.text(),
-        at: performance.now(),
-      }));
-    const first = send(a);
-    await new Promise((resolve) => setTimeout(resolve, 300));
-    const repeat = await send(b);
-    const done = await first;
+    const { done, repeat } = await firstRunAndRepeat(a, b, key);
     expect(done.status).toBe(201);
     expect(repeat).toMatchObject({ status: 201, replayed: 'true', text: done.text });
     expect(repeat.at - done.at).toBeLessThan(500);

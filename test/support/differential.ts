@@ -38,6 +38,20 @@ export interface DifferentialCase {
   readonly skip?: string;
 }
 
+/**
+ * The cases of a corpus whose apps serve its behaviour number `i` at `/case/<i>`, as the Fastify, Hono, Koa and
+ * fetch corpora do.
+ */
+export function numberedCases(
+  corpus: readonly { readonly name: string; readonly skip?: string }[],
+): DifferentialCase[] {
+  return corpus.map((corpusCase, i) => ({
+    name: corpusCase.name,
+    path: `/case/${i}`,
+    skip: corpusCase.skip,
+  }));
+}
+
 /** A listening server of the pair. */
 export interface Listening {
   readonly port: number;

@@ -7,7 +7,7 @@ import type { RouteRequest, Routes, ServerFactory, TestServer } from './http.js'
 import { nodeBody } from './route-chunks.js';
 
 /** The neutral view of a Fastify request: the body Fastify parsed (JSON, or a Buffer for raw types). */
-function routeRequest(request: FastifyRequest, reply: FastifyReply): RouteRequest {
+export function fastifyRouteRequest(request: FastifyRequest, reply: FastifyReply): RouteRequest {
   return {
     method: request.method,
     url: request.url,
@@ -34,7 +34,7 @@ export function createFastifyServerFactory(): ServerFactory {
     await app.register(idempotencyHeader, options as FastifyIdempotencyOptions);
     for (const [path, handler] of Object.entries(routes)) {
       app.all(path, async (request, reply) => {
-        const response = await handler(routeRequest(request, reply));
+        const response = await handler(fastifyRouteRequest(request, reply));
         reply.code(response.status);
         for (const [name, value] of response.headers ?? []) reply.header(name, value);
         reply.send(nodeBody(response));

@@ -20,10 +20,10 @@ import {
   IdempotencyModule,
   type NestIdempotencyOptions,
 } from '../../src/adapters/nestjs.js';
+import { fastifyRouteRequest } from './fastify.js';
 import {
   type ContractOptions,
   nodeRouteRequest,
-  type RouteRequest,
   type Routes,
   readAll,
   type ServerFactory,
@@ -123,19 +123,6 @@ async function serveExpress(
   const body = parsed ? (req as IncomingMessage & { body?: unknown }).body : await readAll(req);
   const response = await handler(nodeRouteRequest(req, res, body));
   await writeRouteResponse(res, response);
-}
-
-function fastifyRouteRequest(request: FastifyRequest, reply: FastifyReply): RouteRequest {
-  return {
-    method: request.method,
-    url: request.url,
-    header(name) {
-      const value = request.headers[name.toLowerCase()];
-      return Array.isArray(value) ? value[0] : value;
-    },
-    body: request.body,
-    closed: new Promise((resolve) => reply.raw.once('close', () => resolve())),
-  };
 }
 
 async function serveFastify(

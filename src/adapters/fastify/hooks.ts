@@ -1,7 +1,12 @@
-import type { ServerResponse } from 'node:http';
 import { Readable } from 'node:stream';
 import type { FastifyReply, FastifyRequest, HookHandlerDoneFunction, onErrorHookHandler } from 'fastify';
-import { captureBody, finishWithBody, type HeaderRecordValue, handlerHeaders } from '../../core/capture.js';
+import {
+  captureBody,
+  finishWithBody,
+  type HeaderRecordValue,
+  handlerHeaders,
+  watchConnection,
+} from '../../core/capture.js';
 import { type IdempotencyEngine, isPromise, type Ticket } from '../../core/engine.js';
 import { type EngineReply, REMOVED_HEADER } from '../../core/responses.js';
 
@@ -51,26 +56,9 @@ export function startRun(
   reply: FastifyReply,
   ticket: Ticket,
 ): void {
-  const state: Running = { engine, ticket, before: reply.getHeaders(), failed: false };
-  running.set(request, state);
-  const res = reply.raw;
-  closing.set(res, state);
-  res.on('close', onResponseClose);
-}
-
-/**
- * Each running request's state by its Node.js response, for {@link onResponseClose}: one listener shared by every
- * response rather than a closure and a `once` wrapper made for each.
- */
-const closing = new WeakMap<ServerResponse, Running>();
-
-function onResponseClose(this: ServerResponse): void {
-  const state = closing.get(this);
-  if (state === undefined || state.ticket.settled) return;
-  // Gone out without passing `onSend` (a hijacked reply): nothing to store, the key is released.
-  if (this.writableFinished) state.engine.fail(state.ticket);
-  // The client went away: nothing changes, the handler goes on and its response is stored when it is sent.
-  else state.engine.clientLeft(state.ticket);
+  running.set(request, { engine, ticket, before: reply.getHeaders(), failed: false });
+  // A reply that goes out without passing `onSend` (hijacked) releases the key; a client that leaves changes nothing.
+  watchConnection(reply.raw, engine, ticket);
 }
 
 /**

@@ -2,6 +2,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import { type BeginResult, IdempotencyEngine, isPromise } from '../../core/engine.js';
 import { IdempotencyError } from '../../core/errors.js';
 import type { RequestBody } from '../../core/fingerprint.js';
+import { nodeRequestHeader } from '../../core/key.js';
 import type { IdempotencyOptions } from '../../core/options.js';
 import { type EngineReply, REMOVED_HEADER } from '../../core/responses.js';
 import { nodeSha256 } from '../../runtime/node-sha256.js';
@@ -32,16 +33,6 @@ export function createNodeEngine<Req>(options: IdempotencyOptions<Req>): Idempot
 }
 
 /**
- * The key header of a `node:http` request, as `readKey` takes it. Node.js joins repeated lines with `, `, and then
- * a pair such as `"a` and `b"` reads as the one quoted key `a, b`: a value with a comma is looked at line by line.
- */
-export function keyHeader(req: IncomingMessage, name: string): string | string[] | undefined {
-  const header = req.headers[name];
-  if (typeof header !== 'string' || !header.includes(',')) return header;
-  return req.headersDistinct[name] ?? header;
-}
-
-/**
  * Runs the idempotency flow for one request. `url` is the path with its query string as the application sees
  * it; `body` is what a body parser produced, or {@link READ_STREAM} to read the raw bytes from `req`. `answer`
  * sends the engine's own replies; a framework that writes every response itself (NestJS) hands them over to it.
@@ -59,7 +50,7 @@ export function handleNodeRequest<Req extends IncomingMessage>(
   const method = req.method ?? 'GET';
   if (!engine.handles(method)) return next();
   const startedAt = performance.now();
-  const key = engine.readKey(method, keyHeader(req, engine.headerName));
+  const key = engine.readKey(method, nodeRequestHeader(req, engine.headerName));
   if (key === undefined) return next();
   if (typeof key !== 'string') return answer(res, key);
   if (body !== READ_STREAM || !engine.needsBody) {
