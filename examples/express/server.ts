@@ -34,9 +34,12 @@ const redis = redisUrl
       maxRetriesPerRequest: 0,
       autoResendUnfulfilledCommands: false,
       commandTimeout: 2000,
+      // Connected before the server listens: without the offline queue, a command sent earlier would fail.
+      lazyConnect: true,
     })
   : undefined;
 redis?.on('error', (error) => console.error('redis:', error.message));
+await redis?.connect();
 const backend: Backend = sql?.backend ?? (redis ? new RedisBackend({ redis, prefix }) : new MemoryBackend());
 
 /** Order numbers: from Redis or the database when shared, so that every process counts the same orders. */

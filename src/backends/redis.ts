@@ -105,7 +105,9 @@ export interface RedisBackendOptions {
    * `onBackendError` to act within seconds, make the client fail fast:
    * - ioredis: `{ enableOfflineQueue: false, maxRetriesPerRequest: 0, autoResendUnfulfilledCommands: false,
    *   commandTimeout: 2000 }` (`autoResendUnfulfilledCommands: false` keeps a command that already failed from
-   *   being run after a reconnect, e.g. an acquire taking a lock nobody holds).
+   *   being run after a reconnect, e.g. an acquire taking a lock nobody holds). Without the offline queue a
+   *   command sent before the first connection is ready fails too: connect (`lazyConnect: true` and
+   *   `await redis.connect()`) before the server listens.
    * - node-redis: `{ disableOfflineQueue: true, pingInterval: 1000, socket: { socketTimeout: 3000,
    *   reconnectStrategy: (retries) => Math.min(retries * 100, 2000) } }`. Its `commandOptions.timeout` only
    *   bounds the wait before a command is sent; `socketTimeout` closes a connection whose server went silent (and
@@ -274,8 +276,10 @@ const MISMATCH: AcquireResult = Object.freeze({ state: 'mismatch' });
  *   maxRetriesPerRequest: 0,
  *   autoResendUnfulfilledCommands: false,
  *   commandTimeout: 2000,
+ *   lazyConnect: true,
  * });
  * redis.on('error', (error) => console.error(error));
+ * await redis.connect(); // without the offline queue, a command sent before the connection is ready fails
  * const backend = new RedisBackend({ redis, prefix: 'myapp:idempotency:' });
  * ```
  *
