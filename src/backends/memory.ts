@@ -25,36 +25,40 @@ export interface MemoryBackendOptions {
   sweepIntervalMs?: number;
 }
 
-/** A key whose request is running. */
-interface Lock {
-  readonly locked: true;
-  readonly token: string;
-  readonly fingerprint: string;
-  leaseEndsAt: number;
-  readonly bytes: number;
-}
-
 /**
- * A stored record, kept flat: every response stored here lives until it expires, often for a day, so each object
- * it is made of is one more the garbage collector promotes and then marks again and again. The record's objects
- * are made again on a replay, which is rarer than a store.
+ * A key's lock, and then, in the same object, its record: every response stored here lives until it expires,
+ * often for a day, so each object it is made of is one more the garbage collector promotes and then marks again
+ * and again. Completing a lock fills in its record where it is, with no second object and no second map write.
+ * The record's objects are made again on a replay, which is rarer than a store.
  */
-interface Entry {
-  readonly locked: false;
-  readonly fingerprint: string;
-  readonly createdAt: number;
-  /** `null` for a request remembered without its response. */
-  readonly status: number | null;
+class Slot {
+  /** Fencing token of the request running under the key; `''` once the record is stored. */
+  token: string;
+  fingerprint: string;
+  /** The lease's end while locked; the record's expiry once stored (`Infinity` for `expiry: null`). */
+  endsAt: number;
+  bytes: number;
+  createdAt = 0;
+  /** `null` for a request remembered without its response (and while locked). */
+  status: number | null = null;
   /**
    * Header names and values, one after the other: joined by line feeds into one string (one object to keep rather
    * than a list and its strings), or as a list when one of them holds a line feed (which Node.js and the Fetch API
    * never let through, but a backend's caller might).
    */
-  readonly headers: string | readonly string[];
-  readonly body: Uint8Array | null;
-  /** `Infinity` for records stored with `expiry: null`. */
-  readonly expiresAt: number;
-  readonly bytes: number;
+  headers: string | readonly string[] = '';
+  body: Uint8Array | null = null;
+
+  constructor(token: string, fingerprint: string, leaseEndsAt: number, bytes: number) {
+    this.token = token;
+    this.fingerprint = fingerprint;
+    this.endsAt = leaseEndsAt;
+    this.bytes = bytes;
+  }
+
+  get locked(): boolean {
+    return this.token !== '';
+  }
 }
 
 /** Default of {@link MemoryBackendOptions.maxEntries}. */
@@ -92,7 +96,7 @@ export class MemoryBackend implements Backend {
   readonly #maxEntries: number;
   readonly #maxBytes: number;
   /** Each key's lock or record: one map, so that a lock turns into its record in place. */
-  readonly #entries = new Map<string, Lock | Entry>();
+  readonly #entries = new Map<string, Slot>();
   readonly #sweepIntervalMs: number;
   /** Started by the first `acquire`: a Cloudflare Worker may not start a timer at its global scope. */
   #sweeper: ReturnType<typeof setInterval> | undefined;
@@ -144,22 +148,14 @@ export class MemoryBackend implements Backend {
     const held = this.#entries.get(key);
     const bytes = ENTRY_OVERHEAD_BYTES + 2 * (key.length + fingerprint.length);
     if (held === undefined) this.#makeRoom(bytes, now);
-    else if (held.locked) {
-      if (held.leaseEndsAt > now) {
-        if (held.fingerprint !== fingerprint) return MISMATCH;
-        return { state: 'in-flight', retryAfterMs: held.leaseEndsAt - now };
-      }
-      this.#bytes -= held.bytes;
-    } else {
-      if (held.expiresAt > now) {
-        if (held.fingerprint !== fingerprint) return MISMATCH;
-        return { state: 'completed', record: recordOf(held) };
-      }
-      this.#bytes -= held.bytes;
-    }
+    else if (held.endsAt > now) {
+      if (held.fingerprint !== fingerprint) return MISMATCH;
+      if (held.locked) return { state: 'in-flight', retryAfterMs: held.endsAt - now };
+      return { state: 'completed', record: recordOf(held) };
+    } else this.#bytes -= held.bytes;
     // A lapsed lock or an expired record is replaced where it is: the key count does not grow.
     const token = String(++this.#tokenSequence);
-    this.#entries.set(key, { locked: true, token, fingerprint, leaseEndsAt: now + leaseMs, bytes });
+    this.#entries.set(key, new Slot(token, fingerprint, now + leaseMs, bytes));
     this.#bytes += bytes;
     return { state: 'acquired', token };
   }
@@ -167,9 +163,9 @@ export class MemoryBackend implements Backend {
   complete(key: string, token: string, record: IdempotencyRecord, ttlMs: number | null): boolean {
     const lock = this.#lockOf(key, token);
     if (lock === undefined) return false;
-    const entry = entryOf(key, record, ttlMs === null ? Number.POSITIVE_INFINITY : Date.now() + ttlMs);
-    this.#entries.set(key, entry);
-    this.#bytes += entry.bytes - lock.bytes;
+    const before = lock.bytes;
+    storeRecord(lock, key, record, ttlMs === null ? Number.POSITIVE_INFINITY : Date.now() + ttlMs);
+    this.#bytes += lock.bytes - before;
     this.#wake(key);
     return true;
   }
@@ -190,7 +186,7 @@ export class MemoryBackend implements Backend {
   renew(key: string, token: string, leaseMs: number): boolean {
     const lock = this.#lockOf(key, token);
     if (lock === undefined) return false;
-    lock.leaseEndsAt = Date.now() + leaseMs;
+    lock.endsAt = Date.now() + leaseMs;
     return true;
   }
 
@@ -200,13 +196,13 @@ export class MemoryBackend implements Backend {
     const held = this.#entries.get(key);
     if (held === undefined || !isHeld(held, now)) return undefined;
     if (held.locked)
-      return { state: 'in-flight', fingerprint: held.fingerprint, leaseLeftMs: held.leaseEndsAt - now };
+      return { state: 'in-flight', fingerprint: held.fingerprint, leaseLeftMs: held.endsAt - now };
     return {
       state: 'completed',
       fingerprint: held.fingerprint,
       status: held.status,
       storedAt: held.createdAt,
-      expiresAt: Number.isFinite(held.expiresAt) ? held.expiresAt : null,
+      expiresAt: Number.isFinite(held.endsAt) ? held.endsAt : null,
       size: held.body?.byteLength ?? 0,
     };
   }
@@ -274,23 +270,25 @@ export class MemoryBackend implements Backend {
   }
 
   /** The key's lock, if `token` holds it (a lapsed lease included, until another request takes the key). */
-  #lockOf(key: string, token: string): Lock | undefined {
+  #lockOf(key: string, token: string): Slot | undefined {
     const held = this.#entries.get(key);
-    return held?.locked && held.token === token ? held : undefined;
+    // A stored record's token is '', which no request holds.
+    return held !== undefined && held.token === token ? held : undefined;
   }
 
-  #delete(key: string, held: Lock | Entry): void {
+  #delete(key: string, held: Slot): void {
     this.#entries.delete(key);
     this.#bytes -= held.bytes;
   }
 }
 
 /** Whether a lock's lease or a record's expiry is still running. */
-function isHeld(held: Lock | Entry, now: number): boolean {
-  return (held.locked ? held.leaseEndsAt : held.expiresAt) > now;
+function isHeld(held: Slot, now: number): boolean {
+  return held.endsAt > now;
 }
 
-function entryOf(key: string, record: IdempotencyRecord, expiresAt: number): Entry {
+/** Turns a lock into its record, in place: the token is cleared, so that its holder can no longer write. */
+function storeRecord(slot: Slot, key: string, record: IdempotencyRecord, expiresAt: number): void {
   const response = record.response;
   let bytes = ENTRY_OVERHEAD_BYTES + 2 * (key.length + record.fingerprint.length);
   const headers: string[] = [];
@@ -303,19 +301,17 @@ function entryOf(key: string, record: IdempotencyRecord, expiresAt: number): Ent
       lineFeed ||= name.includes('\n') || value.includes('\n');
     }
   }
-  return {
-    locked: false,
-    fingerprint: record.fingerprint,
-    createdAt: record.createdAt,
-    status: response === null ? null : response.status,
-    headers: lineFeed ? headers : headers.join('\n'),
-    body: response === null ? null : response.body,
-    expiresAt,
-    bytes,
-  };
+  slot.token = '';
+  slot.fingerprint = record.fingerprint;
+  slot.endsAt = expiresAt;
+  slot.bytes = bytes;
+  slot.createdAt = record.createdAt;
+  slot.status = response === null ? null : response.status;
+  slot.headers = lineFeed ? headers : headers.join('\n');
+  slot.body = response === null ? null : response.body;
 }
 
-function recordOf(entry: Entry): IdempotencyRecord {
+function recordOf(entry: Slot): IdempotencyRecord {
   const { fingerprint, createdAt, status, body } = entry;
   if (status === null || body === null) return { fingerprint, createdAt, response: null };
   const list = typeof entry.headers === 'string' ? splitHeaders(entry.headers) : entry.headers;
