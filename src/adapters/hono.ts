@@ -3,6 +3,7 @@ import type { ContentfulStatusCode } from 'hono/utils/http-status';
 import { type ClosingResponse, stopWatchingConnection, watchConnection } from '../core/capture.js';
 import { IdempotencyEngine, isPromise, type RequestIdempotency, type Ticket } from '../core/engine.js';
 import { type NodeRequestHeaders, nodeRequestHeader } from '../core/key.js';
+import { createMediaTypeMatcher, JSON_MEDIA_TYPES } from '../core/media-type.js';
 import type { IdempotencyOptions } from '../core/options.js';
 import { type EngineReply, REMOVED_HEADER } from '../core/responses.js';
 import { builtinSha256 } from '../runtime/builtin-sha256.js';
@@ -39,8 +40,9 @@ export interface HonoIdempotencyEnv {
  * `Response`, `crypto.subtle`): it runs on Node.js (`@hono/node-server`), Bun, Deno and Cloudflare Workers.
  *
  * Mount it after authentication and before the routes it protects. It reads the body for the fingerprint through
- * Hono's body cache (`c.req.arrayBuffer()`), so the handler's `c.req.json()`, `c.req.text()` or a validator read
- * it as usual, up to `maxRequestBytes`. The fingerprint's path is the request URL's path and query string. A
+ * Hono's body cache (`c.req.text()` for a JSON body, as `c.req.json()` reads it; `c.req.arrayBuffer()` for
+ * others), so the handler's `c.req.json()`, `c.req.text()` or a validator read it as usual, up to
+ * `maxRequestBytes`. The fingerprint's path is the request URL's path and query string. A
  * handler that throws leaves the key free for a retry; the app's `onError` answers as before.
  *
  * @example
@@ -64,7 +66,7 @@ export function idempotencyHeader(options: HonoIdempotencyOptions): MiddlewareHa
     const key = engine.readKey(method, requestHeader(c, engine.headerName));
     if (key === undefined) return next();
     if (typeof key !== 'string') return reply(c, key);
-    let body: Uint8Array | undefined;
+    let body: Uint8Array | string | undefined;
     if (engine.needsBody) {
       const read = await readRequestBody(c, engine.maxRequestBytes);
       if (read === TOO_LARGE) return reply(c, engine.bodyTooLarge(method, startedAt));
@@ -179,17 +181,20 @@ function reply(c: Context, answer: EngineReply): Response {
 
 /**
  * The request body for the fingerprint, read the way the handler will read it: through Hono's body cache, so
- * that `c.req.json()` and validators find it there. A body that announces no length (chunked) is read from the
- * stream within the limit and put in the cache; a body an earlier middleware read comes from the cache, under
- * that middleware's own limit.
+ * that `c.req.json()` and validators find it there. A JSON body with a length is read as text, which is what
+ * `c.req.json()` parses: no `ArrayBuffer` is made for it, and the handler's read finds the text in the cache (its
+ * fingerprint is the UTF-8 of that text: the body's own bytes when they are UTF-8, as JSON must be). A body that
+ * announces no length (chunked) is read from the stream within the limit and put in the cache; a body an earlier
+ * middleware read comes from the cache, under that middleware's own limit.
  */
-async function readRequestBody(c: Context, limit: number): Promise<Uint8Array | typeof TOO_LARGE> {
+async function readRequestBody(c: Context, limit: number): Promise<Uint8Array | string | typeof TOO_LARGE> {
   const raw = c.req.raw;
   // Hono keeps promises in its cache (typed as the methods that make them).
   const cache = c.req.bodyCache as Record<string, unknown>;
   for (const _read in cache) return new Uint8Array(await c.req.arrayBuffer());
   const length = requestHeader(c, 'content-length') ?? null;
   if (length !== null && Number(length) > limit) return TOO_LARGE;
+  if (length !== null && isJsonBody(requestHeader(c, 'content-type'))) return c.req.text();
   let bytes: Uint8Array | typeof TOO_LARGE;
   if (length !== null || raw.body === null) {
     bytes = new Uint8Array(await c.req.arrayBuffer());
@@ -205,6 +210,13 @@ async function readRequestBody(c: Context, limit: number): Promise<Uint8Array | 
   }
   offerText(cache, bytes);
   return bytes;
+}
+
+const matchesJson = createMediaTypeMatcher(JSON_MEDIA_TYPES);
+
+/** Whether a request's `Content-Type` is JSON (`application/json`, `+json`), which is UTF-8 text by definition. */
+function isJsonBody(contentType: string | string[] | undefined): boolean {
+  return typeof contentType === 'string' && matchesJson(contentType);
 }
 
 const decoder = new TextDecoder();

@@ -3,6 +3,8 @@
  * Hono has (`app.request()`, the body cache, `c.error`, `c.get('idempotency')`).
  */
 import { randomUUID } from 'node:crypto';
+import { createServer } from 'node:http';
+import { getRequestListener } from '@hono/node-server';
 import { Hono } from 'hono';
 import { afterEach, describe, expect, it } from 'vitest';
 import {
@@ -12,7 +14,7 @@ import {
 } from '../../src/adapters/hono.js';
 import { MemoryBackend } from '../../src/backends/memory.js';
 import { createHonoServerFactory } from '../support/hono.js';
-import { createMemoryBackend } from '../support/http.js';
+import { createMemoryBackend, listen } from '../support/http.js';
 import { requireRedis } from '../support/redis.js';
 import { createIoredisBackend } from '../support/redis-handle.js';
 import { describeAdapterContract } from './contract.js';
@@ -139,5 +141,48 @@ describe('Hono middleware specifics', () => {
     const replay = await post(hono as never, '/orders', key);
     expect(replay.headers.get('idempotent-replayed')).toBe('true');
     expect(replay.headers.get('x-request-id')).toBe('req-2');
+  });
+
+  it('on @hono/node-server, reads a JSON body as the text c.req.json() parses, with the fingerprint of its bytes', async () => {
+    const hono = app();
+    let runs = 0;
+    hono.post('/orders', async (c) =>
+      c.json({ run: ++runs, json: await c.req.json(), bytes: (await c.req.arrayBuffer()).byteLength }, 201),
+    );
+    const server = await listen(createServer(getRequestListener(hono.fetch)));
+    try {
+      const body = '{"item":"b\u00fcch","quantity":2}';
+      const send = (key: string, text: string, contentType: string, chunked = false) =>
+        fetch(`${server.url}/orders`, {
+          method: 'POST',
+          headers: { 'content-type': contentType, 'idempotency-key': key },
+          // A stream has no length: the body is read as bytes, the path other content types take too.
+          body: chunked ? new Blob([text]).stream() : text,
+          duplex: 'half',
+        } as RequestInit);
+      const key = randomUUID();
+      const first = await send(key, body, 'application/json');
+      expect(first.status).toBe(201);
+      const stored = await first.text();
+      expect(JSON.parse(stored)).toEqual({
+        run: 1,
+        json: { item: 'büch', quantity: 2 },
+        bytes: Buffer.byteLength(body),
+      });
+      // The same bytes read as bytes (chunked, or sent as text/plain) or as text (another JSON type): a replay.
+      for (const [contentType, chunked] of [
+        ['application/json', true],
+        ['application/merge-patch+json; charset=utf-8', false],
+        ['text/plain', false],
+      ] as const) {
+        const replay = await send(key, body, contentType, chunked);
+        expect(replay.headers.get('idempotent-replayed'), contentType).toBe('true');
+        expect(await replay.text()).toBe(stored);
+      }
+      expect((await send(key, body.replace('2', '3'), 'application/json')).status).toBe(422);
+      expect(runs).toBe(1);
+    } finally {
+      await server.close();
+    }
   });
 });
