@@ -397,9 +397,7 @@ export class SqliteBackend implements Backend {
   }
 
   async #open(): Promise<Statements> {
-    const { default: Database } = (await import('better-sqlite3')) as unknown as {
-      default: DatabaseConstructor;
-    };
+    const Database = await loadBetterSqlite3();
     if (this.#closed) throw closedError();
     // better-sqlite3 sets the busy timeout as it opens the file, before anything else runs on it.
     const db = new Database(this.#path!, { timeout: this.#busyTimeoutMs });
@@ -424,6 +422,20 @@ export class SqliteBackend implements Backend {
     if (this.#createTable) db.exec(sqliteSchema(this.#table));
     this.#sql = prepare(db, this.#table);
     return this.#sql;
+  }
+}
+
+/** `better-sqlite3`, an optional peer dependency: a clear error naming it when the app has not installed it. */
+async function loadBetterSqlite3(): Promise<DatabaseConstructor> {
+  try {
+    const module = (await import('better-sqlite3')) as unknown as { default: DatabaseConstructor };
+    return module.default;
+  } catch (error) {
+    throw new IdempotencyError(
+      'ERR_IDEMPOTENCY_BACKEND',
+      `SqliteBackend could not load better-sqlite3, which it needs to open a database by path (npm install better-sqlite3): ${(error as Error).message}`,
+      { cause: error },
+    );
   }
 }
 

@@ -8,8 +8,10 @@
  * Every `###` section under `## Quick start` is covered, including ones added later; its first `ts` block is the
  * snippet (later blocks, such as Express's `idempotencyOf` example, are fragments of the first). It runs with tsx,
  * except the fetch handler, which exports `{ fetch }` instead of listening: that form is served as written by Bun
- * (one of the runtimes the section names, and which reads `PORT` for it). The RedisBackend snippets are fragments
- * (`app.use(...)`) and run inside {@link wrapExpressFragment}. All of them are also type-checked, as TypeScript
+ * (one of the runtimes the section names, and which reads `PORT` for it). The backend snippets (RedisBackend's, and
+ * the first of PostgresBackend, MysqlBackend and SqliteBackend) are fragments (`app.use(...)`) and run inside
+ * {@link wrapExpressFragment}, each SQL one on a schema, database or file of its own, where its records are then
+ * counted. Every snippet must also exit on SIGTERM. All of them are also type-checked, as TypeScript
  * users paste them: with the strict settings `tsc --init` writes, the `@types/` packages of what they import and
  * `@types/node`.
  */
@@ -18,11 +20,30 @@ import { randomUUID } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
+import Database from 'better-sqlite3';
 import { Redis } from 'ioredis';
+import mysql from 'mysql2/promise';
+import pg from 'pg';
 import { afterAll, beforeAll, describe, it } from 'vitest';
 import { REDIS_URL, requireRedis } from '../support/redis.js';
 import { freePort } from '../support/redis-server.js';
-import { accepts, expectReplay, quote, serve, stopGroup, waitFor } from '../support/served-process.js';
+import {
+  accepts,
+  expectReplay,
+  quote,
+  serve,
+  stopGroup,
+  stopsOnSigterm,
+  waitFor,
+} from '../support/served-process.js';
+import {
+  MYSQL_URL,
+  POSTGRES_URL,
+  requireMysql,
+  requirePostgres,
+  requireSqlite,
+  uniqueTable,
+} from '../support/sql.js';
 import { REPO_ROOT } from './fixtures/build.js';
 import { type ConsumerProject, createConsumerProject } from './fixtures/consumer-project.js';
 
@@ -129,20 +150,29 @@ afterAll(() => {
 });
 
 /** Writes `source` into the project, runs it with `PORT` set, and checks the keyed POST replays. */
-async function runSnippet(file: string, source: string, packages: string[], runtime: 'tsx' | 'bun') {
+async function runSnippet(
+  file: string,
+  source: string,
+  packages: string[],
+  runtime: 'tsx' | 'bun',
+  env: NodeJS.ProcessEnv = {},
+) {
   const { dir, link } = project!;
   link(packages);
   writeFileSync(join(dir, file), source);
   const port = await freePort();
   const served = serve(runtime === 'bun' ? BUN : TSX, [file], {
     cwd: dir,
-    env: { ...process.env, PORT: String(port), REDIS_URL },
+    env: { ...process.env, PORT: String(port), REDIS_URL, ...env },
   });
   try {
     await waitFor(served, `a listener on port ${port}`, async () =>
       (await accepts(port)) ? true : undefined,
     );
-    return await expectReplay(`http://127.0.0.1:${port}/orders`);
+    const keys = await expectReplay(`http://127.0.0.1:${port}/orders`);
+    // As `docker stop` or a supervisor stops it: a snippet that handles SIGTERM must still exit.
+    await stopsOnSigterm(served, 5_000);
+    return keys;
   } catch (error) {
     (error as Error).message += `\n${file}:\n${quote(source)}\noutput:\n${quote(served.output())}`;
     throw error;
@@ -155,7 +185,13 @@ async function runSnippet(file: string, source: string, packages: string[], runt
 }
 
 const quickStart = sectionsOf(README, 'Quick start');
-const redisSnippets = sectionsOf(README, 'Backends').find((section) => section.heading === 'RedisBackend');
+const backendSections = sectionsOf(README, 'Backends');
+const redisSnippets = backendSections.find((section) => section.heading === 'RedisBackend');
+/** The SQL backends' first snippets, each mounting its backend on an Express `app` with the default table. */
+const sqlSnippets = ['PostgresBackend', 'MysqlBackend', 'SqliteBackend'].map((heading) => {
+  const section = backendSections.find((candidate) => candidate.heading === heading);
+  return { heading, section, code: section?.code[0] };
+});
 
 /** The `@types/` package for `name`, when the repository has one: what a TypeScript user installs beside it. */
 function typesFor(name: string): string[] {
@@ -177,6 +213,11 @@ describe('README snippets in a fresh TypeScript project', () => {
         `redis-${index + 1}`,
         redisSnippets!,
         wrapExpressFragment(code),
+      ]),
+      ...sqlSnippets.map(({ heading, section, code }): [string, Section, string] => [
+        slug(heading),
+        section!,
+        wrapExpressFragment(code!),
       ]),
     ];
     for (const [name, section, source] of files) {
@@ -245,4 +286,113 @@ describe.runIf(redisUp).concurrent('README RedisBackend snippets, inside the Exp
     },
     45_000,
   );
+});
+
+const postgresUp = await requirePostgres('README PostgresBackend snippet');
+const mysqlUp = await requireMysql('README MysqlBackend snippet');
+const sqliteUp = await requireSqlite('README SqliteBackend snippet');
+
+/**
+ * How each SQL snippet runs against a place of its own, found through the environment variable it reads: a schema
+ * (PostgreSQL, through the connection's `search_path`) or database (MySQL) created for the run, or a file in the
+ * project. Each counts the records stored there, and removes only what it created.
+ */
+const sqlTargets: Record<
+  string,
+  {
+    up: boolean;
+    prepare(): Promise<{ env: NodeJS.ProcessEnv; stored(): Promise<number>; remove(): Promise<void> }>;
+  }
+> = {
+  PostgresBackend: {
+    up: postgresUp,
+    async prepare() {
+      const schema = uniqueTable('readme');
+      const admin = new pg.Pool({ connectionString: POSTGRES_URL, connectionTimeoutMillis: 2000 });
+      await admin.query(`CREATE SCHEMA ${schema}`);
+      const url = new URL(POSTGRES_URL);
+      url.searchParams.set('options', `-c search_path=${schema}`);
+      return {
+        env: { DATABASE_URL: url.href },
+        stored: async () =>
+          Number(
+            (await admin.query(`SELECT count(*) AS n FROM ${schema}.idempotency_keys WHERE token IS NULL`))
+              .rows[0].n,
+          ),
+        remove: async () => {
+          await admin.query(`DROP SCHEMA ${schema} CASCADE`);
+          await admin.end();
+        },
+      };
+    },
+  },
+  MysqlBackend: {
+    up: mysqlUp,
+    async prepare() {
+      const database = uniqueTable('readme');
+      const admin = mysql.createPool({ uri: MYSQL_URL, connectTimeout: 2000 });
+      await admin.query(`CREATE DATABASE ${database}`);
+      const url = new URL(MYSQL_URL);
+      url.pathname = `/${database}`;
+      return {
+        env: { MYSQL_URL: url.href },
+        stored: async () => {
+          const [rows] = await admin.query(
+            `SELECT count(*) AS n FROM ${database}.idempotency_keys WHERE token IS NULL`,
+          );
+          return Number((rows as { n: number }[])[0]!.n);
+        },
+        remove: async () => {
+          await admin.query(`DROP DATABASE ${database}`);
+          await admin.end();
+        },
+      };
+    },
+  },
+  SqliteBackend: {
+    up: sqliteUp,
+    async prepare() {
+      const file = join(project!.dir, `${uniqueTable('readme')}.db`);
+      return {
+        env: { SQLITE_PATH: file },
+        stored: async () => {
+          const db = new Database(file, { readonly: true });
+          try {
+            return Number(
+              (
+                db.prepare('SELECT count(*) AS n FROM idempotency_keys WHERE token IS NULL').get() as {
+                  n: number;
+                }
+              ).n,
+            );
+          } finally {
+            db.close();
+          }
+        },
+        remove: async () => {},
+      };
+    },
+  },
+};
+
+describe.concurrent('README SQL backend snippets, inside the Express Quick start', () => {
+  for (const { heading, section, code } of sqlSnippets) {
+    it(`${heading}: the snippet creates its table, stores in it and replays a keyed POST`, async ({
+      expect,
+      skip,
+    }) => {
+      expect(code, `a ts snippet under ### ${heading}`).toBeDefined();
+      const target = sqlTargets[heading]!;
+      if (!target.up) return skip();
+      const source = wrapExpressFragment(code!);
+      const place = await target.prepare();
+      try {
+        await runSnippet(`${slug(heading)}.ts`, source, packagesFor(section!, source), 'tsx', place.env);
+        // The two keys the POSTs used, each stored as a completed record in the snippet's own table.
+        expect(await place.stored()).toBe(2);
+      } finally {
+        await place.remove();
+      }
+    }, 45_000);
+  }
 });
