@@ -163,6 +163,8 @@ const WAIT_POLL_MS = 200;
 const KEY_HASHES_KEPT = 1024;
 /** Weight of the newest duration in the running estimate behind `Retry-After`. */
 const DURATION_WEIGHT = 0.2;
+/** Without `onEvent`, backend failures are reported as a process warning at most this often. */
+export const BACKEND_WARNING_INTERVAL_MS = 60_000;
 
 /** Whether a backend answered asynchronously; synchronous answers skip a microtask hop. */
 export function isPromise<T>(value: Awaitable<T>): value is Promise<T> {
@@ -227,6 +229,9 @@ export class IdempotencyEngine<Req = unknown> {
    * another request's.
    */
   readonly #storeFailed = new WeakSet<Ticket>();
+  /** When the last unobserved backend failure was warned of ({@link #warnUnobserved}), and how many came since. */
+  #lastWarnedAt = Number.NEGATIVE_INFINITY;
+  #failuresSinceWarning = 0;
 
   constructor(options: IdempotencyOptions<Req>, runtime: EngineRuntime = {}) {
     const resolved = resolveOptions(options);
@@ -1008,6 +1013,35 @@ export class IdempotencyEngine<Req = unknown> {
     );
   }
 
+  /**
+   * A backend failure nobody listens to (no `onEvent`) would leave only 503s, or requests run without
+   * idempotency, with nothing in the logs: it is reported as a process warning (`IDEMPOTENCY_BACKEND_ERROR`),
+   * at most one per {@link BACKEND_WARNING_INTERVAL_MS}, counting those in between. On a runtime without
+   * `process.emitWarning`, with `console.warn`.
+   */
+  #warnUnobserved(outcome: 'backend-error' | 'store-failed', error: unknown): void {
+    const now = Date.now();
+    if (now - this.#lastWarnedAt < BACKEND_WARNING_INTERVAL_MS) {
+      this.#failuresSinceWarning++;
+      return;
+    }
+    const more = this.#failuresSinceWarning;
+    this.#lastWarnedAt = now;
+    this.#failuresSinceWarning = 0;
+    const what =
+      outcome === 'store-failed'
+        ? 'a response was sent but could not be stored'
+        : this.options.failOpen
+          ? 'the backend failed; the request ran without idempotency (onBackendError: fail-open)'
+          : 'the backend failed; the request was answered 503 (onBackendError: fail-closed)';
+    const message = `idempotency-header: ${what}: ${failureMessage(error)}${more > 0 ? ` (${more} more failures since the previous warning)` : ''}. Pass onEvent to observe every one.`;
+    const runtime = (globalThis as { process?: { emitWarning?: (message: string, options: object) => void } })
+      .process;
+    if (typeof runtime?.emitWarning === 'function') {
+      runtime.emitWarning(message, { code: 'IDEMPOTENCY_BACKEND_ERROR' });
+    } else console.warn(message);
+  }
+
   #emit(
     outcome: IdempotencyOutcome,
     storageKey: string | undefined,
@@ -1019,7 +1053,10 @@ export class IdempotencyEngine<Req = unknown> {
     backendMs?: number,
   ): void {
     const onEvent = this.options.onEvent;
-    if (onEvent === undefined) return;
+    if (onEvent === undefined) {
+      if (outcome === 'backend-error' || outcome === 'store-failed') this.#warnUnobserved(outcome, error);
+      return;
+    }
     const event: IdempotencyEvent = {
       outcome,
       keyHash: undefined,
@@ -1074,6 +1111,18 @@ function isEventStream(contentType: string | undefined): boolean {
 
 function isTimeout(error: unknown): boolean {
   return error instanceof IdempotencyError && error.code === 'ERR_IDEMPOTENCY_BACKEND_TIMEOUT';
+}
+
+/**
+ * What a backend failure says, with the original error's message when the failure only wraps it.
+ */
+function failureMessage(error: unknown): string {
+  if (!(error instanceof Error)) return String(error);
+  const cause = (error as { cause?: unknown }).cause;
+  if (error instanceof IdempotencyError && cause instanceof Error && !error.message.includes(cause.message)) {
+    return `${error.message}: ${cause.message}`;
+  }
+  return error.message;
 }
 
 function backendError(error: unknown): IdempotencyError {

@@ -197,7 +197,11 @@ export interface IdempotencyOptions<Req = unknown> {
    * @default 'detail'
    */
   errorFormat?: 'detail' | 'problem';
-  /** Called once per handled request with its outcome. Exceptions it throws are swallowed. */
+  /**
+   * Called once per handled request with its outcome. Exceptions it throws are swallowed. Without it, backend
+   * failures (`backend-error`, `store-failed`) are reported as a process warning (`IDEMPOTENCY_BACKEND_ERROR`),
+   * at most one a minute, so that they never go unseen.
+   */
   onEvent?: (event: IdempotencyEvent) => void;
 }
 

@@ -1037,6 +1037,71 @@ describe('IdempotencyEngine', () => {
       expect(events[0]!.error).toBe(failure);
     });
 
+    /** The process warnings emitted while `run` runs. */
+    async function warningsDuring(run: () => Promise<unknown>): Promise<(Error & { code?: string })[]> {
+      const warnings: (Error & { code?: string })[] = [];
+      const onWarning = (warning: Error) => warnings.push(warning);
+      process.on('warning', onWarning);
+      try {
+        await run();
+        // 'warning' events are emitted on the next tick.
+        await new Promise((resolve) => setImmediate(resolve));
+      } finally {
+        process.off('warning', onWarning);
+      }
+      return warnings;
+    }
+
+    it('warns of a backend failure once a minute without onEvent, counting the ones between', async () => {
+      const now = vi.spyOn(Date, 'now');
+      try {
+        let clock = 1_000_000;
+        now.mockImplementation(() => clock);
+        const failing = () => Promise.reject(new Error('connect ECONNREFUSED 127.0.0.1:6379'));
+        const engine = new IdempotencyEngine<FakeRequest>(
+          { backend: new SpyBackend(memory(), { acquire: failing }) },
+          { sha256: nodeSha256 },
+        );
+        const first = await warningsDuring(() => beginReply(engine, 'down-1'));
+        expect(first).toHaveLength(1);
+        expect(first[0]!.code).toBe('IDEMPOTENCY_BACKEND_ERROR');
+        expect(first[0]!.message).toBe(
+          'idempotency-header: the backend failed; the request was answered 503 (onBackendError: fail-closed): The idempotency backend failed: connect ECONNREFUSED 127.0.0.1:6379. Pass onEvent to observe every one.',
+        );
+        clock += 59_999;
+        expect(
+          await warningsDuring(async () => {
+            await beginReply(engine, 'down-2');
+            await beginReply(engine, 'down-3');
+          }),
+        ).toEqual([]);
+        clock += 1;
+        const later = await warningsDuring(() => beginReply(engine, 'down-4'));
+        expect(later.map((warning) => warning.message)).toEqual([
+          expect.stringContaining(
+            'ECONNREFUSED 127.0.0.1:6379 (2 more failures since the previous warning).',
+          ),
+        ]);
+      } finally {
+        now.mockRestore();
+      }
+    });
+
+    it('warns of nothing when onEvent observes the failures, and says fail-open ran the request', async () => {
+      const failing = () => Promise.reject(new Error('ECONNREFUSED'));
+      const observed = setup({}, { acquire: failing });
+      expect(await warningsDuring(() => beginReply(observed.engine, 'down'))).toEqual([]);
+      expect(observed.events.map((event) => event.outcome)).toEqual(['backend-error']);
+      const open = new IdempotencyEngine<FakeRequest>(
+        { backend: new SpyBackend(memory(), { acquire: failing }), onBackendError: 'fail-open' },
+        { sha256: nodeSha256 },
+      );
+      const warnings = await warningsDuring(() => begin(open, 'down'));
+      expect(warnings.map((warning) => warning.message)).toEqual([
+        expect.stringContaining('the request ran without idempotency (onBackendError: fail-open): '),
+      ]);
+    });
+
     it('answers 503 as problem details when errorFormat is problem', async () => {
       const { engine } = setup({ errorFormat: 'problem' }, { acquire: () => Promise.reject(new Error('x')) });
       const reply = await beginReply(engine, 'down');
