@@ -1030,10 +1030,10 @@ export class IdempotencyEngine<Req = unknown> {
     this.#failuresSinceWarning = 0;
     const what =
       outcome === 'store-failed'
-        ? 'a response was sent but could not be stored'
+        ? 'a response was sent but could not be stored; its key is left to lapse'
         : this.options.failOpen
-          ? 'the backend failed; the request ran without idempotency (onBackendError: fail-open)'
-          : 'the backend failed; the request was answered 503 (onBackendError: fail-closed)';
+          ? 'the backend failed; while it does, requests run without idempotency (onBackendError: fail-open)'
+          : 'the backend failed; while it does, requests get 503 (onBackendError: fail-closed)';
     const message = `idempotency-header: ${what}: ${failureMessage(error)}${more > 0 ? ` (${more} more failures since the previous warning)` : ''}. Pass onEvent to observe every one.`;
     const runtime = (globalThis as { process?: { emitWarning?: (message: string, options: object) => void } })
       .process;

@@ -1066,7 +1066,7 @@ describe('IdempotencyEngine', () => {
         expect(first).toHaveLength(1);
         expect(first[0]!.code).toBe('IDEMPOTENCY_BACKEND_ERROR');
         expect(first[0]!.message).toBe(
-          'idempotency-header: the backend failed; the request was answered 503 (onBackendError: fail-closed): The idempotency backend failed: connect ECONNREFUSED 127.0.0.1:6379. Pass onEvent to observe every one.',
+          'idempotency-header: the backend failed; while it does, requests get 503 (onBackendError: fail-closed): The idempotency backend failed: connect ECONNREFUSED 127.0.0.1:6379. Pass onEvent to observe every one.',
         );
         clock += 59_999;
         expect(
@@ -1087,7 +1087,7 @@ describe('IdempotencyEngine', () => {
       }
     });
 
-    it('warns of nothing when onEvent observes the failures, and says fail-open ran the request', async () => {
+    it('warns of nothing when onEvent observes the failures, and says what fail-open does', async () => {
       const failing = () => Promise.reject(new Error('ECONNREFUSED'));
       const observed = setup({}, { acquire: failing });
       expect(await warningsDuring(() => beginReply(observed.engine, 'down'))).toEqual([]);
@@ -1098,7 +1098,7 @@ describe('IdempotencyEngine', () => {
       );
       const warnings = await warningsDuring(() => begin(open, 'down'));
       expect(warnings.map((warning) => warning.message)).toEqual([
-        expect.stringContaining('the request ran without idempotency (onBackendError: fail-open): '),
+        expect.stringContaining('requests run without idempotency (onBackendError: fail-open): '),
       ]);
     });
 
