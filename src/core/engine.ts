@@ -164,7 +164,7 @@ const KEY_HASHES_KEPT = 1024;
 /** Weight of the newest duration in the running estimate behind `Retry-After`. */
 const DURATION_WEIGHT = 0.2;
 /** Without `onEvent`, backend failures are reported as a process warning at most this often. */
-export const BACKEND_WARNING_INTERVAL_MS = 60_000;
+const BACKEND_WARNING_INTERVAL_MS = 60_000;
 
 /** Whether a backend answered asynchronously; synchronous answers skip a microtask hop. */
 export function isPromise<T>(value: Awaitable<T>): value is Promise<T> {
