@@ -146,7 +146,7 @@ export class MemoryBackend implements Backend {
     if (this.#sweeper === undefined && !this.#closed) this.#startSweeper();
     const now = Date.now();
     const held = this.#entries.get(key);
-    const bytes = ENTRY_OVERHEAD_BYTES + 2 * (key.length + fingerprint.length);
+    const bytes = baseBytes(key, fingerprint);
     if (held === undefined) this.#makeRoom(bytes, now);
     else if (held.endsAt > now) {
       if (held.fingerprint !== fingerprint) return MISMATCH;
@@ -282,6 +282,11 @@ export class MemoryBackend implements Backend {
   }
 }
 
+/** What a key costs against `maxBytes` before any response: the entry, the key and the fingerprint. */
+function baseBytes(key: string, fingerprint: string): number {
+  return ENTRY_OVERHEAD_BYTES + 2 * (key.length + fingerprint.length);
+}
+
 /** Whether a lock's lease or a record's expiry is still running. */
 function isHeld(held: Slot, now: number): boolean {
   return held.endsAt > now;
@@ -290,7 +295,7 @@ function isHeld(held: Slot, now: number): boolean {
 /** Turns a lock into its record, in place: the token is cleared, so that its holder can no longer write. */
 function storeRecord(slot: Slot, key: string, record: IdempotencyRecord, expiresAt: number): void {
   const response = record.response;
-  let bytes = ENTRY_OVERHEAD_BYTES + 2 * (key.length + record.fingerprint.length);
+  let bytes = baseBytes(key, record.fingerprint);
   const headers: string[] = [];
   let lineFeed = false;
   if (response !== null) {

@@ -425,8 +425,20 @@ export class SqliteBackend implements Backend {
   }
 }
 
-/** `better-sqlite3`, an optional peer dependency: a clear error naming it when the app has not installed it. */
-async function loadBetterSqlite3(): Promise<DatabaseConstructor> {
+/** `better-sqlite3` as loaded (or not) by the first backend that opened a path: see {@link loadBetterSqlite3}. */
+let betterSqlite3: Promise<DatabaseConstructor> | undefined;
+
+/**
+ * `better-sqlite3`, an optional peer dependency, loaded once for the process: an app that has not installed it
+ * gets a clear error naming it, the same one on every later operation, without resolving the module again on
+ * each request.
+ */
+function loadBetterSqlite3(): Promise<DatabaseConstructor> {
+  betterSqlite3 ??= importBetterSqlite3();
+  return betterSqlite3;
+}
+
+async function importBetterSqlite3(): Promise<DatabaseConstructor> {
   try {
     const module = (await import('better-sqlite3')) as unknown as { default: DatabaseConstructor };
     return module.default;

@@ -165,6 +165,13 @@ const KEY_HASHES_KEPT = 1024;
 const DURATION_WEIGHT = 0.2;
 /** Without `onEvent`, backend failures are reported as a process warning at most this often. */
 const BACKEND_WARNING_INTERVAL_MS = 60_000;
+/** The outcomes that are backend failures, warned of when nobody observes events. */
+type UnobservedFailure = 'backend-error' | 'store-failed' | 'lease-lost';
+const UNOBSERVED_FAILURES: ReadonlySet<IdempotencyOutcome> = new Set<UnobservedFailure>([
+  'backend-error',
+  'store-failed',
+  'lease-lost',
+]);
 
 /** Whether a backend answered asynchronously; synchronous answers skip a microtask hop. */
 export function isPromise<T>(value: Awaitable<T>): value is Promise<T> {
@@ -1014,12 +1021,12 @@ export class IdempotencyEngine<Req = unknown> {
   }
 
   /**
-   * A backend failure nobody listens to (no `onEvent`) would leave only 503s, or requests run without
-   * idempotency, with nothing in the logs: it is reported as a process warning (`IDEMPOTENCY_BACKEND_ERROR`),
-   * at most one per {@link BACKEND_WARNING_INTERVAL_MS}, counting those in between. On a runtime without
-   * `process.emitWarning`, with `console.warn`.
+   * A backend failure nobody listens to (no `onEvent`) would leave only 503s, requests run without idempotency,
+   * or responses not stored, with nothing in the logs: it is reported as a process warning
+   * (`IDEMPOTENCY_BACKEND_ERROR`), at most one per {@link BACKEND_WARNING_INTERVAL_MS}, counting those in between.
+   * On a runtime without `process.emitWarning`, with `console.warn`.
    */
-  #warnUnobserved(outcome: 'backend-error' | 'store-failed', error: unknown): void {
+  #warnUnobserved(outcome: UnobservedFailure, error: unknown): void {
     const now = Date.now();
     if (now - this.#lastWarnedAt < BACKEND_WARNING_INTERVAL_MS) {
       this.#failuresSinceWarning++;
@@ -1031,10 +1038,14 @@ export class IdempotencyEngine<Req = unknown> {
     const what =
       outcome === 'store-failed'
         ? 'a response was sent but could not be stored; its key is left to lapse'
-        : this.options.failOpen
-          ? 'the backend failed; while it does, requests run without idempotency (onBackendError: fail-open)'
-          : 'the backend failed; while it does, requests get 503 (onBackendError: fail-closed)';
-    const message = `idempotency-header: ${what}: ${failureMessage(error)}${more > 0 ? ` (${more} more failures since the previous warning)` : ''}. Pass onEvent to observe every one.`;
+        : outcome === 'lease-lost'
+          ? 'a response was sent but not stored: its lease had lapsed, and a retry may have run the key again (a backend unreachable for longer than lockTimeout)'
+          : this.options.failOpen
+            ? 'the backend failed; while it does, requests run without idempotency (onBackendError: fail-open)'
+            : 'the backend failed; while it does, requests get 503 (onBackendError: fail-closed)';
+    const cause = error === undefined ? '' : `: ${failureMessage(error)}`;
+    const since = more > 0 ? ` (${more} more failures since the previous warning)` : '';
+    const message = `idempotency-header: ${what}${cause}${since}. Pass onEvent to observe every one.`;
     const runtime = (globalThis as { process?: { emitWarning?: (message: string, options: object) => void } })
       .process;
     if (typeof runtime?.emitWarning === 'function') {
@@ -1054,7 +1065,7 @@ export class IdempotencyEngine<Req = unknown> {
   ): void {
     const onEvent = this.options.onEvent;
     if (onEvent === undefined) {
-      if (outcome === 'backend-error' || outcome === 'store-failed') this.#warnUnobserved(outcome, error);
+      if (UNOBSERVED_FAILURES.has(outcome)) this.#warnUnobserved(outcome as UnobservedFailure, error);
       return;
     }
     const event: IdempotencyEvent = {

@@ -199,8 +199,8 @@ export interface IdempotencyOptions<Req = unknown> {
   errorFormat?: 'detail' | 'problem';
   /**
    * Called once per handled request with its outcome. Exceptions it throws are swallowed. Without it, backend
-   * failures (`backend-error`, `store-failed`) are reported as a process warning (`IDEMPOTENCY_BACKEND_ERROR`),
-   * at most one a minute, so that they never go unseen.
+   * failures (`backend-error`, `store-failed`, `lease-lost`) are reported as a process warning
+   * (`IDEMPOTENCY_BACKEND_ERROR`), at most one a minute, so that they never go unseen.
    */
   onEvent?: (event: IdempotencyEvent) => void;
 }

@@ -13,10 +13,11 @@ vi.mock('better-sqlite3', () => {
 });
 
 describe('SqliteBackend without better-sqlite3 installed', () => {
-  it('fails its first operation with ERR_IDEMPOTENCY_BACKEND naming the package, and again on the next', async () => {
+  it('fails its first operation with ERR_IDEMPOTENCY_BACKEND naming the package, and the next with the same error', async () => {
     const directory = sqliteDirectory('missing-driver');
     const backend = new SqliteBackend({ database: directory.path('keys.db') });
     try {
+      const failures: unknown[] = [];
       for (let attempt = 0; attempt < 2; attempt++) {
         const failure = await Promise.resolve()
           .then(() => backend.acquire('-key', 'f'.repeat(64), 30_000))
@@ -28,7 +29,10 @@ describe('SqliteBackend without better-sqlite3 installed', () => {
         expect((failure as IdempotencyError).code).toBe('ERR_IDEMPOTENCY_BACKEND');
         expect((failure as Error).message).toContain('npm install better-sqlite3');
         expect((failure as Error).cause).toBeDefined();
+        failures.push(failure);
       }
+      // Loaded once: the next operation gets the same error, without resolving the module again.
+      expect(failures[1]).toBe(failures[0]);
     } finally {
       backend.close();
       directory.remove();

@@ -1087,6 +1087,18 @@ describe('IdempotencyEngine', () => {
       }
     });
 
+    it('warns of a response not stored because its lease was lost, without onEvent', async () => {
+      const engine = new IdempotencyEngine<FakeRequest>(
+        { backend: new SpyBackend(memory(), { complete: () => false }) },
+        { sha256: nodeSha256 },
+      );
+      const ticket = await beginTicket(engine, 'lost');
+      const warnings = await warningsDuring(() => Promise.resolve(engine.finish(ticket, response(200))));
+      expect(warnings.map((warning) => warning.message)).toEqual([
+        'idempotency-header: a response was sent but not stored: its lease had lapsed, and a retry may have run the key again (a backend unreachable for longer than lockTimeout). Pass onEvent to observe every one.',
+      ]);
+    });
+
     it('warns of nothing when onEvent observes the failures, and says what fail-open does', async () => {
       const failing = () => Promise.reject(new Error('ECONNREFUSED'));
       const observed = setup({}, { acquire: failing });
