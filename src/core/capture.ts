@@ -55,8 +55,19 @@ export interface ClosingResponse {
 /** What {@link watchConnection} tells the engine. */
 type ConnectionEngine = Pick<IdempotencyEngine<never>, 'fail' | 'clientLeft'>;
 
-/** The request each watched response serves; see {@link watchConnection}. */
-const watchedConnections = new WeakMap<ClosingResponse, { engine: ConnectionEngine; ticket: Ticket }>();
+/** The engine and request each watched response serves; see {@link watchConnection}. */
+interface Watched {
+  readonly engine: ConnectionEngine;
+  readonly ticket: Ticket;
+}
+
+/**
+ * Where a watched response keeps what it serves: a property of the response rather than an entry of a `WeakMap`,
+ * since every entry of a weak collection made for a young request is an ephemeron the garbage collector processes
+ * on each scavenge, a measurable share of a fast framework's time per request.
+ */
+const WATCHED: unique symbol = Symbol('idempotency-header.watched');
+type WatchedResponse = ClosingResponse & { [WATCHED]?: Watched | undefined };
 
 /**
  * Watches the connection of a request that runs its handler under its key, until the engine settled or
@@ -66,17 +77,18 @@ const watchedConnections = new WeakMap<ClosingResponse, { engine: ConnectionEngi
  * every response, rather than a closure and a `once` wrapper made for each.
  */
 export function watchConnection(res: ClosingResponse, engine: ConnectionEngine, ticket: Ticket): void {
-  watchedConnections.set(res, { engine, ticket });
+  (res as WatchedResponse)[WATCHED] = { engine, ticket };
   res.on('close', onWatchedClose);
 }
 
 /** Stops {@link watchConnection}: the response is in the adapter's hands again. */
 export function stopWatchingConnection(res: ClosingResponse): void {
-  watchedConnections.delete(res);
+  // Set to `undefined` rather than deleted: a deleted property turns the response into a slow dictionary object.
+  (res as WatchedResponse)[WATCHED] = undefined;
 }
 
 function onWatchedClose(this: ClosingResponse): void {
-  const watched = watchedConnections.get(this);
+  const watched = (this as WatchedResponse)[WATCHED];
   if (watched === undefined || watched.ticket.settled) return;
   if (this.writableFinished) watched.engine.fail(watched.ticket);
   else watched.engine.clientLeft(watched.ticket);

@@ -1,4 +1,5 @@
 import { createHash } from 'node:crypto';
+import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { webSha256 } from '../../src/core/digest.js';
 import {
@@ -184,6 +185,51 @@ describe('canonicalJson', () => {
     );
   });
 
+  it('equals a member-by-member reference on any JSON document, keys in any order', () => {
+    // Keys drawn so that sorting matters: letters of both cases, integer-like and digit-led keys, `__proto__`.
+    const key = fc.oneof(
+      fc.string({ maxLength: 4 }),
+      fc.constantFrom('__proto__', 'toJSON', '0', '1', '9', '10', '01', '-1', 'a', 'B', 'é', '😀'),
+    );
+    const document = fc.letrec((tie) => ({
+      value: fc.oneof(
+        { depthSize: 'small' },
+        fc.oneof(fc.string(), fc.double(), fc.integer(), fc.boolean(), fc.constant(null)),
+        fc.array(tie('value'), { maxLength: 4 }),
+        fc.array(fc.tuple(key, tie('value')), { maxLength: 6 }).map(objectFromEntries),
+      ),
+    })).value;
+    fc.assert(
+      fc.property(document, (value) => {
+        expect(canonicalJson(value)).toBe(referenceCanonicalJson(value));
+        // As a body parser hands it over: `__proto__` as an own key, numbers as JSON has them.
+        const parsed = JSON.parse(JSON.stringify(value)) as unknown;
+        expect(canonicalJson(parsed)).toBe(referenceCanonicalJson(parsed));
+      }),
+      { numRuns: 2000 },
+    );
+  });
+
+  it('equals the reference on values JSON.stringify alone would not write in key order', () => {
+    class Point {
+      constructor(
+        readonly y: number,
+        readonly x: number,
+      ) {}
+    }
+    const values: unknown[] = [
+      { b: new Point(1, 2), a: [new Point(3, 4)] },
+      { b: { toJSON: () => ({ d: 1, c: 2 }) }, a: 1 },
+      { a: Object.assign([2, 1], { toJSON: () => ({ z: 1, y: 2 }) }) },
+      { z: new Date(0), a: undefined, m: () => 1, s: Symbol('s') },
+      Object.assign(Object.create(null) as object, { b: 1, a: 2 }),
+      { a: new Map([['b', 1]]), b: new Uint8Array([1, 2]) },
+      JSON.parse('{"b":1,"__proto__":{"d":1,"c":2},"a":2}'),
+      { b: 1, '2': 'x', '10': 'y', a: { '1': 1, '0': 0 } },
+    ];
+    for (const value of values) expect(canonicalJson(value)).toBe(referenceCanonicalJson(value));
+  });
+
   it('is valid JSON that parses back to an equal value', () => {
     const value = { z: [1, { y: 'x', x: null }], a: { c: true, b: 0.5 } };
     expect(JSON.parse(canonicalJson(value))).toEqual(value);
@@ -245,3 +291,34 @@ describe('requestTarget', () => {
     expect(requestTarget('orders')).toBe('orders');
   });
 });
+
+/** An object with these own members, in this order (`__proto__` as an own key, as `JSON.parse` makes it). */
+function objectFromEntries(entries: readonly [string, unknown][]): Record<string, unknown> {
+  const object: Record<string, unknown> = {};
+  for (const [name, value] of entries)
+    Object.defineProperty(object, name, { value, enumerable: true, writable: true, configurable: true });
+  return object;
+}
+
+/** Canonical JSON the plain way, every member written by hand: what {@link canonicalJson} must equal. */
+function referenceCanonicalJson(value: unknown): string {
+  if (value === null || typeof value !== 'object') return JSON.stringify(value) ?? 'null';
+  const withToJson = value as { toJSON?: () => unknown };
+  if (typeof withToJson.toJSON === 'function') return referenceCanonicalJson(withToJson.toJSON());
+  if (Array.isArray(value)) {
+    const items = value.map((item: unknown) =>
+      item === undefined || typeof item === 'function' || typeof item === 'symbol'
+        ? 'null'
+        : referenceCanonicalJson(item),
+    );
+    return `[${items.join(',')}]`;
+  }
+  const record = value as Record<string, unknown>;
+  const members: string[] = [];
+  for (const name of Object.keys(record).sort()) {
+    const member = record[name];
+    if (member === undefined || typeof member === 'function' || typeof member === 'symbol') continue;
+    members.push(`${JSON.stringify(name)}:${referenceCanonicalJson(member)}`);
+  }
+  return `{${members.join(',')}}`;
+}

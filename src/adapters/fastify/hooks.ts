@@ -30,20 +30,39 @@ interface Running {
   failed: boolean;
 }
 
-const running = new WeakMap<FastifyRequest, Running>();
-/** Requests whose reply waits in `onSend` for the engine to settle. */
-const holding = new WeakSet<FastifyRequest>();
+/**
+ * A request's state, kept as properties of the request rather than in a `WeakMap` and a `WeakSet`: an entry of a
+ * weak collection made for each young request is an ephemeron that every scavenge processes, a measurable share
+ * of Fastify's time per request. Symbols, so that they neither clash with decorations nor show in `Object.keys`.
+ */
+const RUNNING: unique symbol = Symbol('idempotency-header.running');
+/** Set while the request's reply waits in `onSend` for the engine to settle. */
+const HOLDING: unique symbol = Symbol('idempotency-header.holding');
+type StatefulRequest = FastifyRequest & { [RUNNING]?: Running | undefined; [HOLDING]?: boolean };
+
+function runningOf(request: FastifyRequest): Running | undefined {
+  return (request as StatefulRequest)[RUNNING];
+}
+
+function setRunning(request: FastifyRequest, state: Running | undefined): void {
+  // Set to `undefined` rather than deleted: a deleted property turns the request into a slow dictionary object.
+  (request as StatefulRequest)[RUNNING] = state;
+}
+
+function setHolding(request: FastifyRequest, held: boolean): void {
+  (request as StatefulRequest)[HOLDING] = held;
+}
 
 const EMPTY = new Uint8Array(0);
 
 /** Whether the request holds its key and runs its handler (its reply has not reached `onSend` yet). */
 export function isRunning(request: FastifyRequest): boolean {
-  return running.has(request);
+  return runningOf(request) !== undefined;
 }
 
 /** Whether the request's reply waits in `onSend` for the engine to store or release its key. */
 export function isHolding(request: FastifyRequest): boolean {
-  return holding.has(request);
+  return (request as StatefulRequest)[HOLDING] === true;
 }
 
 /**
@@ -56,7 +75,7 @@ export function startRun(
   reply: FastifyReply,
   ticket: Ticket,
 ): void {
-  running.set(request, { engine, ticket, before: reply.getHeaders(), failed: false });
+  setRunning(request, { engine, ticket, before: reply.getHeaders(), failed: false });
   // A reply that goes out without passing `onSend` (hijacked) releases the key; a client that leaves changes nothing.
   watchConnection(reply.raw, engine, ticket);
 }
@@ -67,7 +86,7 @@ export function startRun(
  * already reached `onSend`).
  */
 export function failRun(request: FastifyRequest): boolean {
-  const state = running.get(request);
+  const state = runningOf(request);
   if (state === undefined) return false;
   state.failed = true;
   return true;
@@ -80,15 +99,15 @@ export function idempotencyOnSend(
   payload: unknown,
   next: (error: Error | null, payload?: unknown) => void,
 ): void {
-  const state = running.get(request);
+  const state = runningOf(request);
   if (state === undefined || state.ticket.settled) return next(null, payload);
-  running.delete(request);
+  setRunning(request, undefined);
   if (state.failed) return settleThen(state.engine.fail(state.ticket), () => next(null, payload));
-  holding.add(request);
+  setHolding(request, true);
   const status = reply.statusCode;
   const headers = reply.getHeaders();
   captureReply(state, payload, status, headers, (sent) => {
-    holding.delete(request);
+    setHolding(request, false);
     if (reply.sent) {
       // Taken over by `onError` meanwhile, whose error handling changed the status and headers: restored.
       reply.code(status);
@@ -109,7 +128,7 @@ export const idempotencyOnError: onErrorHookHandler = function idempotencyOnErro
   // The handler failed after its reply reached `onSend`, where it waits for the store. Without the middleware
   // the reply would have gone out already and Fastify would only log the error; marking the reply as taken
   // over keeps Fastify from sending an error response over it.
-  if (holding.has(request)) reply.hijack();
+  if (isHolding(request)) reply.hijack();
   next();
 };
 
