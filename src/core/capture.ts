@@ -1,6 +1,7 @@
 import type { IdempotencyEngine, Ticket } from './engine.js';
 import { headerValue, isStoredHeader, REMOVED_HEADER } from './responses.js';
 import type { Awaitable, HeaderPair } from './types.js';
+import { utf8 } from './utf8.js';
 
 /**
  * What the adapters that see a handler's response as a value (Fastify's payload, Koa's `ctx.body`, a fetch
@@ -228,15 +229,13 @@ async function* failing(first: Uint8Array[], error: unknown): AsyncGenerator<Uin
   throw error;
 }
 
-const encoder = new TextEncoder();
-
 /** A body chunk as bytes: streams yield bytes, or strings when an encoding was set on them. */
 export function toBytes(chunk: unknown): Uint8Array {
   if (chunk instanceof Uint8Array) return chunk;
-  if (typeof chunk === 'string') return encoder.encode(chunk);
+  if (typeof chunk === 'string') return utf8(chunk);
   if (ArrayBuffer.isView(chunk)) return new Uint8Array(chunk.buffer, chunk.byteOffset, chunk.byteLength);
   if (chunk instanceof ArrayBuffer) return new Uint8Array(chunk);
-  return encoder.encode(String(chunk));
+  return utf8(String(chunk));
 }
 
 function concat(chunks: readonly Uint8Array[], size: number): Uint8Array {

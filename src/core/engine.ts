@@ -2,6 +2,7 @@ import { type Sha256, webSha256 } from './digest.js';
 import { IdempotencyError } from './errors.js';
 import { computeFingerprint, type RequestBody, requestTarget } from './fingerprint.js';
 import { hasControlCharacter, hasSeveralValues, isUuid4, unquoteKey } from './key.js';
+import { LeaseList } from './leases.js';
 import { essence } from './media-type.js';
 import {
   type IdempotencyEvent,
@@ -73,6 +74,8 @@ export class Ticket implements RequestIdempotency {
   backendMs = 0;
   /** When the current store or release was sent (`performance.now()`). */
   writeStartedAt = 0;
+  /** Where the engine's list of leases to renew holds this request; `-1` when it does not. @internal */
+  leaseSlot = -1;
   #controller: AbortController | undefined;
 
   constructor(
@@ -216,7 +219,7 @@ export class IdempotencyEngine<Req = unknown> {
   readonly #bodyTooLarge: EngineReply;
   readonly #unavailable: EngineReply;
   readonly #internalError: EngineReply;
-  readonly #leases = new Set<Ticket>();
+  readonly #leases = new LeaseList<Ticket>();
   #renewTimer: ReturnType<typeof setInterval> | undefined;
   /** Running estimate of how long a first run takes here, in ms: the `Retry-After` hint while one runs. */
   #typicalRunMs: number | undefined;
@@ -981,7 +984,7 @@ export class IdempotencyEngine<Req = unknown> {
     }
     const { backend, lockTimeoutMs } = this.options;
     const now = Date.now();
-    for (const ticket of this.#leases) {
+    for (const ticket of this.#leases.snapshot()) {
       // The bound on a handler whose client left: it had a whole lease to finish; now its lease may lapse.
       if (
         !ticket.settled &&

@@ -133,6 +133,53 @@ describe('Fastify plugin specifics', () => {
     expect(sent).toEqual(['201 -', '201 true']);
   });
 
+  it('stores what the handler set, not what hooks before it set, whether they set headers on reply or on reply.raw', async () => {
+    const backend = new MemoryBackend();
+    backends.push(backend);
+    const app = Fastify();
+    apps.push(app);
+    let request = 0;
+    // Registered before the plugin: they run again for the replay, with the replay's own values.
+    app.addHook('onRequest', async (_request, reply) => {
+      request++;
+      reply.header('x-request-id', `req-${request}`);
+      reply.raw.setHeader('x-raw-request-id', `raw-${request}`);
+      reply.header('x-removed-by-handler', 'yes');
+    });
+    await app.register(idempotencyHeader, { backend });
+    app.post('/orders', async (_request, reply) => {
+      reply.removeHeader('x-removed-by-handler');
+      reply.header('x-request-id', `handler-${request}`);
+      return reply.code(201).header('x-order', 'o-1').send({ id: randomUUID() });
+    });
+    const key = randomUUID();
+    const first = await post(app, '/orders', key);
+    expect(first.headers).toMatchObject({
+      'x-request-id': 'handler-1',
+      'x-raw-request-id': 'raw-1',
+      'x-order': 'o-1',
+    });
+    expect(first.headers['x-removed-by-handler']).toBeUndefined();
+    const replay = await post(app, '/orders', key);
+    expect(replay.headers['idempotent-replayed']).toBe('true');
+    // Changed by the handler: stored. Left as the hook set it: the replay's own. Removed by the handler: removed.
+    expect(replay.headers).toMatchObject({
+      'x-request-id': 'handler-1',
+      'x-raw-request-id': 'raw-2',
+      'x-order': 'o-1',
+    });
+    expect(replay.headers['x-removed-by-handler']).toBeUndefined();
+    expect(replay.body).toBe(first.body);
+
+    // With no hook setting anything before, every header the handler set is stored.
+    const bare = await build();
+    bare.post('/orders', async (_request, reply) => reply.code(201).header('x-order', 'o-2').send({ id: 2 }));
+    const bareKey = randomUUID();
+    await post(bare, '/orders', bareKey);
+    const bareReplay = await post(bare, '/orders', bareKey);
+    expect(bareReplay.headers).toMatchObject({ 'idempotent-replayed': 'true', 'x-order': 'o-2' });
+  });
+
   it('fingerprints the parsed body: the same JSON document with its keys in another order is a repeat', async () => {
     const app = await build();
     let runs = 0;

@@ -75,9 +75,40 @@ export function startRun(
   reply: FastifyReply,
   ticket: Ticket,
 ): void {
-  setRunning(request, { engine, ticket, before: reply.getHeaders(), failed: false });
+  setRunning(request, { engine, ticket, before: headersSetBefore(reply), failed: false });
   // A reply that goes out without passing `onSend` (hijacked) releases the key; a client that leaves changes nothing.
   watchConnection(reply.raw, engine, ticket);
+}
+
+/** Where Fastify keeps the headers set on a reply, found once by its symbol's description; `null`: not found. */
+let replyHeadersKey: symbol | null | undefined;
+const NO_HEADERS: Readonly<Record<string, HeaderRecordValue>> = Object.freeze({});
+
+/**
+ * The headers set on a reply before its handler ran. Most often there are none: that is seen on Fastify's own
+ * record of them and the response's, without `reply.getHeaders()`, which copies both into a new object for every
+ * request. Where Fastify's record is not found (another version), through `reply.getHeaders()`.
+ */
+function headersSetBefore(reply: FastifyReply): Readonly<Record<string, HeaderRecordValue>> {
+  replyHeadersKey ??=
+    Object.getOwnPropertySymbols(reply).find((own) => own.description === 'fastify.reply.headers') ?? null;
+  if (replyHeadersKey !== null) {
+    const own = (reply as unknown as Record<symbol, unknown>)[replyHeadersKey];
+    if (
+      typeof own === 'object' &&
+      own !== null &&
+      !hasMembers(own) &&
+      reply.raw.getHeaderNames().length === 0
+    ) {
+      return NO_HEADERS;
+    }
+  }
+  return reply.getHeaders();
+}
+
+function hasMembers(record: object): boolean {
+  for (const _name in record) return true;
+  return false;
 }
 
 /**

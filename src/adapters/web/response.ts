@@ -2,6 +2,7 @@ import { captureBody, finishWithBody, type ResponseHead } from '../../core/captu
 import { type IdempotencyEngine, isPromise, type Ticket } from '../../core/engine.js';
 import { type EngineReply, headerValue, REMOVED_HEADER } from '../../core/responses.js';
 import type { Awaitable, HeaderPair } from '../../core/types.js';
+import { utf8 } from '../../core/utf8.js';
 
 /**
  * Web-standard pieces shared by the adapters whose handlers answer with a `Response` (Hono, fetch): replies as
@@ -141,7 +142,7 @@ export function captureResponse(
   const head = { status, headers: responseHeaders(inHandHeaders(init, body !== null), before) };
   let settled: Awaitable<void>;
   if (body === null || NULL_BODY_STATUSES.has(status)) settled = finishWithBody(engine, ticket, head, EMPTY);
-  else if (typeof body === 'string') settled = finishWithBody(engine, ticket, head, encoder.encode(body));
+  else if (typeof body === 'string') settled = finishWithBody(engine, ticket, head, utf8(body));
   else if (body instanceof Uint8Array) settled = finishWithBody(engine, ticket, head, body);
   else return captureInHand(engine, ticket, response, head, body, init);
   return isPromise(settled) ? settled.then(() => response) : response;
@@ -196,8 +197,6 @@ async function captureStreamed(
   if (captured.kind === 'kept') return new Response(captured.body as Uint8Array<ArrayBuffer>, init);
   return new Response(streamOf(captured.chunks), init);
 }
-
-const encoder = new TextEncoder();
 
 /** A `ReadableStream`'s chunks; stopping early cancels the stream, as a runtime does when its client leaves. */
 async function* chunksOf(stream: ReadableStream<Uint8Array>): AsyncGenerator<Uint8Array> {
