@@ -313,7 +313,16 @@ function storeRecord(slot: Slot, key: string, record: IdempotencyRecord, expires
   slot.createdAt = record.createdAt;
   slot.status = response === null ? null : response.status;
   slot.headers = lineFeed ? headers : headers.join('\n');
-  slot.body = response === null ? null : response.body;
+  slot.body = response === null ? null : ownBytes(response.body);
+}
+
+/**
+ * The body as bytes of its own. A view into a larger buffer (a slice of Node.js's shared pool, where a short
+ * `Buffer.from` puts its bytes) would keep the whole buffer alive as long as the record, memory that `maxBytes`
+ * does not count.
+ */
+function ownBytes(body: Uint8Array): Uint8Array {
+  return body.byteOffset === 0 && body.byteLength === body.buffer.byteLength ? body : new Uint8Array(body);
 }
 
 function recordOf(entry: Slot): IdempotencyRecord {

@@ -8,8 +8,8 @@ const NodeBuffer = (globalThis as { Buffer?: Partial<BufferGlobal> }).Buffer;
 
 /**
  * The UTF-8 bytes of a string. `Buffer.from` where the runtime has it (Node.js, Bun): a slice of a shared pool
- * for short strings, several times cheaper than `TextEncoder.encode`, which makes a new `ArrayBuffer` each time
- * (that a stored response then keeps, one more for the garbage collector to track); `TextEncoder` elsewhere.
+ * for short strings, several times cheaper than `TextEncoder.encode`, which makes a new `ArrayBuffer` each time;
+ * `TextEncoder` elsewhere. A store that keeps the bytes in memory copies such a slice (see `MemoryBackend`).
  */
 export const utf8: (text: string) => Uint8Array =
   typeof NodeBuffer?.from === 'function'

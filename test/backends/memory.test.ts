@@ -111,6 +111,34 @@ describe('MemoryBackend', () => {
       expect(backend.acquire('a', FINGERPRINT, LEASE_MS).state).toBe('completed');
     });
 
+    it('keeps a body that is a slice of a larger buffer as bytes of its own, not the whole buffer', () => {
+      const backend = create();
+      // What a short `Buffer.from` returns: a few bytes of Node.js's shared 8 KiB pool.
+      const pooled = Buffer.from('{"id":1}');
+      expect(pooled.buffer.byteLength).toBeGreaterThan(pooled.byteLength);
+      const view = new Uint8Array(new ArrayBuffer(4096), 100, 8).fill(7);
+      store(backend, 'pooled', null, pooled);
+      store(backend, 'view', null, view);
+      const exact = new Uint8Array([1, 2, 3]);
+      store(backend, 'exact', null, exact);
+      const bodyOf = (key: string) => {
+        const held = backend.acquire(key, FINGERPRINT, LEASE_MS);
+        if (held.state !== 'completed' || held.record.response === null)
+          throw new Error(`${key}: ${held.state}`);
+        return held.record.response.body;
+      };
+      for (const [key, sent] of [
+        ['pooled', pooled],
+        ['view', view],
+      ] as const) {
+        const body = bodyOf(key);
+        expect(Buffer.from(body)).toEqual(Buffer.from(sent));
+        expect(body.buffer.byteLength).toBe(sent.byteLength);
+      }
+      // A buffer of its own is kept as it is, without a copy.
+      expect(bodyOf('exact')).toBe(exact);
+    });
+
     it('gives back the bytes of released locks and expired records', async () => {
       const backend = create();
       expect(backend.bytes).toBe(0);

@@ -75,7 +75,7 @@ export function startRun(
   reply: FastifyReply,
   ticket: Ticket,
 ): void {
-  setRunning(request, { engine, ticket, before: headersSetBefore(reply), failed: false });
+  setRunning(request, { engine, ticket, before: replyHeaders(reply), failed: false });
   // A reply that goes out without passing `onSend` (hijacked) releases the key; a client that leaves changes nothing.
   watchConnection(reply.raw, engine, ticket);
 }
@@ -84,36 +84,26 @@ type ReplyHeaders = ReturnType<FastifyReply['getHeaders']>;
 
 /** Where Fastify keeps the headers set on a reply, found once by its symbol's description; `null`: not found. */
 let replyHeadersKey: symbol | null | undefined;
-const NO_HEADERS: Readonly<Record<string, HeaderRecordValue>> = Object.freeze({});
+const NO_HEADERS = Object.freeze({}) as ReplyHeaders;
 
 /**
- * Fastify's own record of the headers set on a reply, when it is found and no header was set on `reply.raw`
- * directly: then it holds every header of the reply. `undefined` otherwise (another version of Fastify).
- */
-function ownHeaderRecord(reply: FastifyReply): Readonly<Record<string, HeaderRecordValue>> | undefined {
-  replyHeadersKey ??=
-    Object.getOwnPropertySymbols(reply).find((own) => own.description === 'fastify.reply.headers') ?? null;
-  if (replyHeadersKey === null) return undefined;
-  const own = (reply as unknown as Record<symbol, unknown>)[replyHeadersKey];
-  if (typeof own !== 'object' || own === null || reply.raw.getHeaderNames().length > 0) return undefined;
-  return own as Record<string, HeaderRecordValue>;
-}
-
-/**
- * A copy of the reply's headers, as `reply.getHeaders()` gives it. From Fastify's own record where it holds them
- * all: `reply.getHeaders()` also copies the response's headers into an object without a prototype, which V8
- * copies on its slow path, twice per request here.
+ * The reply's headers, as `reply.getHeaders()` gives them, to be read only. From Fastify's own record when it holds
+ * them all (nothing was set on `reply.raw` directly): a shared empty record when it is empty, the commonest case
+ * before the handler runs, and a plain copy otherwise. `reply.getHeaders()` merges in a copy of the response's
+ * headers without a prototype, which V8 clones on its slow path; it remains for another version of Fastify.
  */
 function replyHeaders(reply: FastifyReply): ReplyHeaders {
-  const own = ownHeaderRecord(reply);
-  return own === undefined ? reply.getHeaders() : ({ ...own } as ReplyHeaders);
-}
-
-/** The headers set on a reply before its handler ran: most often none, and then no copy is made. */
-function headersSetBefore(reply: FastifyReply): Readonly<Record<string, HeaderRecordValue>> {
-  const own = ownHeaderRecord(reply);
-  if (own !== undefined && !hasMembers(own)) return NO_HEADERS;
-  return replyHeaders(reply);
+  if (replyHeadersKey === undefined) {
+    const found = Object.getOwnPropertySymbols(reply).find(
+      (own) => own.description === 'fastify.reply.headers',
+    );
+    replyHeadersKey = found ?? null;
+  }
+  const own =
+    replyHeadersKey === null ? undefined : (reply as unknown as Record<symbol, unknown>)[replyHeadersKey];
+  if (typeof own !== 'object' || own === null || reply.raw.getHeaderNames().length > 0)
+    return reply.getHeaders();
+  return hasMembers(own) ? ({ ...own } as ReplyHeaders) : NO_HEADERS;
 }
 
 function hasMembers(record: object): boolean {
