@@ -1,5 +1,6 @@
 import { IdempotencyError, invalidOption } from '../core/errors.js';
-import type { AcquireResult, Backend, HeaderPair, IdempotencyRecord, KeyState } from '../core/types.js';
+import type { AcquireResult, Backend, IdempotencyRecord, KeyState } from '../core/types.js';
+import { RecordArena } from './_arena.js';
 import { KeyWatchers } from './_watchers.js';
 
 /** Options of {@link MemoryBackend}. */
@@ -26,40 +27,23 @@ export interface MemoryBackendOptions {
 }
 
 /**
- * A key's lock, and then, in the same object, its record: every response stored here lives until it expires,
- * often for a day, so each object it is made of is one more the garbage collector promotes and then marks again
- * and again. Completing a lock fills in its record where it is, with no second object and no second map write.
- * The record's objects are made again on a replay, which is rarer than a store.
+ * A key's lock while its request runs. Once the response is stored, the key's map entry holds the record's handle
+ * in the {@link RecordArena} instead: a number, not an object, since a record lives until it expires, often for a
+ * day, and objects that live long are what the garbage collector pays for.
  */
-class Slot {
-  /** Fencing token of the request running under the key; `''` once the record is stored. */
-  token: string;
-  fingerprint: string;
-  /** The lease's end while locked; the record's expiry once stored (`Infinity` for `expiry: null`). */
-  endsAt: number;
-  bytes: number;
-  createdAt = 0;
-  /** `null` for a request remembered without its response (and while locked). */
-  status: number | null = null;
-  /**
-   * Header names and values, one after the other: joined by line feeds into one string (one object to keep rather
-   * than a list and its strings), or as a list when one of them holds a line feed (which Node.js and the Fetch API
-   * never let through, but a backend's caller might).
-   */
-  headers: string | readonly string[] = '';
-  body: Uint8Array | null = null;
-
-  constructor(token: string, fingerprint: string, leaseEndsAt: number, bytes: number) {
-    this.token = token;
-    this.fingerprint = fingerprint;
-    this.endsAt = leaseEndsAt;
-    this.bytes = bytes;
-  }
-
-  get locked(): boolean {
-    return this.token !== '';
-  }
+class Lock {
+  constructor(
+    /** Fencing token of the request running under the key. */
+    readonly token: string,
+    readonly fingerprint: string,
+    /** The lease's end. */
+    public endsAt: number,
+    readonly bytes: number,
+  ) {}
 }
+
+/** A key's lock, or its record's handle in the arena. */
+type Entry = Lock | number;
 
 /** Default of {@link MemoryBackendOptions.maxEntries}. */
 export const DEFAULT_MAX_ENTRIES = 100_000;
@@ -68,8 +52,8 @@ export const DEFAULT_MAX_BYTES = 64 * 1024 * 1024;
 /** Default of {@link MemoryBackendOptions.sweepIntervalMs}. */
 export const DEFAULT_SWEEP_INTERVAL_MS = 60_000;
 
-/** What an entry costs beyond its strings and body: the map slot, the objects, the numbers. */
-const ENTRY_OVERHEAD_BYTES = 160;
+/** What an entry costs beyond its key and its lock or record: the map slot, the lock object. */
+const ENTRY_OVERHEAD_BYTES = 96;
 /** A full store sweeps before refusing a key, but at most this often, so that a flood does not sweep per request. */
 const FULL_SWEEP_INTERVAL_MS = 1000;
 
@@ -96,7 +80,9 @@ export class MemoryBackend implements Backend {
   readonly #maxEntries: number;
   readonly #maxBytes: number;
   /** Each key's lock or record: one map, so that a lock turns into its record in place. */
-  readonly #entries = new Map<string, Slot>();
+  readonly #entries = new Map<string, Entry>();
+  /** The records' bytes. */
+  readonly #records = new RecordArena();
   readonly #sweepIntervalMs: number;
   /** Started by the first `acquire`: a Cloudflare Worker may not start a timer at its global scope. */
   #sweeper: ReturnType<typeof setInterval> | undefined;
@@ -146,16 +132,22 @@ export class MemoryBackend implements Backend {
     if (this.#sweeper === undefined && !this.#closed) this.#startSweeper();
     const now = Date.now();
     const held = this.#entries.get(key);
-    const bytes = baseBytes(key, fingerprint);
+    const bytes = lockBytes(key, fingerprint);
     if (held === undefined) this.#makeRoom(bytes, now);
-    else if (held.endsAt > now) {
+    else if (typeof held === 'number') {
+      const records = this.#records;
+      if (records.expiresAt(held) > now) {
+        if (!records.hasFingerprint(held, fingerprint)) return MISMATCH;
+        return { state: 'completed', record: records.read(held) };
+      }
+      this.#forgetRecord(key, held);
+    } else if (held.endsAt > now) {
       if (held.fingerprint !== fingerprint) return MISMATCH;
-      if (held.locked) return { state: 'in-flight', retryAfterMs: held.endsAt - now };
-      return { state: 'completed', record: recordOf(held) };
+      return { state: 'in-flight', retryAfterMs: held.endsAt - now };
     } else this.#bytes -= held.bytes;
     // A lapsed lock or an expired record is replaced where it is: the key count does not grow.
     const token = String(++this.#tokenSequence);
-    this.#entries.set(key, new Slot(token, fingerprint, now + leaseMs, bytes));
+    this.#entries.set(key, new Lock(token, fingerprint, now + leaseMs, bytes));
     this.#bytes += bytes;
     return { state: 'acquired', token };
   }
@@ -163,9 +155,10 @@ export class MemoryBackend implements Backend {
   complete(key: string, token: string, record: IdempotencyRecord, ttlMs: number | null): boolean {
     const lock = this.#lockOf(key, token);
     if (lock === undefined) return false;
-    const before = lock.bytes;
-    storeRecord(lock, key, record, ttlMs === null ? Number.POSITIVE_INFINITY : Date.now() + ttlMs);
-    this.#bytes += lock.bytes - before;
+    const expiresAt = ttlMs === null ? Number.POSITIVE_INFINITY : Date.now() + ttlMs;
+    const handle = this.#records.store(record, expiresAt);
+    this.#entries.set(key, handle);
+    this.#bytes += recordBytes(key, this.#records.bytesOf(handle)) - lock.bytes;
     this.#wake(key);
     return true;
   }
@@ -194,16 +187,18 @@ export class MemoryBackend implements Backend {
   inspect(key: string): KeyState | undefined {
     const now = Date.now();
     const held = this.#entries.get(key);
-    if (held === undefined || !isHeld(held, now)) return undefined;
-    if (held.locked)
+    if (held === undefined || !this.#isHeld(held, now)) return undefined;
+    if (typeof held !== 'number')
       return { state: 'in-flight', fingerprint: held.fingerprint, leaseLeftMs: held.endsAt - now };
+    const records = this.#records;
+    const expiresAt = records.expiresAt(held);
     return {
       state: 'completed',
-      fingerprint: held.fingerprint,
-      status: held.status,
-      storedAt: held.createdAt,
-      expiresAt: Number.isFinite(held.endsAt) ? held.endsAt : null,
-      size: held.body?.byteLength ?? 0,
+      fingerprint: records.fingerprint(held),
+      status: records.status(held),
+      storedAt: records.createdAt(held),
+      expiresAt: Number.isFinite(expiresAt) ? expiresAt : null,
+      size: records.bodyLength(held),
     };
   }
 
@@ -213,20 +208,25 @@ export class MemoryBackend implements Backend {
     if (held === undefined) return false;
     // An expired record or a lapsed lock, not yet swept, was no longer held: as on the other backends, nothing
     // was forgotten.
-    if (!isHeld(held, Date.now())) {
+    if (!this.#isHeld(held, Date.now())) {
       this.#delete(key, held);
       return false;
     }
-    if (held.locked && !force) return false;
+    const locked = typeof held !== 'number';
+    if (locked && !force) return false;
     this.#delete(key, held);
-    if (held.locked) this.#wake(key);
+    if (locked) this.#wake(key);
     return true;
   }
 
-  /** Drops expired records and lapsed locks. Runs on a timer; call it directly to free memory at once. */
+  /**
+   * Drops expired records and lapsed locks, and gives back the buffers their records no longer use. Runs on a
+   * timer; call it directly to free memory at once.
+   */
   sweep(): void {
     const now = Date.now();
-    for (const [key, held] of this.#entries) if (!isHeld(held, now)) this.#delete(key, held);
+    for (const [key, held] of this.#entries) if (!this.#isHeld(held, now)) this.#delete(key, held);
+    this.#records.releaseEmptySlabs();
   }
 
   /** Deletes every key and stops the sweep timer. */
@@ -234,6 +234,7 @@ export class MemoryBackend implements Backend {
     this.#closed = true;
     clearInterval(this.#sweeper);
     this.#entries.clear();
+    this.#records.clear();
     this.#bytes = 0;
   }
 
@@ -270,70 +271,35 @@ export class MemoryBackend implements Backend {
   }
 
   /** The key's lock, if `token` holds it (a lapsed lease included, until another request takes the key). */
-  #lockOf(key: string, token: string): Slot | undefined {
+  #lockOf(key: string, token: string): Lock | undefined {
     const held = this.#entries.get(key);
-    // A stored record's token is '', which no request holds.
-    return held !== undefined && held.token === token ? held : undefined;
+    return typeof held === 'object' && held.token === token ? held : undefined;
   }
 
-  #delete(key: string, held: Slot): void {
+  /** Whether a lock's lease or a record's expiry is still running. */
+  #isHeld(held: Entry, now: number): boolean {
+    return (typeof held === 'number' ? this.#records.expiresAt(held) : held.endsAt) > now;
+  }
+
+  #delete(key: string, held: Entry): void {
     this.#entries.delete(key);
-    this.#bytes -= held.bytes;
+    if (typeof held === 'number') this.#forgetRecord(key, held);
+    else this.#bytes -= held.bytes;
+  }
+
+  /** Frees a record's bytes; its key's entry is deleted or replaced by the caller. */
+  #forgetRecord(key: string, handle: number): void {
+    this.#bytes -= recordBytes(key, this.#records.bytesOf(handle));
+    this.#records.free(handle);
   }
 }
 
-/** What a key costs against `maxBytes` before any response: the entry, the key and the fingerprint. */
-function baseBytes(key: string, fingerprint: string): number {
+/** What a lock costs against `maxBytes`: the entry, the key and the fingerprint. */
+function lockBytes(key: string, fingerprint: string): number {
   return ENTRY_OVERHEAD_BYTES + 2 * (key.length + fingerprint.length);
 }
 
-/** Whether a lock's lease or a record's expiry is still running. */
-function isHeld(held: Slot, now: number): boolean {
-  return held.endsAt > now;
-}
-
-/** Turns a lock into its record, in place: the token is cleared, so that its holder can no longer write. */
-function storeRecord(slot: Slot, key: string, record: IdempotencyRecord, expiresAt: number): void {
-  const response = record.response;
-  let bytes = baseBytes(key, record.fingerprint);
-  const headers: string[] = [];
-  let lineFeed = false;
-  if (response !== null) {
-    bytes += response.body.byteLength;
-    for (const [name, value] of response.headers) {
-      headers.push(name, value);
-      bytes += 2 * (name.length + value.length) + 16;
-      lineFeed ||= name.includes('\n') || value.includes('\n');
-    }
-  }
-  slot.token = '';
-  slot.fingerprint = record.fingerprint;
-  slot.endsAt = expiresAt;
-  slot.bytes = bytes;
-  slot.createdAt = record.createdAt;
-  slot.status = response === null ? null : response.status;
-  slot.headers = lineFeed ? headers : headers.join('\n');
-  slot.body = response === null ? null : ownBytes(response.body);
-}
-
-/**
- * The body as bytes of its own. A view into a larger buffer (a slice of Node.js's shared pool, where a short
- * `Buffer.from` puts its bytes) would keep the whole buffer alive as long as the record, memory that `maxBytes`
- * does not count.
- */
-function ownBytes(body: Uint8Array): Uint8Array {
-  return body.byteOffset === 0 && body.byteLength === body.buffer.byteLength ? body : new Uint8Array(body);
-}
-
-function recordOf(entry: Slot): IdempotencyRecord {
-  const { fingerprint, createdAt, status, body } = entry;
-  if (status === null || body === null) return { fingerprint, createdAt, response: null };
-  const list = typeof entry.headers === 'string' ? splitHeaders(entry.headers) : entry.headers;
-  const headers: HeaderPair[] = [];
-  for (let i = 0; i + 1 < list.length; i += 2) headers.push([list[i]!, list[i + 1]!]);
-  return { fingerprint, createdAt, response: { status, headers, body } };
-}
-
-function splitHeaders(joined: string): string[] {
-  return joined === '' ? [] : joined.split('\n');
+/** What a record costs against `maxBytes`: the entry, the key, and the record's cell or buffer. */
+function recordBytes(key: string, cellBytes: number): number {
+  return ENTRY_OVERHEAD_BYTES + 2 * key.length + cellBytes;
 }

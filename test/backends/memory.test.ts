@@ -119,8 +119,8 @@ describe('MemoryBackend', () => {
       const view = new Uint8Array(new ArrayBuffer(4096), 100, 8).fill(7);
       store(backend, 'pooled', null, pooled);
       store(backend, 'view', null, view);
-      const exact = new Uint8Array([1, 2, 3]);
-      store(backend, 'exact', null, exact);
+      const sent = new Uint8Array([1, 2, 3]);
+      store(backend, 'copied', null, sent);
       const bodyOf = (key: string) => {
         const held = backend.acquire(key, FINGERPRINT, LEASE_MS);
         if (held.state !== 'completed' || held.record.response === null)
@@ -135,8 +135,13 @@ describe('MemoryBackend', () => {
         expect(Buffer.from(body)).toEqual(Buffer.from(sent));
         expect(body.buffer.byteLength).toBe(sent.byteLength);
       }
-      // A buffer of its own is kept as it is, without a copy.
-      expect(bodyOf('exact')).toBe(exact);
+      // What is stored is a copy: the sender's buffer changing later changes nothing, and each replay gets a copy
+      // of its own.
+      sent[0] = 9;
+      const replayed = bodyOf('copied');
+      expect([...replayed]).toEqual([1, 2, 3]);
+      replayed[1] = 9;
+      expect([...bodyOf('copied')]).toEqual([1, 2, 3]);
     });
 
     it('gives back the bytes of released locks and expired records', async () => {

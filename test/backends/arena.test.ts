@@ -1,0 +1,157 @@
+import fc from 'fast-check';
+import { describe, expect, it } from 'vitest';
+import { LARGEST_CELL, RecordArena, SLAB_BYTES } from '../../src/backends/_arena.js';
+import type { HeaderPair, IdempotencyRecord } from '../../src/core/types.js';
+
+function record(
+  body: Uint8Array,
+  headers: HeaderPair[] = [],
+  fingerprint = 'f'.repeat(64),
+): IdempotencyRecord {
+  return { fingerprint, createdAt: 1_700_000_000_123, response: { status: 201, headers, body } };
+}
+
+/** A record as plain data, its body as an array, for deep comparison. */
+function plain(stored: IdempotencyRecord) {
+  const { response } = stored;
+  return {
+    ...stored,
+    response: response === null ? null : { ...response, body: [...response.body] },
+  };
+}
+
+describe('RecordArena', () => {
+  it('gives back each record as it was stored', () => {
+    const arena = new RecordArena();
+    const records: IdempotencyRecord[] = [
+      record(new Uint8Array(0)),
+      record(new TextEncoder().encode('{"id":1}'), [
+        ['content-type', 'application/json'],
+        ['set-cookie', 'a=1'],
+        ['set-cookie', 'b=2'],
+        ['x-empty', ''],
+        ['x-line', 'one\ntwo'],
+        ['x-latin1', 'caf\u00e9 \u00ff'],
+        ['x-wide', 'price \u20ac, a lone surrogate \ud800, an emoji \ud83d\ude00'],
+      ]),
+      record(new Uint8Array([0, 255, 1, 254]), [], ''),
+      record(new Uint8Array(3), [], 'a custom fingerprint \u2603'),
+      { fingerprint: 'f'.repeat(64), createdAt: 5, response: null },
+      record(new Uint8Array(LARGEST_CELL * 3).fill(7), [['content-type', 'application/octet-stream']]),
+    ];
+    const handles = records.map((each, i) =>
+      arena.store(each, i === 0 ? Number.POSITIVE_INFINITY : 1000 + i),
+    );
+    records.forEach((each, i) => {
+      const handle = handles[i]!;
+      expect(plain(arena.read(handle))).toEqual(plain(each));
+      expect(arena.expiresAt(handle)).toBe(i === 0 ? Number.POSITIVE_INFINITY : 1000 + i);
+      expect(arena.createdAt(handle)).toBe(each.createdAt);
+      expect(arena.status(handle)).toBe(each.response?.status ?? null);
+      expect(arena.bodyLength(handle)).toBe(each.response?.body.byteLength ?? 0);
+      expect(arena.fingerprint(handle)).toBe(each.fingerprint);
+      expect(arena.hasFingerprint(handle, each.fingerprint)).toBe(true);
+    });
+  });
+
+  it('round-trips any strings and bytes', () => {
+    const arena = new RecordArena();
+    const text = fc.string({ unit: 'binary', maxLength: 40 });
+    fc.assert(
+      fc.property(
+        text,
+        fc.array(fc.tuple(text, text), { maxLength: 6 }),
+        fc.uint8Array({ maxLength: 3 * LARGEST_CELL }),
+        fc.integer({ min: 100, max: 599 }),
+        (fingerprint, headers, body, status) => {
+          const stored: IdempotencyRecord = {
+            fingerprint,
+            createdAt: 42,
+            response: { status, headers, body },
+          };
+          const handle = arena.store(stored, 99);
+          expect(plain(arena.read(handle))).toEqual(plain(stored));
+          expect(arena.hasFingerprint(handle, fingerprint)).toBe(true);
+          expect(arena.hasFingerprint(handle, `${fingerprint}x`)).toBe(false);
+          arena.free(handle);
+        },
+      ),
+      { numRuns: 500 },
+    );
+    // Every record was freed: nothing but empty slabs is left, and they are given back.
+    arena.releaseEmptySlabs();
+    expect(arena.slabCount).toBe(0);
+  });
+
+  it('tells fingerprints apart where they lie: length, a narrow unit, a wide unit', () => {
+    const arena = new RecordArena();
+    const narrow = arena.store(record(new Uint8Array(1), [], 'abcd'), 1);
+    const wide = arena.store(record(new Uint8Array(1), [], 'ab\u20acd'), 1);
+    expect(arena.hasFingerprint(narrow, 'abc')).toBe(false);
+    expect(arena.hasFingerprint(narrow, 'abce')).toBe(false);
+    expect(arena.hasFingerprint(narrow, 'ab\u20acd')).toBe(false);
+    expect(arena.hasFingerprint(wide, 'abcd')).toBe(false);
+    expect(arena.hasFingerprint(wide, 'ab\u20ace')).toBe(false);
+    expect(arena.hasFingerprint(wide, 'ab\u20acd')).toBe(true);
+  });
+
+  it('hands out a copy of the body, which a later record in the same cell does not change', () => {
+    const arena = new RecordArena();
+    const sent = new Uint8Array([1, 2, 3]);
+    const first = arena.store(record(sent), 1);
+    sent[0] = 9;
+    const read = arena.read(first);
+    expect([...read.response!.body]).toEqual([1, 2, 3]);
+    expect(read.response!.body.buffer.byteLength).toBe(3);
+    arena.free(first);
+    const second = arena.store(record(new Uint8Array([4, 5, 6])), 1);
+    expect(second).toBe(first);
+    expect([...read.response!.body]).toEqual([1, 2, 3]);
+  });
+
+  it('reuses freed cells, and gives back slabs whose cells are all free', () => {
+    const arena = new RecordArena();
+    const body = new Uint8Array(100);
+    // Enough records of one size for several slabs.
+    const perSlab = Math.floor(SLAB_BYTES / 256);
+    const handles = Array.from({ length: 3 * perSlab }, () => arena.store(record(body), 1));
+    const slabs = arena.slabCount;
+    expect(slabs).toBeGreaterThanOrEqual(3);
+    for (const handle of handles.splice(0, perSlab)) arena.free(handle);
+    // Freed cells are used again before any new slab.
+    const again = Array.from({ length: perSlab }, () => arena.store(record(body), 1));
+    expect(arena.slabCount).toBe(slabs);
+    for (const handle of [...handles, ...again]) arena.free(handle);
+    const kept = arena.store(record(body), 1);
+    arena.releaseEmptySlabs();
+    // Only the slab of the record still held stays.
+    expect(arena.slabCount).toBe(1);
+    expect([...arena.read(kept).response!.body]).toEqual([...body]);
+    // Cells of the slabs given back are not handed out again; new records still fit.
+    const after = Array.from({ length: 2 * perSlab }, (_, i) =>
+      arena.store(record(new Uint8Array(100).fill(i % 256)), 1),
+    );
+    expect(after.map((handle) => arena.read(handle).response!.body[0])).toEqual(after.map((_, i) => i % 256));
+    expect([...arena.read(kept).response!.body]).toEqual([...body]);
+  });
+
+  it('gives a large record a buffer of its own, given back when it is freed', () => {
+    const arena = new RecordArena();
+    const large = arena.store(record(new Uint8Array(LARGEST_CELL + 1)), 1);
+    expect(arena.slabCount).toBe(1);
+    expect(arena.bytesOf(large)).toBeGreaterThan(LARGEST_CELL);
+    expect(arena.bytesOf(large)).toBeLessThan(LARGEST_CELL + 256);
+    arena.free(large);
+    expect(arena.slabCount).toBe(0);
+  });
+
+  it('sizes cells close to the record: at most a fifth unused above 128 bytes', () => {
+    const arena = new RecordArena();
+    for (let length = 0; length <= LARGEST_CELL - 200; length += 37) {
+      const handle = arena.store(record(new Uint8Array(length)), 1);
+      const needed = 28 + 4 + 64 + length;
+      expect(arena.bytesOf(handle)).toBeGreaterThanOrEqual(needed);
+      expect(arena.bytesOf(handle)).toBeLessThanOrEqual(Math.max(128, Math.ceil(needed * 1.25)));
+    }
+  });
+});
