@@ -187,14 +187,28 @@ function reply(c: Context, answer: EngineReply): Response {
  * announces no length (chunked) is read from the stream within the limit and put in the cache; a body an earlier
  * middleware read comes from the cache, under that middleware's own limit.
  */
-async function readRequestBody(c: Context, limit: number): Promise<Uint8Array | string | typeof TOO_LARGE> {
-  const raw = c.req.raw;
+function readRequestBody(
+  c: Context,
+  limit: number,
+): Promise<Uint8Array | string | typeof TOO_LARGE> | typeof TOO_LARGE {
   // Hono keeps promises in its cache (typed as the methods that make them).
   const cache = c.req.bodyCache as Record<string, unknown>;
-  for (const _read in cache) return new Uint8Array(await c.req.arrayBuffer());
+  for (const _read in cache) return c.req.arrayBuffer().then((read) => new Uint8Array(read));
   const length = requestHeader(c, 'content-length') ?? null;
   if (length !== null && Number(length) > limit) return TOO_LARGE;
+  // Hono's own promise, handed on as it is: wrapping it would cost the request more turns of the event loop.
   if (length !== null && isJsonBody(requestHeader(c, 'content-type'))) return c.req.text();
+  return readBytes(c, cache, length, limit);
+}
+
+/** A body that is not JSON with a length: its bytes, through the cache or from the stream within the limit. */
+async function readBytes(
+  c: Context,
+  cache: Record<string, unknown>,
+  length: string | string[] | null,
+  limit: number,
+): Promise<Uint8Array | typeof TOO_LARGE> {
+  const raw = c.req.raw;
   let bytes: Uint8Array | typeof TOO_LARGE;
   if (length !== null || raw.body === null) {
     bytes = new Uint8Array(await c.req.arrayBuffer());
