@@ -20,13 +20,15 @@ import type { HeaderPair, IdempotencyRecord } from '../core/types.js';
  * | --- | --- |
  * | 0–7 | when it expires (float64, milliseconds; `Infinity` for never) |
  * | 8–15 | `createdAt` (float64) |
- * | 16–19 | status (int32; -1 for a record without its response) |
+ * | 16–19 | status plus one (uint32; 0 for a record without its response) |
  * | 20–23 | number of headers (uint32) |
  * | 24–27 | body length (uint32) |
- * | 28– | the fingerprint, then each header's name and value, as strings; then the body |
+ * | 28– | one uint32 per string: the fingerprint, then each header's name and value |
+ * | then | the strings' code units, one after the other; then the body |
  *
- * A string is a uint32 `units << 1 | wide`, then its UTF-16 code units: one byte each when every unit is below
- * 256 (a hex fingerprint, a header), two otherwise. Any JavaScript string comes back as it went in.
+ * A string's word is `units << 1 | wide`: its UTF-16 code units take one byte each when every one is below 256
+ * (a hex fingerprint, a header), two otherwise. Any JavaScript string comes back as it went in. A record whose
+ * strings are all ASCII, nearly every one, has them encoded in one native call.
  */
 
 /** Largest record kept in a shared slab; a larger one gets a buffer of its own. */
@@ -39,11 +41,12 @@ const CELLS_PER_SLAB = 4096;
 const MOST_SLABS = 2 ** 30 / CELLS_PER_SLAB;
 
 const HEAD_BYTES = 28;
-const EXPIRES = 0;
-const CREATED = 8;
-const STATUS = 16;
-const HEADER_COUNT = 20;
-const BODY_LENGTH = 24;
+/** The head's 32-bit fields, counted in 32-bit words from the cell's start (the float64s take words 0 to 3). */
+const STATUS = 4;
+const HEADER_COUNT = 5;
+const BODY_LENGTH = 6;
+/** The first string's word. */
+const WORDS = 7;
 
 /** Cell sizes: 64 to 128 by 16, then four sizes per doubling up to {@link LARGEST_CELL} (at most 20 % unused). */
 const CELL_SIZES: readonly number[] = (() => {
@@ -68,6 +71,10 @@ const SIZE_INDEX = (() => {
 /** A buffer of cells of one size, or of one large record. */
 interface Slab {
   readonly bytes: Uint8Array;
+  /** The same bytes as numbers: a cell starts on an 8-byte boundary, and its head's fields lie on their own. */
+  readonly f64: Float64Array;
+  readonly u32: Uint32Array;
+  /** For two-byte strings, whose units may lie on any byte. */
   readonly view: DataView;
   /** The size index of its cells, or -1 for a slab holding one large record. */
   readonly sizeIndex: number;
@@ -98,41 +105,73 @@ export class RecordArena {
    * Writes a record and returns its handle. Throws a `RangeError` when no buffer can be had for it.
    */
   store(record: IdempotencyRecord, expiresAt: number): number {
-    // Sized as if every string took one byte per unit, the common case, and written so; a string that does not
-    // fit that is met while writing, and the record is then written again, sized exactly.
-    return this.#write(record, expiresAt, false) ?? (this.#write(record, expiresAt, true) as number);
+    return this.#writeAscii(record, expiresAt) ?? this.#writeExact(record, expiresAt);
   }
 
-  /** Writes the record; `undefined` when a string needs two bytes per unit and `exact` is off. */
-  #write(record: IdempotencyRecord, expiresAt: number, exact: boolean): number | undefined {
+  /**
+   * Writes a record whose strings are all ASCII, the common case (a hex fingerprint, header names and values), with
+   * one native encoding of them all, joined; `undefined`, and nothing written, when one of them is not ASCII.
+   */
+  #writeAscii(record: IdempotencyRecord, expiresAt: number): number | undefined {
     const response = record.response;
-    const size = exact ? exactSize(record) : HEAD_BYTES + recordUnits(record);
+    const headers = response === null ? NO_HEADERS : response.headers;
+    let text = record.fingerprint;
+    for (let i = 0; i < headers.length; i++) {
+      const header = headers[i]!;
+      text += header[0];
+      text += header[1];
+    }
+    const units = text.length;
+    const strings = HEAD_BYTES + 4 * (1 + 2 * headers.length);
+    const handle = this.#allocate(strings + units + (response === null ? 0 : response.body.byteLength));
+    const slab = this.#slabs[slabOf(handle)]!;
+    const at = cellOf(handle) * slab.cellBytes;
+    // Every unit ASCII exactly when each one read took one byte.
+    const encoded = encoder.encodeInto(text, slab.bytes.subarray(at + strings, at + strings + units));
+    if (encoded.read !== units || encoded.written !== units) {
+      this.free(handle);
+      return undefined;
+    }
+    writeHead(slab, at, record, expiresAt);
+    const u32 = slab.u32;
+    const words = (at >> 2) + WORDS;
+    u32[words] = record.fingerprint.length << 1;
+    for (let i = 0; i < headers.length; i++) {
+      const header = headers[i]!;
+      u32[words + 1 + 2 * i] = header[0].length << 1;
+      u32[words + 2 + 2 * i] = header[1].length << 1;
+    }
+    if (response !== null) slab.bytes.set(response.body, at + strings + units);
+    return handle;
+  }
+
+  /** Writes any record: each string in one byte per unit when it can, two otherwise. */
+  #writeExact(record: IdempotencyRecord, expiresAt: number): number {
+    const response = record.response;
+    const headers = response === null ? NO_HEADERS : response.headers;
+    const all = [record.fingerprint];
+    for (const [name, value] of headers) all.push(name, value);
+    const narrow = all.map(isNarrow);
+    let size = HEAD_BYTES + 4 * all.length + (response === null ? 0 : response.body.byteLength);
+    all.forEach((value, i) => {
+      size += (narrow[i] ? 1 : 2) * value.length;
+    });
     const handle = this.#allocate(size);
     const slab = this.#slabs[slabOf(handle)]!;
-    const view = slab.view;
-    const bytes = slab.bytes;
+    const { view, bytes } = slab;
     const at = cellOf(handle) * slab.cellBytes;
-    view.setFloat64(at + EXPIRES, expiresAt, true);
-    view.setFloat64(at + CREATED, record.createdAt, true);
-    view.setInt32(at + STATUS, response === null ? -1 : response.status, true);
-    let offset = writeString(view, bytes, at + HEAD_BYTES, record.fingerprint, exact);
-    if (response === null) {
-      view.setUint32(at + HEADER_COUNT, 0, true);
-      view.setUint32(at + BODY_LENGTH, 0, true);
-    } else {
-      const { headers, body } = response;
-      view.setUint32(at + HEADER_COUNT, headers.length, true);
-      view.setUint32(at + BODY_LENGTH, body.byteLength, true);
-      for (let i = 0; i < headers.length && offset !== -1; i++) {
-        const header = headers[i]!;
-        offset = writeString(view, bytes, offset, header[0], exact);
-        if (offset !== -1) offset = writeString(view, bytes, offset, header[1], exact);
+    writeHead(slab, at, record, expiresAt);
+    let offset = at + HEAD_BYTES + 4 * all.length;
+    all.forEach((value, i) => {
+      slab.u32[(at >> 2) + WORDS + i] = (value.length << 1) | (narrow[i] ? 0 : 1);
+      if (narrow[i]) for (let unit = 0; unit < value.length; unit++) bytes[offset++] = value.charCodeAt(unit);
+      else {
+        for (let unit = 0; unit < value.length; unit++, offset += 2)
+          view.setUint16(offset, value.charCodeAt(unit), true);
       }
-      if (offset !== -1) bytes.set(body, offset);
-    }
-    if (offset !== -1) return handle;
-    this.free(handle);
-    return undefined;
+    });
+    if (response !== null) bytes.set(response.body, offset);
+    return handle;
   }
 
   /** Bytes the record takes: its cell, or its own buffer. */
@@ -142,57 +181,71 @@ export class RecordArena {
 
   expiresAt(handle: number): number {
     const slab = this.#slabs[slabOf(handle)]!;
-    return slab.view.getFloat64(cellOf(handle) * slab.cellBytes + EXPIRES, true);
+    return slab.f64[(cellOf(handle) * slab.cellBytes) >> 3]!;
   }
 
   createdAt(handle: number): number {
     const slab = this.#slabs[slabOf(handle)]!;
-    return slab.view.getFloat64(cellOf(handle) * slab.cellBytes + CREATED, true);
+    return slab.f64[((cellOf(handle) * slab.cellBytes) >> 3) + 1]!;
   }
 
   /** The stored status, `null` for a record without its response. */
   status(handle: number): number | null {
     const slab = this.#slabs[slabOf(handle)]!;
-    const status = slab.view.getInt32(cellOf(handle) * slab.cellBytes + STATUS, true);
-    return status === -1 ? null : status;
+    return statusOf(slab, cellOf(handle) * slab.cellBytes);
   }
 
   bodyLength(handle: number): number {
     const slab = this.#slabs[slabOf(handle)]!;
-    return slab.view.getUint32(cellOf(handle) * slab.cellBytes + BODY_LENGTH, true);
+    return slab.u32[((cellOf(handle) * slab.cellBytes) >> 2) + BODY_LENGTH]!;
   }
 
   /** Whether the record's fingerprint is `fingerprint`, compared where it lies. */
   hasFingerprint(handle: number, fingerprint: string): boolean {
     const slab = this.#slabs[slabOf(handle)]!;
-    return stringEquals(slab.view, slab.bytes, cellOf(handle) * slab.cellBytes + HEAD_BYTES, fingerprint);
+    const { view, bytes } = slab;
+    const at = cellOf(handle) * slab.cellBytes;
+    const word = slab.u32[(at >> 2) + WORDS]!;
+    const units = word >>> 1;
+    if (units !== fingerprint.length) return false;
+    const start = stringsStart(slab, at);
+    if ((word & 1) === 0) {
+      for (let i = 0; i < units; i++) if (bytes[start + i] !== fingerprint.charCodeAt(i)) return false;
+      return true;
+    }
+    for (let i = 0; i < units; i++) {
+      if (view.getUint16(start + 2 * i, true) !== fingerprint.charCodeAt(i)) return false;
+    }
+    return true;
   }
 
   fingerprint(handle: number): string {
     const slab = this.#slabs[slabOf(handle)]!;
-    return readString(slab.view, slab.bytes, cellOf(handle) * slab.cellBytes + HEAD_BYTES).value;
+    const at = cellOf(handle) * slab.cellBytes;
+    return readString(slab, (at >> 2) + WORDS, stringsStart(slab, at)).value;
   }
 
   /** The record, made anew: its body is a copy, which a later store in the same cell cannot change. */
   read(handle: number): IdempotencyRecord {
     const slab = this.#slabs[slabOf(handle)]!;
-    const { view, bytes } = slab;
+    const { u32 } = slab;
     const at = cellOf(handle) * slab.cellBytes;
-    const createdAt = view.getFloat64(at + CREATED, true);
-    let read = readString(view, bytes, at + HEAD_BYTES);
+    const createdAt = slab.f64[(at >> 3) + 1]!;
+    const words = (at >> 2) + WORDS;
+    let read = readString(slab, words, stringsStart(slab, at));
     const fingerprint = read.value;
-    const status = view.getInt32(at + STATUS, true);
-    if (status === -1) return { fingerprint, createdAt, response: null };
-    const count = view.getUint32(at + HEADER_COUNT, true);
+    const status = statusOf(slab, at);
+    if (status === null) return { fingerprint, createdAt, response: null };
+    const count = u32[(at >> 2) + HEADER_COUNT]!;
     const headers: HeaderPair[] = [];
     for (let i = 0; i < count; i++) {
-      read = readString(view, bytes, read.end);
+      read = readString(slab, words + 1 + 2 * i, read.end);
       const name = read.value;
-      read = readString(view, bytes, read.end);
+      read = readString(slab, words + 2 + 2 * i, read.end);
       headers.push([name, read.value]);
     }
-    const length = view.getUint32(at + BODY_LENGTH, true);
-    const body = bytes.slice(read.end, read.end + length);
+    const length = u32[(at >> 2) + BODY_LENGTH]!;
+    const body = slab.bytes.slice(read.end, read.end + length);
     return { fingerprint, createdAt, response: { status, headers, body } };
   }
 
@@ -259,6 +312,8 @@ export class RecordArena {
     const bytes = new Uint8Array(cellBytes * cells);
     this.#slabs[number] = {
       bytes,
+      f64: new Float64Array(bytes.buffer),
+      u32: new Uint32Array(bytes.buffer),
       view: new DataView(bytes.buffer),
       sizeIndex,
       cellBytes,
@@ -281,57 +336,34 @@ function cellOf(handle: number): number {
   return handle & (CELLS_PER_SLAB - 1);
 }
 
-/** A record's size when each of its strings takes one byte per unit (4 bytes of length before each). */
-function recordUnits(record: IdempotencyRecord): number {
+const encoder = new TextEncoder();
+const NO_HEADERS: readonly HeaderPair[] = [];
+
+function writeHead(slab: Slab, at: number, record: IdempotencyRecord, expiresAt: number): void {
   const response = record.response;
-  let size = 4 + record.fingerprint.length;
-  if (response === null) return size;
-  const headers = response.headers;
-  for (let i = 0; i < headers.length; i++) {
-    const header = headers[i]!;
-    size += 8 + header[0].length + header[1].length;
-  }
-  return size + response.body.byteLength;
+  const { f64, u32 } = slab;
+  f64[at >> 3] = expiresAt;
+  f64[(at >> 3) + 1] = record.createdAt;
+  const base = at >> 2;
+  // The status plus one: 0 for a record without its response.
+  u32[base + STATUS] = response === null ? 0 : response.status + 1;
+  u32[base + HEADER_COUNT] = response === null ? 0 : response.headers.length;
+  u32[base + BODY_LENGTH] = response === null ? 0 : response.body.byteLength;
 }
 
-/** A record's size, each string taking the bytes it needs. */
-function exactSize(record: IdempotencyRecord): number {
-  const response = record.response;
-  let size = HEAD_BYTES + stringBytes(record.fingerprint);
-  if (response === null) return size;
-  for (const [name, value] of response.headers) size += stringBytes(name) + stringBytes(value);
-  return size + response.body.byteLength;
+function statusOf(slab: Slab, at: number): number | null {
+  const stored = slab.u32[(at >> 2) + STATUS]!;
+  return stored === 0 ? null : stored - 1;
 }
 
-/** Bytes `value` takes as a stored string. */
-function stringBytes(value: string): number {
-  return 4 + (isNarrow(value) ? 1 : 2) * value.length;
+/** Where a record's strings start: after its head and one word per string (the fingerprint, 2 per header). */
+function stringsStart(slab: Slab, at: number): number {
+  return at + HEAD_BYTES + 4 * (1 + 2 * slab.u32[(at >> 2) + HEADER_COUNT]!);
 }
 
 function isNarrow(value: string): boolean {
   for (let i = 0; i < value.length; i++) if (value.charCodeAt(i) > 0xff) return false;
   return true;
-}
-
-/**
- * Writes `value` at `at` and returns where it ends. Unless `exact`, the record was sized for one byte per unit:
- * -1 when a unit does not fit in one.
- */
-function writeString(view: DataView, bytes: Uint8Array, at: number, value: string, exact: boolean): number {
-  const units = value.length;
-  const start = at + 4;
-  if (!exact || isNarrow(value)) {
-    for (let i = 0; i < units; i++) {
-      const unit = value.charCodeAt(i);
-      if (unit > 0xff) return -1;
-      bytes[start + i] = unit;
-    }
-    view.setUint32(at, units << 1, true);
-    return start + units;
-  }
-  view.setUint32(at, (units << 1) | 1, true);
-  for (let i = 0; i < units; i++) view.setUint16(start + 2 * i, value.charCodeAt(i), true);
-  return start + 2 * units;
 }
 
 /** Reading a string gives where the next field starts. */
@@ -343,11 +375,12 @@ interface ReadString {
 /** Code units per `String.fromCharCode` call, well under the engines' argument limits. */
 const CHUNK_UNITS = 4096;
 
-function readString(view: DataView, bytes: Uint8Array, at: number): ReadString {
-  const word = view.getUint32(at, true);
-  const units = word >>> 1;
-  const start = at + 4;
-  if ((word & 1) === 0) {
+/** The string whose word is `slab.u32[word]` and whose units start at byte `start`. */
+function readString(slab: Slab, word: number, start: number): ReadString {
+  const { bytes, view } = slab;
+  const header = slab.u32[word]!;
+  const units = header >>> 1;
+  if ((header & 1) === 0) {
     let value = '';
     for (let i = 0; i < units; i += CHUNK_UNITS) {
       const chunk = bytes.subarray(start + i, start + Math.min(units, i + CHUNK_UNITS));
@@ -362,18 +395,4 @@ function readString(view: DataView, bytes: Uint8Array, at: number): ReadString {
     value += String.fromCharCode.apply(null, codes.slice(i, i + CHUNK_UNITS));
   }
   return { value, end: start + 2 * units };
-}
-
-function stringEquals(view: DataView, bytes: Uint8Array, at: number, value: string): boolean {
-  const word = view.getUint32(at, true);
-  const units = word >>> 1;
-  if (units !== value.length) return false;
-  const start = at + 4;
-  if ((word & 1) === 0) {
-    for (let i = 0; i < units; i++) if (bytes[start + i] !== value.charCodeAt(i)) return false;
-    return true;
-  }
-  for (let i = 0; i < units; i++)
-    if (view.getUint16(start + 2 * i, true) !== value.charCodeAt(i)) return false;
-  return true;
 }
