@@ -21,7 +21,7 @@ import type { HeaderPair, IdempotencyRecord } from '../core/types.js';
  * | 0–7 | when it expires (float64, milliseconds; `Infinity` for never) |
  * | 8–15 | `createdAt` (float64) |
  * | 16–19 | status plus one (uint32; 0 for a record without its response) |
- * | 20–23 | number of headers (uint32) |
+ * | 20–23 | number of headers (uint32; its top bit set when every string is ASCII) |
  * | 24–27 | body length (uint32) |
  * | 28– | one uint32 per string: the fingerprint, then each header's name and value |
  * | then | the strings' code units, one after the other; then the body |
@@ -47,6 +47,9 @@ const HEADER_COUNT = 5;
 const BODY_LENGTH = 6;
 /** The first string's word. */
 const WORDS = 7;
+/** Set in the header count of a record whose strings are all ASCII, each byte one unit. */
+const ASCII = 0x80000000;
+const COUNT = 0x7fffffff;
 
 /** Cell sizes: 64 to 128 by 16, then four sizes per doubling up to {@link LARGEST_CELL} (at most 20 % unused). */
 const CELL_SIZES: readonly number[] = (() => {
@@ -134,6 +137,7 @@ export class RecordArena {
     }
     writeHead(slab, at, record, expiresAt);
     const u32 = slab.u32;
+    u32[(at >> 2) + HEADER_COUNT] = headers.length | ASCII;
     const words = (at >> 2) + WORDS;
     u32[words] = record.fingerprint.length << 1;
     for (let i = 0; i < headers.length; i++) {
@@ -225,28 +229,15 @@ export class RecordArena {
     return readString(slab, (at >> 2) + WORDS, stringsStart(slab, at)).value;
   }
 
-  /** The record, made anew: its body is a copy, which a later store in the same cell cannot change. */
-  read(handle: number): IdempotencyRecord {
+  /**
+   * The record, made anew: its body is a copy, which a later store in the same cell cannot change. `fingerprint`:
+   * the record's own, when the caller has just compared it, so that it need not be read.
+   */
+  read(handle: number, fingerprint?: string): IdempotencyRecord {
     const slab = this.#slabs[slabOf(handle)]!;
-    const { u32 } = slab;
     const at = cellOf(handle) * slab.cellBytes;
-    const createdAt = slab.f64[(at >> 3) + 1]!;
-    const words = (at >> 2) + WORDS;
-    let read = readString(slab, words, stringsStart(slab, at));
-    const fingerprint = read.value;
-    const status = statusOf(slab, at);
-    if (status === null) return { fingerprint, createdAt, response: null };
-    const count = u32[(at >> 2) + HEADER_COUNT]!;
-    const headers: HeaderPair[] = [];
-    for (let i = 0; i < count; i++) {
-      read = readString(slab, words + 1 + 2 * i, read.end);
-      const name = read.value;
-      read = readString(slab, words + 2 + 2 * i, read.end);
-      headers.push([name, read.value]);
-    }
-    const length = u32[(at >> 2) + BODY_LENGTH]!;
-    const body = slab.bytes.slice(read.end, read.end + length);
-    return { fingerprint, createdAt, response: { status, headers, body } };
+    if ((slab.u32[(at >> 2) + HEADER_COUNT]! & ASCII) !== 0) return readAscii(slab, at, fingerprint);
+    return readAny(slab, at);
   }
 
   /** Frees the record's cell for another record, or gives its own buffer back. */
@@ -358,7 +349,60 @@ function statusOf(slab: Slab, at: number): number | null {
 
 /** Where a record's strings start: after its head and one word per string (the fingerprint, 2 per header). */
 function stringsStart(slab: Slab, at: number): number {
-  return at + HEAD_BYTES + 4 * (1 + 2 * slab.u32[(at >> 2) + HEADER_COUNT]!);
+  return at + HEAD_BYTES + 4 * (1 + 2 * headerCount(slab, at));
+}
+
+function headerCount(slab: Slab, at: number): number {
+  return slab.u32[(at >> 2) + HEADER_COUNT]! & COUNT;
+}
+
+const decoder = new TextDecoder();
+
+/** A record whose strings are all ASCII: decoded in one native call, then cut. */
+function readAscii(slab: Slab, at: number, known: string | undefined): IdempotencyRecord {
+  const { u32, bytes } = slab;
+  const createdAt = slab.f64[(at >> 3) + 1]!;
+  const count = headerCount(slab, at);
+  const words = (at >> 2) + WORDS;
+  let units = 0;
+  for (let word = words; word <= words + 2 * count; word++) units += u32[word]! >>> 1;
+  const start = at + HEAD_BYTES + 4 * (1 + 2 * count);
+  const text = decoder.decode(bytes.subarray(start, start + units));
+  let end = u32[words]! >>> 1;
+  const fingerprint = known ?? text.slice(0, end);
+  const status = statusOf(slab, at);
+  if (status === null) return { fingerprint, createdAt, response: null };
+  const headers: HeaderPair[] = [];
+  for (let i = 0; i < count; i++) {
+    const nameEnd = end + (u32[words + 1 + 2 * i]! >>> 1);
+    const valueEnd = nameEnd + (u32[words + 2 + 2 * i]! >>> 1);
+    headers.push([text.slice(end, nameEnd), text.slice(nameEnd, valueEnd)]);
+    end = valueEnd;
+  }
+  const length = u32[(at >> 2) + BODY_LENGTH]!;
+  const body = bytes.slice(start + units, start + units + length);
+  return { fingerprint, createdAt, response: { status, headers, body } };
+}
+
+/** Any record: string by string, each in one or two bytes per unit. */
+function readAny(slab: Slab, at: number): IdempotencyRecord {
+  const createdAt = slab.f64[(at >> 3) + 1]!;
+  const words = (at >> 2) + WORDS;
+  let read = readString(slab, words, stringsStart(slab, at));
+  const fingerprint = read.value;
+  const status = statusOf(slab, at);
+  if (status === null) return { fingerprint, createdAt, response: null };
+  const count = headerCount(slab, at);
+  const headers: HeaderPair[] = [];
+  for (let i = 0; i < count; i++) {
+    read = readString(slab, words + 1 + 2 * i, read.end);
+    const name = read.value;
+    read = readString(slab, words + 2 + 2 * i, read.end);
+    headers.push([name, read.value]);
+  }
+  const length = slab.u32[(at >> 2) + BODY_LENGTH]!;
+  const body = slab.bytes.slice(read.end, read.end + length);
+  return { fingerprint, createdAt, response: { status, headers, body } };
 }
 
 function isNarrow(value: string): boolean {

@@ -13,8 +13,9 @@ export interface MemoryBackendOptions {
    */
   maxEntries?: number;
   /**
-   * Most bytes held at once, counted as the stored bodies, headers, keys and fingerprints plus a fixed overhead
-   * per entry. Like `maxEntries`, a bound that refuses new keys rather than evicting records.
+   * Most bytes held at once, counted as each record's bytes (body, headers and fingerprint, in a cell at most a
+   * fifth larger), its key, and a fixed overhead per entry. Like `maxEntries`, a bound that refuses new keys
+   * rather than evicting records.
    * @default 67108864 (64 MiB)
    */
   maxBytes?: number;
@@ -66,6 +67,9 @@ const MISMATCH: AcquireResult = Object.freeze({ state: 'mismatch' });
  * It is bounded by entries and bytes and frees expired records on a timer, but it never evicts an unexpired
  * record or a lock: a record lives until it expires, whatever other clients send. When full, a new key is a
  * backend error.
+ *
+ * Stored records are kept as bytes in shared buffers, not as objects (see `RecordArena`): a record lives as long
+ * as its expiry, and long-lived objects are what every garbage collection pays for.
  *
  * It cannot coordinate several processes: behind a load balancer or in a cluster, use a shared backend
  * (Redis, PostgreSQL, MySQL, SQLite). Records are lost when the process exits.
@@ -138,7 +142,7 @@ export class MemoryBackend implements Backend {
       const records = this.#records;
       if (records.expiresAt(held) > now) {
         if (!records.hasFingerprint(held, fingerprint)) return MISMATCH;
-        return { state: 'completed', record: records.read(held) };
+        return { state: 'completed', record: records.read(held, fingerprint) };
       }
       this.#forgetRecord(key, held);
     } else if (held.endsAt > now) {
