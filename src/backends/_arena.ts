@@ -88,7 +88,7 @@ interface Slab {
 
 /** The cells of one size: the free ones, and the newest slab's cells never used yet. */
 interface CellSize {
-  readonly free: number[];
+  free: number[];
   /** The slab cells are carved from next, -1 when none; its next never-used cell. */
   slab: number;
   next: number;
@@ -259,9 +259,7 @@ export class RecordArena {
       }
       if (cells.slab !== NO_SLAB && this.#slabs[cells.slab]!.used === 0) empty.add(cells.slab);
       if (empty.size === 0) continue;
-      const kept = cells.free.filter((handle) => !empty.has(slabOf(handle)));
-      cells.free.length = 0;
-      cells.free.push(...kept);
+      cells.free = cells.free.filter((handle) => !empty.has(slabOf(handle)));
       if (empty.has(cells.slab)) cells.slab = NO_SLAB;
       for (const number of empty) this.#giveBack(number);
     }
@@ -280,7 +278,11 @@ export class RecordArena {
   }
 
   #allocate(size: number): number {
-    if (size > LARGEST_CELL) return this.#newSlab(-1, (size + 7) & ~7, 1) * CELLS_PER_SLAB;
+    if (size > LARGEST_CELL) {
+      const number = this.#newSlab(-1, (size + 7) & ~7, 1);
+      this.#slabs[number]!.used = 1;
+      return number * CELLS_PER_SLAB;
+    }
     const sizeIndex = SIZE_INDEX[(size + 15) >> 4]!;
     const cells = this.#sizes[sizeIndex]!;
     let handle = cells.free.pop();

@@ -138,6 +138,27 @@ describe('RecordArena', () => {
     expect([...arena.read(kept).response!.body]).toEqual([...body]);
   });
 
+  it('gives back the slabs of a burst of hundreds of thousands of records, keeping the free cells of the others', () => {
+    const arena = new RecordArena();
+    const body = new Uint8Array(8);
+    const handles = Array.from({ length: 400_000 }, () => arena.store(record(body), 1));
+    const slabs = arena.slabCount;
+    // One record in a thousand stays in the first half: the slabs of the second half empty, and the other free cells
+    // (close to 200 000) stay in use for new records.
+    const kept = handles.filter((_, i) => i < 200_000 && i % 1000 === 0);
+    handles.forEach((handle, i) => {
+      if (i >= 200_000 || i % 1000 !== 0) arena.free(handle);
+    });
+    arena.releaseEmptySlabs();
+    expect(arena.slabCount).toBeGreaterThan(slabs / 3);
+    expect(arena.slabCount).toBeLessThan((2 * slabs) / 3);
+    for (const handle of kept) expect([...arena.read(handle).response!.body]).toEqual([...body]);
+    // New records fill the free cells first, without a new slab.
+    const held = arena.slabCount;
+    for (let i = 0; i < 100_000; i++) arena.store(record(body), 1);
+    expect(arena.slabCount).toBe(held);
+  });
+
   it('gives a large record a buffer of its own, given back when it is freed', () => {
     const arena = new RecordArena();
     const large = arena.store(record(new Uint8Array(LARGEST_CELL + 1)), 1);
