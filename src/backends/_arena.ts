@@ -33,7 +33,7 @@ import type { HeaderPair, IdempotencyRecord } from '../core/types.js';
 
 /** Largest record kept in a shared slab; a larger one gets a buffer of its own. */
 export const LARGEST_CELL = 8192;
-/** Size of one slab of cells. */
+/** Size of one slab of cells, at most. */
 export const SLAB_BYTES = 256 * 1024;
 /** Cells per slab at most (the smallest cell's count): a handle is `slab * CELLS_PER_SLAB + cell`. */
 const CELLS_PER_SLAB = 4096;
@@ -99,10 +99,30 @@ const NO_SLAB = -1;
 
 /** Records as bytes in shared buffers, each known by a small integer handle. */
 export class RecordArena {
+  readonly #slabBytes: number;
   #slabs: (Slab | undefined)[] = [];
+  /** Bytes of every buffer held, and of the cells in use in them. */
+  #heldBytes = 0;
+  #usedBytes = 0;
   /** Slab numbers given back, to be used again. */
   #unusedSlabs: number[] = [];
   #sizes: CellSize[] = CELL_SIZES.map(() => ({ free: [], slab: NO_SLAB, next: 0, cells: 0 }));
+
+  /**
+   * @param slabBytes - size of a buffer of cells, from {@link LARGEST_CELL} to {@link SLAB_BYTES}: a store bounded
+   *   to little memory takes it in smaller pieces.
+   */
+  constructor(slabBytes: number = SLAB_BYTES) {
+    this.#slabBytes = Math.min(SLAB_BYTES, Math.max(LARGEST_CELL, slabBytes));
+  }
+
+  /**
+   * Bytes held in buffers but in no record: cells freed and not yet reused, and the cells of the newest buffers
+   * not used yet. Memory all the same, until a record takes them or {@link releaseEmptySlabs} gives them back.
+   */
+  get idleBytes(): number {
+    return this.#heldBytes - this.#usedBytes;
+  }
 
   /**
    * Writes a record and returns its handle. Throws a `RangeError` when no buffer can be had for it.
@@ -245,6 +265,7 @@ export class RecordArena {
     const number = slabOf(handle);
     const slab = this.#slabs[number]!;
     slab.used--;
+    this.#usedBytes -= slab.cellBytes;
     if (slab.sizeIndex === -1) this.#giveBack(number);
     else this.#sizes[slab.sizeIndex]!.free.push(handle);
   }
@@ -274,6 +295,8 @@ export class RecordArena {
   clear(): void {
     this.#slabs = [];
     this.#unusedSlabs = [];
+    this.#heldBytes = 0;
+    this.#usedBytes = 0;
     this.#sizes = CELL_SIZES.map(() => ({ free: [], slab: NO_SLAB, next: 0, cells: 0 }));
   }
 
@@ -281,6 +304,7 @@ export class RecordArena {
     if (size > LARGEST_CELL) {
       const number = this.#newSlab(-1, (size + 7) & ~7, 1);
       this.#slabs[number]!.used = 1;
+      this.#usedBytes += this.#slabs[number]!.cellBytes;
       return number * CELLS_PER_SLAB;
     }
     const sizeIndex = SIZE_INDEX[(size + 15) >> 4]!;
@@ -289,13 +313,15 @@ export class RecordArena {
     if (handle === undefined) {
       if (cells.slab === NO_SLAB || cells.next === cells.cells) {
         const cellBytes = CELL_SIZES[sizeIndex]!;
-        cells.cells = Math.min(CELLS_PER_SLAB, Math.floor(SLAB_BYTES / cellBytes));
+        cells.cells = Math.min(CELLS_PER_SLAB, Math.floor(this.#slabBytes / cellBytes));
         cells.slab = this.#newSlab(sizeIndex, cellBytes, cells.cells);
         cells.next = 0;
       }
       handle = cells.slab * CELLS_PER_SLAB + cells.next++;
     }
-    this.#slabs[slabOf(handle)]!.used++;
+    const slab = this.#slabs[slabOf(handle)]!;
+    slab.used++;
+    this.#usedBytes += slab.cellBytes;
     return handle;
   }
 
@@ -303,6 +329,7 @@ export class RecordArena {
     const number = this.#unusedSlabs.pop() ?? this.#slabs.length;
     if (number >= MOST_SLABS) throw new RangeError('MemoryBackend has no room for another buffer');
     const bytes = new Uint8Array(cellBytes * cells);
+    this.#heldBytes += bytes.byteLength;
     this.#slabs[number] = {
       bytes,
       f64: new Float64Array(bytes.buffer),
@@ -316,6 +343,7 @@ export class RecordArena {
   }
 
   #giveBack(number: number): void {
+    this.#heldBytes -= this.#slabs[number]!.bytes.byteLength;
     this.#slabs[number] = undefined;
     this.#unusedSlabs.push(number);
   }

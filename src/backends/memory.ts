@@ -14,8 +14,8 @@ export interface MemoryBackendOptions {
   maxEntries?: number;
   /**
    * Most bytes held at once, counted as each record's bytes (body, headers and fingerprint, in a cell at most a
-   * fifth larger), its key, and a fixed overhead per entry. Like `maxEntries`, a bound that refuses new keys
-   * rather than evicting records.
+   * fifth larger), its key, and a fixed overhead per entry, plus the cells of the records' buffers that no record
+   * uses at the moment. Like `maxEntries`, a bound that refuses new keys rather than evicting records.
    * @default 67108864 (64 MiB)
    */
   maxBytes?: number;
@@ -86,7 +86,7 @@ export class MemoryBackend implements Backend {
   /** Each key's lock or record: one map, so that a lock turns into its record in place. */
   readonly #entries = new Map<string, Entry>();
   /** The records' bytes. */
-  readonly #records = new RecordArena();
+  readonly #records: RecordArena;
   readonly #sweepIntervalMs: number;
   /** Started by the first `acquire`: a Cloudflare Worker may not start a timer at its global scope. */
   #sweeper: ReturnType<typeof setInterval> | undefined;
@@ -114,6 +114,8 @@ export class MemoryBackend implements Backend {
     }
     this.#maxEntries = maxEntries;
     this.#maxBytes = maxBytes;
+    // Buffers of at most a sixteenth of the bound, so that the cells a buffer holds unused stay a small part of it.
+    this.#records = new RecordArena(maxBytes / 16);
     this.#sweepIntervalMs = sweepIntervalMs;
   }
 
@@ -127,7 +129,10 @@ export class MemoryBackend implements Backend {
     return this.#entries.size;
   }
 
-  /** Bytes held, as counted against `maxBytes`. */
+  /**
+   * Bytes held by records and locks. What is counted against `maxBytes` is this plus the cells of the records'
+   * buffers that no record uses at the moment (freed, or not used yet): memory held all the same.
+   */
   get bytes(): number {
     return this.#bytes;
   }
@@ -245,7 +250,7 @@ export class MemoryBackend implements Backend {
   /**
    * Refuses a new key when the store is full, after sweeping what has expired. A completed record's size is only
    * known when it is stored, so `maxBytes` is checked here, where a key comes in: a store can overshoot it by one
-   * response at most (`maxResponseBytes`).
+   * response (`maxResponseBytes`) or one buffer of cells (a sixteenth of `maxBytes`, 256 KiB at most) at most.
    */
   #makeRoom(bytes: number, now: number): void {
     if (this.#fits(bytes)) return;
@@ -260,7 +265,7 @@ export class MemoryBackend implements Backend {
     Error.stackTraceLimit = 0;
     const full = new IdempotencyError(
       'ERR_IDEMPOTENCY_BACKEND_FULL',
-      `MemoryBackend is full (${this.size} of ${this.#maxEntries} entries, ${this.#bytes} of ${this.#maxBytes} bytes); unexpired records are never evicted`,
+      `MemoryBackend is full (${this.size} of ${this.#maxEntries} entries, ${this.#heldBytes()} of ${this.#maxBytes} bytes); unexpired records are never evicted`,
     );
     Error.stackTraceLimit = stackTraceLimit;
     throw full;
@@ -271,7 +276,12 @@ export class MemoryBackend implements Backend {
   }
 
   #fits(bytes: number): boolean {
-    return this.size < this.#maxEntries && this.#bytes + bytes <= this.#maxBytes;
+    return this.size < this.#maxEntries && this.#heldBytes() + bytes <= this.#maxBytes;
+  }
+
+  /** Memory held: {@link bytes}, and the cells of the records' buffers that no record uses. */
+  #heldBytes(): number {
+    return this.#bytes + this.#records.idleBytes;
   }
 
   /** The key's lock, if `token` holds it (a lapsed lease included, until another request takes the key). */

@@ -2,6 +2,8 @@ import { spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath, pathToFileURL } from 'node:url';
+import { setFlagsFromString } from 'node:v8';
+import { runInNewContext } from 'node:vm';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { MemoryBackend } from '../../src/backends/memory.js';
 import { IdempotencyError } from '../../src/core/errors.js';
@@ -31,6 +33,16 @@ function record(body: string | Uint8Array): IdempotencyRecord {
       body: typeof body === 'string' ? Buffer.from(body) : body,
     },
   };
+}
+
+setFlagsFromString('--expose-gc');
+const gc = runInNewContext('gc') as () => void;
+
+/** Memory held in `ArrayBuffer`s, where `MemoryBackend` keeps its records, once garbage is collected. */
+function arrayBuffersHeld(): number {
+  gc();
+  gc();
+  return process.memoryUsage().arrayBuffers;
 }
 
 function captureError(run: () => unknown): unknown {
@@ -142,6 +154,36 @@ describe('MemoryBackend', () => {
       expect([...replayed]).toEqual([1, 2, 3]);
       replayed[1] = 9;
       expect([...bodyOf('copied')]).toEqual([1, 2, 3]);
+    });
+
+    it('counts the unused cells of partly used buffers against maxBytes, so that the memory held stays bounded', async () => {
+      const maxBytes = 1024 * 1024;
+      const backend = create({ maxBytes });
+      // One body for every store: the only new buffers are the backend's own.
+      const small = new Uint8Array(100).fill(1);
+      const large = new Uint8Array(1000).fill(2);
+      const before = arrayBuffersHeld();
+      // Small records; one in a hundred outlives the others, so that every buffer they fill keeps one.
+      for (let i = 0; i < 2000; i++) store(backend, `small-${i}`, i % 100 === 0 ? null : 20, small);
+      await sleep(40);
+      backend.sweep();
+      expect(backend.size).toBe(20);
+      expect(backend.bytes).toBeLessThan(maxBytes / 10);
+      // Larger records cannot use the small cells set free: new buffers, until the memory held reaches the bound.
+      let refused = 0;
+      for (let i = 0; i < 2000; i++) {
+        try {
+          store(backend, `large-${i}`, null, large);
+        } catch (error) {
+          expect((error as IdempotencyError).code).toBe('ERR_IDEMPOTENCY_BACKEND_FULL');
+          refused++;
+        }
+      }
+      expect(refused).toBeGreaterThan(0);
+      // Over the bound by one buffer of cells (a sixteenth of it) at most, with room for the test's own garbage.
+      expect(arrayBuffersHeld() - before).toBeLessThan(maxBytes + maxBytes / 16 + 64 * 1024);
+      // Every record kept is still there.
+      expect(backend.acquire('small-0', FINGERPRINT, LEASE_MS).state).toBe('completed');
     });
 
     it('gives back the bytes of released locks and expired records', async () => {
