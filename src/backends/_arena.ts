@@ -256,8 +256,16 @@ export class RecordArena {
   read(handle: number, fingerprint?: string): IdempotencyRecord {
     const slab = this.#slabs[slabOf(handle)]!;
     const at = cellOf(handle) * slab.cellBytes;
-    if ((slab.u32[(at >> 2) + HEADER_COUNT]! & ASCII) !== 0) return readAscii(slab, at, fingerprint);
-    return readAny(slab, at);
+    const count = headerCount(slab, at);
+    const ascii = (slab.u32[(at >> 2) + HEADER_COUNT]! & ASCII) !== 0;
+    const { values, end } = ascii ? asciiStrings(slab, at, count) : stringsOneByOne(slab, at, count);
+    const createdAt = slab.f64[(at >> 3) + 1]!;
+    const status = statusOf(slab, at);
+    if (status === null) return { fingerprint: fingerprint ?? values[0]!, createdAt, response: null };
+    const headers: HeaderPair[] = [];
+    for (let i = 0; i < count; i++) headers.push([values[1 + 2 * i]!, values[2 + 2 * i]!]);
+    const body = slab.bytes.slice(end, end + slab.u32[(at >> 2) + BODY_LENGTH]!);
+    return { fingerprint: fingerprint ?? values[0]!, createdAt, response: { status, headers, body } };
   }
 
   /** Frees the record's cell for another record, or gives its own buffer back. */
@@ -388,51 +396,40 @@ function headerCount(slab: Slab, at: number): number {
 
 const decoder = new TextDecoder();
 
-/** A record whose strings are all ASCII: decoded in one native call, then cut. */
-function readAscii(slab: Slab, at: number, known: string | undefined): IdempotencyRecord {
-  const { u32, bytes } = slab;
-  const createdAt = slab.f64[(at >> 3) + 1]!;
-  const count = headerCount(slab, at);
+/** A record's strings (the fingerprint, then each header's name and value) and where the body starts. */
+interface RecordStrings {
+  values: string[];
+  end: number;
+}
+
+/** The strings of a record whose strings are all ASCII: decoded in one native call, then cut. */
+function asciiStrings(slab: Slab, at: number, count: number): RecordStrings {
+  const { u32 } = slab;
   const words = (at >> 2) + WORDS;
   let units = 0;
   for (let word = words; word <= words + 2 * count; word++) units += u32[word]! >>> 1;
   const start = at + HEAD_BYTES + 4 * (1 + 2 * count);
-  const text = decoder.decode(bytes.subarray(start, start + units));
-  let end = u32[words]! >>> 1;
-  const fingerprint = known ?? text.slice(0, end);
-  const status = statusOf(slab, at);
-  if (status === null) return { fingerprint, createdAt, response: null };
-  const headers: HeaderPair[] = [];
-  for (let i = 0; i < count; i++) {
-    const nameEnd = end + (u32[words + 1 + 2 * i]! >>> 1);
-    const valueEnd = nameEnd + (u32[words + 2 + 2 * i]! >>> 1);
-    headers.push([text.slice(end, nameEnd), text.slice(nameEnd, valueEnd)]);
-    end = valueEnd;
+  const text = decoder.decode(slab.bytes.subarray(start, start + units));
+  const values: string[] = [];
+  for (let word = words, from = 0; word <= words + 2 * count; word++) {
+    const to = from + (u32[word]! >>> 1);
+    values.push(text.slice(from, to));
+    from = to;
   }
-  const length = u32[(at >> 2) + BODY_LENGTH]!;
-  const body = bytes.slice(start + units, start + units + length);
-  return { fingerprint, createdAt, response: { status, headers, body } };
+  return { values, end: start + units };
 }
 
-/** Any record: string by string, each in one or two bytes per unit. */
-function readAny(slab: Slab, at: number): IdempotencyRecord {
-  const createdAt = slab.f64[(at >> 3) + 1]!;
+/** The strings of any record, one by one, each in one or two bytes per unit. */
+function stringsOneByOne(slab: Slab, at: number, count: number): RecordStrings {
   const words = (at >> 2) + WORDS;
-  let read = readString(slab, words, stringsStart(slab, at));
-  const fingerprint = read.value;
-  const status = statusOf(slab, at);
-  if (status === null) return { fingerprint, createdAt, response: null };
-  const count = headerCount(slab, at);
-  const headers: HeaderPair[] = [];
-  for (let i = 0; i < count; i++) {
-    read = readString(slab, words + 1 + 2 * i, read.end);
-    const name = read.value;
-    read = readString(slab, words + 2 + 2 * i, read.end);
-    headers.push([name, read.value]);
+  const values: string[] = [];
+  let end = stringsStart(slab, at);
+  for (let word = words; word <= words + 2 * count; word++) {
+    const read = readString(slab, word, end);
+    values.push(read.value);
+    end = read.end;
   }
-  const length = slab.u32[(at >> 2) + BODY_LENGTH]!;
-  const body = slab.bytes.slice(read.end, read.end + length);
-  return { fingerprint, createdAt, response: { status, headers, body } };
+  return { values, end };
 }
 
 function isNarrow(value: string): boolean {
