@@ -58,6 +58,9 @@ describe('RecordArena', () => {
   it.each([
     ['any strings', fc.string({ unit: 'binary', maxLength: 40 })],
     ['ASCII strings, written and read in one piece', fc.string({ maxLength: 40 })],
+    // Longer than a record's usual strings, and non-ASCII ones among long ones: written the exact way.
+    ['long ASCII strings', fc.string({ minLength: 60, maxLength: 200 })],
+    ['long strings, a few of them not ASCII', fc.string({ unit: 'binary', minLength: 60, maxLength: 200 })],
   ])('round-trips %s and any bytes', (_name, text) => {
     const arena = new RecordArena();
     fc.assert(

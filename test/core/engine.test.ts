@@ -467,6 +467,8 @@ describe('IdempotencyEngine', () => {
           { cacheableContentTypes: '*' },
           unkept(200, 'text/event-stream; charset=utf-8'),
         ],
+        // Its body in hand (an adapter that read it whole), its type in capitals: still a stream, never stored.
+        ['an event stream in capitals, its body read', {}, response(200, 'data: 1\n\n', 'Text/Event-Stream')],
       ];
 
       it.each(cases)('%s', async (_, options, finished) => {
