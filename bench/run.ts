@@ -11,6 +11,8 @@
  * every variant, in reverse order every other round, so that drift in the machine falls on all of them; each
  * figure is the median over rounds, its ratio the median of ratios to the bare framework in the same round.
  * Beside it, a race check: 20 simultaneous identical POSTs per variant, and how many times the handler ran.
+ * Parts (`*-noop`, `*-nostore`, `*-keysonly`), measured only when named with --variants and in `fresh` mode only,
+ * show where the cost of ours lies: any middleware at all, the engine and adapter alone, a Map of every key.
  *
  * Usage: npm run bench [-- --quick] [-- --variants express-redis,powertools-redis --modes fresh,replay]
  *   [--rounds 2 --warmup 3 --duration 8 --connections 50] [--no-race] [--redis-url redis://…] [--out path]
@@ -45,7 +47,8 @@ interface Variant {
   name: string;
   label: string;
   framework: Framework;
-  kind: 'bare' | 'ours' | 'peer';
+  /** `part`: a piece of ours measured alone, first runs only, and only when named with --variants. */
+  kind: 'bare' | 'ours' | 'peer' | 'part';
   backend?: BackendName;
 }
 
@@ -154,6 +157,40 @@ const VARIANTS: Variant[] = [
     kind: 'peer',
     backend: 'redis',
   },
+  // Where the cost of ours lies, by parts: any middleware at all, the engine and adapter with a backend that keeps
+  // nothing, and a backend that only keeps each key in a Map (what every in-memory store must at least do).
+  { name: 'fastify-noop', label: 'part: Fastify + an empty hook', framework: 'fastify', kind: 'part' },
+  { name: 'hono-noop', label: 'part: Hono + an empty middleware', framework: 'hono', kind: 'part' },
+  {
+    name: 'express-nostore',
+    label: 'part: ours, Express + a backend keeping nothing',
+    framework: 'express',
+    kind: 'part',
+  },
+  {
+    name: 'fastify-nostore',
+    label: 'part: ours, Fastify + a backend keeping nothing',
+    framework: 'fastify',
+    kind: 'part',
+  },
+  {
+    name: 'hono-nostore',
+    label: 'part: ours, Hono + a backend keeping nothing',
+    framework: 'hono',
+    kind: 'part',
+  },
+  {
+    name: 'fastify-keysonly',
+    label: 'part: ours, Fastify + a backend keeping only keys',
+    framework: 'fastify',
+    kind: 'part',
+  },
+  {
+    name: 'hono-keysonly',
+    label: 'part: ours, Hono + a backend keeping only keys',
+    framework: 'hono',
+    kind: 'part',
+  },
 ];
 const MODES = ['fresh', 'replay', 'conflict'] as const;
 type Mode = (typeof MODES)[number];
@@ -215,7 +252,9 @@ const duration = positive('duration', values.duration, quick ? QUICK.duration : 
 const connections = Math.floor(positive('connections', values.connections, DEFAULTS.connections));
 const modes = (values.modes?.split(',') ?? (quick ? QUICK.modes : [...MODES])) as Mode[];
 for (const mode of modes) if (!MODES.includes(mode)) throw new Error(`unknown mode ${mode}; known: ${MODES}`);
-const wanted = values.variants?.split(',') ?? (quick ? QUICK.variants : VARIANTS.map((v) => v.name));
+const wanted =
+  values.variants?.split(',') ??
+  (quick ? QUICK.variants : VARIANTS.filter((v) => v.kind !== 'part').map((v) => v.name));
 for (const name of wanted) {
   if (!VARIANTS.some((v) => v.name === name)) {
     throw new Error(`unknown variant ${name}; known: ${VARIANTS.map((v) => v.name).join(', ')}`);
@@ -1011,6 +1050,8 @@ async function main(): Promise<void> {
       const order = round % 2 === 0 ? selected : [...selected].reverse();
       for (const variant of order) {
         done++;
+        // A part keeps nothing a replay or a conflict could be answered from: first runs only.
+        if (variant.kind === 'part' && mode !== 'fresh') continue;
         let m: Measurement;
         try {
           m = await measure(variant, mode, round);
@@ -1033,6 +1074,7 @@ async function main(): Promise<void> {
   const races: RaceResult[] = [];
   if (!values['no-race']) {
     for (const variant of selected) {
+      if (variant.kind === 'part') continue;
       try {
         races.push(await race(variant));
         log(`race ${variant.name}: ${races.at(-1)!.runs} handler runs`);

@@ -160,6 +160,28 @@ async function sqliteBackend() {
   return new SqliteBackend({ database: counted, table: prefix });
 }
 
+/**
+ * Backends for measuring ours by parts (never for correctness: they take every key): `nostore` keeps nothing, so
+ * that what is left is the engine and the adapter; `keysonly` keeps each key in a Map, the least any store in
+ * memory does, so that what a Map of every key costs shows apart from how records are kept.
+ */
+function partBackend(keepKeys) {
+  const keys = new Map();
+  let token = 0;
+  return {
+    acquire(key) {
+      if (keepKeys) keys.set(key, 0);
+      return { state: 'acquired', token: String(++token) };
+    },
+    complete: () => true,
+    release(key) {
+      keys.delete(key);
+      return true;
+    },
+    renew: () => true,
+  };
+}
+
 const BACKENDS = {
   memory: memoryBackend,
   redis: redisBackend,
@@ -201,7 +223,8 @@ async function fastifyApp(backend) {
       return createServer(handler);
     },
   });
-  if (backend) {
+  if (backend === 'noop') app.addHook('preHandler', (_request, _reply, next) => next());
+  else if (backend) {
     const { idempotencyHeader } = await ours('fastify');
     await app.register(idempotencyHeader, { backend });
   }
@@ -214,7 +237,8 @@ async function honoApp(backend) {
   const { Hono } = await import('hono');
   const { getRequestListener } = await import('@hono/node-server');
   const app = new Hono();
-  if (backend) {
+  if (backend === 'noop') app.use('/orders', (_c, next) => next());
+  else if (backend) {
     const { idempotencyHeader } = await ours('hono');
     app.use('/orders', idempotencyHeader({ backend }));
   }
@@ -396,6 +420,16 @@ const VARIANTS = {
   'express-idempotency-memory': () => expressIdempotency('memory'),
   'express-idempotency-redis': () => expressIdempotency('redis'),
   'powertools-redis': () => powertools(),
+  'fastify-noop': () => fastifyApp('noop'),
+  'hono-noop': () => honoApp('noop'),
+  'express-nostore': async () => {
+    const { idempotencyHeader } = await ours('express');
+    return expressApp(idempotencyHeader({ backend: partBackend(false) }));
+  },
+  'fastify-nostore': () => fastifyApp(partBackend(false)),
+  'hono-nostore': () => honoApp(partBackend(false)),
+  'fastify-keysonly': () => fastifyApp(partBackend(true)),
+  'hono-keysonly': () => honoApp(partBackend(true)),
 };
 
 const build = VARIANTS[variant];
