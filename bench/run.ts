@@ -159,38 +159,24 @@ const VARIANTS: Variant[] = [
   },
   // Where the cost of ours lies, by parts: any middleware at all, the engine and adapter with a backend that keeps
   // nothing, and a backend that only keeps each key in a Map (what every in-memory store must at least do).
-  { name: 'fastify-noop', label: 'part: Fastify + an empty hook', framework: 'fastify', kind: 'part' },
-  { name: 'hono-noop', label: 'part: Hono + an empty middleware', framework: 'hono', kind: 'part' },
-  {
-    name: 'express-nostore',
-    label: 'part: ours, Express + a backend keeping nothing',
-    framework: 'express',
-    kind: 'part',
-  },
-  {
-    name: 'fastify-nostore',
-    label: 'part: ours, Fastify + a backend keeping nothing',
-    framework: 'fastify',
-    kind: 'part',
-  },
-  {
-    name: 'hono-nostore',
-    label: 'part: ours, Hono + a backend keeping nothing',
-    framework: 'hono',
-    kind: 'part',
-  },
-  {
-    name: 'fastify-keysonly',
-    label: 'part: ours, Fastify + a backend keeping only keys',
-    framework: 'fastify',
-    kind: 'part',
-  },
-  {
-    name: 'hono-keysonly',
-    label: 'part: ours, Hono + a backend keeping only keys',
-    framework: 'hono',
-    kind: 'part',
-  },
+  ...(
+    [
+      ['fastify-noop', 'Fastify + an empty hook'],
+      ['hono-noop', 'Hono + an empty middleware'],
+      ['express-nostore', 'ours, Express + a backend keeping nothing'],
+      ['fastify-nostore', 'ours, Fastify + a backend keeping nothing'],
+      ['hono-nostore', 'ours, Hono + a backend keeping nothing'],
+      ['fastify-keysonly', 'ours, Fastify + a backend keeping only keys'],
+      ['hono-keysonly', 'ours, Hono + a backend keeping only keys'],
+    ] as const
+  ).map(
+    ([name, label]): Variant => ({
+      name,
+      label: `part: ${label}`,
+      framework: name.slice(0, name.indexOf('-')) as Framework,
+      kind: 'part',
+    }),
+  ),
 ];
 const MODES = ['fresh', 'replay', 'conflict'] as const;
 type Mode = (typeof MODES)[number];
