@@ -3,7 +3,7 @@ import { IdempotencyError } from './errors.js';
 import { computeFingerprint, type RequestBody, requestTarget } from './fingerprint.js';
 import { hasControlCharacter, hasSeveralValues, isUuid4, unquoteKey } from './key.js';
 import { LeaseList } from './leases.js';
-import { essence } from './media-type.js';
+import { isEventStream } from './media-type.js';
 import {
   type IdempotencyEvent,
   type IdempotencyOptions,
@@ -415,14 +415,15 @@ export class IdempotencyEngine<Req = unknown> {
     const { status, body } = response;
     const headers = storedHeaders(response.headers);
     const contentType = headerValue(headers, 'content-type');
-    if (!this.#storable(status, contentType) && !isEventStream(contentType)) {
+    const eventStream = isEventStream(contentType);
+    if (!this.#storable(status, contentType) && !eventStream) {
       // A server error after the client left may be the handler giving up because of the disconnect: its
       // outcome is unknown, so the key waits out its lease rather than inviting a second run.
       if (status >= 500 && ticket.clientGoneAt !== undefined) return this.#abandon(ticket, status);
       return this.#release(ticket, status);
     }
     this.#learnDuration(ticket);
-    if (body === undefined || body.byteLength > this.options.maxResponseBytes || isEventStream(contentType)) {
+    if (body === undefined || body.byteLength > this.options.maxResponseBytes || eventStream) {
       if (!this.options.rememberUnstored) return this.#release(ticket, status);
       return this.#complete(ticket, null, status, 'remembered');
     }
@@ -1120,17 +1121,6 @@ function releaseLateLock(backend: Backend, storageKey: string): (late: AcquireRe
     if (late.state === 'acquired') Promise.resolve(backend.release(storageKey, late.token)).catch(noop);
   };
 }
-
-/** Whether a `Content-Type` is `text/event-stream`, in any case: a quick look for its subtype, then its essence. */
-function isEventStream(contentType: string | undefined): boolean {
-  return (
-    contentType !== undefined &&
-    EVENT_STREAM_SUBTYPE.test(contentType) &&
-    essence(contentType) === 'text/event-stream'
-  );
-}
-
-const EVENT_STREAM_SUBTYPE = /event-stream/i;
 
 function isTimeout(error: unknown): boolean {
   return error instanceof IdempotencyError && error.code === 'ERR_IDEMPOTENCY_BACKEND_TIMEOUT';

@@ -10,6 +10,20 @@ const EVENT_STREAM = 'text/event-stream';
 /** The default: `application/json` and every `+json` type. */
 export const JSON_MEDIA_TYPES: readonly string[] = Object.freeze(['application/json', '*/*+json']);
 
+/**
+ * Whether a `Content-Type` is `text/event-stream`, in any case and with any parameters. A quick look for the
+ * subtype first: most responses are not streams, and their essence need not be cut out.
+ */
+export function isEventStream(contentType: string | undefined): boolean {
+  return (
+    contentType !== undefined &&
+    EVENT_STREAM_SUBTYPE.test(contentType) &&
+    essence(contentType) === EVENT_STREAM
+  );
+}
+
+const EVENT_STREAM_SUBTYPE = /event-stream/i;
+
 /** Lower-cased media type without parameters, e.g. `application/json` for `Application/JSON; charset=utf-8`. */
 export function essence(contentType: string): string {
   const semicolon = contentType.indexOf(';');
@@ -41,7 +55,7 @@ export function createMediaTypeMatcher(patterns: '*' | readonly string[]): Media
 function createUnmemoisedMatcher(patterns: '*' | readonly string[]): MediaTypeMatcher {
   if (patterns === '*') {
     return function anyButEventStream(contentType) {
-      return contentType === undefined || essence(contentType) !== EVENT_STREAM;
+      return !isEventStream(contentType);
     };
   }
   const exact = new Set<string>();

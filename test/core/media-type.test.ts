@@ -1,5 +1,32 @@
 import { describe, expect, it } from 'vitest';
-import { createMediaTypeMatcher, essence, JSON_MEDIA_TYPES } from '../../src/core/media-type.js';
+import {
+  createMediaTypeMatcher,
+  essence,
+  isEventStream,
+  JSON_MEDIA_TYPES,
+} from '../../src/core/media-type.js';
+
+describe('isEventStream', () => {
+  it.each([
+    'text/event-stream',
+    'Text/Event-Stream',
+    ' TEXT/EVENT-STREAM ; charset=utf-8',
+    'text/event-stream;x=1',
+  ])('recognises %s', (type) => {
+    expect(isEventStream(type)).toBe(true);
+  });
+
+  it.each([
+    undefined,
+    '',
+    'application/json',
+    'application/x-event-stream',
+    'text/event-streams',
+    'text/plain; note=event-stream',
+  ])('refuses %s', (type) => {
+    expect(isEventStream(type)).toBe(false);
+  });
+});
 
 describe('essence', () => {
   it('drops parameters, trims and lower-cases', () => {
