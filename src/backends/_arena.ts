@@ -6,8 +6,8 @@ import type { HeaderPair, IdempotencyRecord } from '../core/types.js';
  * A stored record lives until it expires, often for a day. Kept as objects (the record, its strings, its body),
  * each one was copied twice by the young-generation collector and then marked again by every full collection,
  * and under a flood of first runs that cost more than the rest of the backend put together. Written here, a
- * record is no object at all: its key's map entry holds a small integer, its handle, and the collector has
- * nothing of it to copy or to mark.
+ * record is no object at all: its key's entry in the index holds a small integer, its handle, and the collector
+ * has nothing of it to copy or to mark. The record keeps its own key, which the index compares where it lies.
  *
  * Records of up to {@link LARGEST_CELL} bytes go into cells of a few sizes, carved from slabs of
  * {@link SLAB_BYTES}; a freed cell is reused by the next record of its size, and a slab whose cells are all free
@@ -23,7 +23,7 @@ import type { HeaderPair, IdempotencyRecord } from '../core/types.js';
  * | 16–19 | status plus one (uint32; 0 for a record without its response) |
  * | 20–23 | number of headers (uint32; its top bit set when every string is ASCII) |
  * | 24–27 | body length (uint32) |
- * | 28– | one uint32 per string: the fingerprint, then each header's name and value |
+ * | 28– | one uint32 per string: the key, the fingerprint, then each header's name and value |
  * | then | the strings' code units, one after the other; then the body |
  *
  * A string's word is `units << 1 | wide`: its UTF-16 code units take one byte each when every one is below 256
@@ -47,6 +47,10 @@ const HEADER_COUNT = 5;
 const BODY_LENGTH = 6;
 /** The first string's word. */
 const WORDS = 7;
+/** Each string's place among a record's strings: the key, the fingerprint, then the headers' names and values. */
+const KEY = 0;
+const FINGERPRINT = 1;
+const FIRST_HEADER = 2;
 /** Set in the header count of a record whose strings are all ASCII, each byte one unit. */
 const ASCII = 0x80000000;
 const COUNT = 0x7fffffff;
@@ -127,25 +131,26 @@ export class RecordArena {
   /**
    * Writes a record and returns its handle. Throws a `RangeError` when no buffer can be had for it.
    */
-  store(record: IdempotencyRecord, expiresAt: number): number {
-    return this.#writeAscii(record, expiresAt) ?? this.#writeExact(record, expiresAt);
+  store(key: string, record: IdempotencyRecord, expiresAt: number): number {
+    return this.#writeAscii(key, record, expiresAt) ?? this.#writeExact(key, record, expiresAt);
   }
 
   /**
-   * Writes a record whose strings are all ASCII, the common case (a hex fingerprint, header names and values), with
-   * one native encoding of them all, joined; `undefined`, and nothing written, when one of them is not ASCII.
+   * Writes a record whose strings are all ASCII, the common case (a UUID key, a hex fingerprint, header names and
+   * values), with one native encoding of them all, joined; `undefined`, and nothing written, when one of them is
+   * not ASCII.
    */
-  #writeAscii(record: IdempotencyRecord, expiresAt: number): number | undefined {
+  #writeAscii(key: string, record: IdempotencyRecord, expiresAt: number): number | undefined {
     const response = record.response;
     const headers = response === null ? NO_HEADERS : response.headers;
-    let text = record.fingerprint;
+    let text = key + record.fingerprint;
     for (let i = 0; i < headers.length; i++) {
       const header = headers[i]!;
       text += header[0];
       text += header[1];
     }
     const units = text.length;
-    const strings = HEAD_BYTES + 4 * (1 + 2 * headers.length);
+    const strings = HEAD_BYTES + 4 * (FIRST_HEADER + 2 * headers.length);
     const handle = this.#allocate(strings + units + (response === null ? 0 : response.body.byteLength));
     const slab = this.#slabs[slabOf(handle)]!;
     const at = cellOf(handle) * slab.cellBytes;
@@ -159,21 +164,22 @@ export class RecordArena {
     const u32 = slab.u32;
     u32[(at >> 2) + HEADER_COUNT] = headers.length | ASCII;
     const words = (at >> 2) + WORDS;
-    u32[words] = record.fingerprint.length << 1;
+    u32[words + KEY] = key.length << 1;
+    u32[words + FINGERPRINT] = record.fingerprint.length << 1;
     for (let i = 0; i < headers.length; i++) {
       const header = headers[i]!;
-      u32[words + 1 + 2 * i] = header[0].length << 1;
-      u32[words + 2 + 2 * i] = header[1].length << 1;
+      u32[words + FIRST_HEADER + 2 * i] = header[0].length << 1;
+      u32[words + FIRST_HEADER + 1 + 2 * i] = header[1].length << 1;
     }
     if (response !== null) slab.bytes.set(response.body, at + strings + units);
     return handle;
   }
 
   /** Writes any record: each string in one byte per unit when it can, two otherwise. */
-  #writeExact(record: IdempotencyRecord, expiresAt: number): number {
+  #writeExact(key: string, record: IdempotencyRecord, expiresAt: number): number {
     const response = record.response;
     const headers = response === null ? NO_HEADERS : response.headers;
-    const all = [record.fingerprint];
+    const all = [key, record.fingerprint];
     for (const [name, value] of headers) all.push(name, value);
     const narrow = all.map(isNarrow);
     let size = HEAD_BYTES + 4 * all.length + (response === null ? 0 : response.body.byteLength);
@@ -224,29 +230,30 @@ export class RecordArena {
     return slab.u32[((cellOf(handle) * slab.cellBytes) >> 2) + BODY_LENGTH]!;
   }
 
+  /** Whether the record's key is `key`, compared where it lies. */
+  hasKey(handle: number, key: string): boolean {
+    const slab = this.#slabs[slabOf(handle)]!;
+    const at = cellOf(handle) * slab.cellBytes;
+    return stringEquals(slab, (at >> 2) + WORDS + KEY, stringsStart(slab, at), key);
+  }
+
+  key(handle: number): string {
+    const slab = this.#slabs[slabOf(handle)]!;
+    const at = cellOf(handle) * slab.cellBytes;
+    return readString(slab, (at >> 2) + WORDS + KEY, stringsStart(slab, at)).value;
+  }
+
   /** Whether the record's fingerprint is `fingerprint`, compared where it lies. */
   hasFingerprint(handle: number, fingerprint: string): boolean {
     const slab = this.#slabs[slabOf(handle)]!;
-    const { view, bytes } = slab;
     const at = cellOf(handle) * slab.cellBytes;
-    const word = slab.u32[(at >> 2) + WORDS]!;
-    const units = word >>> 1;
-    if (units !== fingerprint.length) return false;
-    const start = stringsStart(slab, at);
-    if ((word & 1) === 0) {
-      for (let i = 0; i < units; i++) if (bytes[start + i] !== fingerprint.charCodeAt(i)) return false;
-      return true;
-    }
-    for (let i = 0; i < units; i++) {
-      if (view.getUint16(start + 2 * i, true) !== fingerprint.charCodeAt(i)) return false;
-    }
-    return true;
+    return stringEquals(slab, (at >> 2) + WORDS + FINGERPRINT, fingerprintStart(slab, at), fingerprint);
   }
 
   fingerprint(handle: number): string {
     const slab = this.#slabs[slabOf(handle)]!;
     const at = cellOf(handle) * slab.cellBytes;
-    return readString(slab, (at >> 2) + WORDS, stringsStart(slab, at)).value;
+    return readString(slab, (at >> 2) + WORDS + FINGERPRINT, fingerprintStart(slab, at)).value;
   }
 
   /**
@@ -261,11 +268,17 @@ export class RecordArena {
     const { values, end } = ascii ? asciiStrings(slab, at, count) : stringsOneByOne(slab, at, count);
     const createdAt = slab.f64[(at >> 3) + 1]!;
     const status = statusOf(slab, at);
-    if (status === null) return { fingerprint: fingerprint ?? values[0]!, createdAt, response: null };
+    if (status === null)
+      return { fingerprint: fingerprint ?? values[FINGERPRINT]!, createdAt, response: null };
     const headers: HeaderPair[] = [];
-    for (let i = 0; i < count; i++) headers.push([values[1 + 2 * i]!, values[2 + 2 * i]!]);
+    for (let i = FIRST_HEADER; i < FIRST_HEADER + 2 * count; i += 2)
+      headers.push([values[i]!, values[i + 1]!]);
     const body = slab.bytes.slice(end, end + slab.u32[(at >> 2) + BODY_LENGTH]!);
-    return { fingerprint: fingerprint ?? values[0]!, createdAt, response: { status, headers, body } };
+    return {
+      fingerprint: fingerprint ?? values[FINGERPRINT]!,
+      createdAt,
+      response: { status, headers, body },
+    };
   }
 
   /** Frees the record's cell for another record, or gives its own buffer back. */
@@ -385,9 +398,31 @@ function statusOf(slab: Slab, at: number): number | null {
   return stored === 0 ? null : stored - 1;
 }
 
-/** Where a record's strings start: after its head and one word per string (the fingerprint, 2 per header). */
+/** Where a record's strings start: after its head and one word per string (key, fingerprint, 2 per header). */
 function stringsStart(slab: Slab, at: number): number {
-  return at + HEAD_BYTES + 4 * (1 + 2 * headerCount(slab, at));
+  return at + HEAD_BYTES + 4 * (FIRST_HEADER + 2 * headerCount(slab, at));
+}
+
+/** Where a record's fingerprint starts: after its key, in one or two bytes per unit. */
+function fingerprintStart(slab: Slab, at: number): number {
+  const word = slab.u32[(at >> 2) + WORDS + KEY]!;
+  return stringsStart(slab, at) + (word >>> 1) * ((word & 1) + 1);
+}
+
+/** Whether the string whose word is `slab.u32[word]` and whose units start at byte `start` is `value`. */
+function stringEquals(slab: Slab, word: number, start: number, value: string): boolean {
+  const header = slab.u32[word]!;
+  const units = header >>> 1;
+  if (units !== value.length) return false;
+  if ((header & 1) === 0) {
+    const bytes = slab.bytes;
+    for (let i = 0; i < units; i++) if (bytes[start + i] !== value.charCodeAt(i)) return false;
+    return true;
+  }
+  const view = slab.view;
+  for (let i = 0; i < units; i++)
+    if (view.getUint16(start + 2 * i, true) !== value.charCodeAt(i)) return false;
+  return true;
 }
 
 function headerCount(slab: Slab, at: number): number {
@@ -396,7 +431,7 @@ function headerCount(slab: Slab, at: number): number {
 
 const decoder = new TextDecoder();
 
-/** A record's strings (the fingerprint, then each header's name and value) and where the body starts. */
+/** A record's strings (the key, the fingerprint, then each header's name and value) and where the body starts. */
 interface RecordStrings {
   values: string[];
   end: number;
@@ -407,11 +442,12 @@ function asciiStrings(slab: Slab, at: number, count: number): RecordStrings {
   const { u32 } = slab;
   const words = (at >> 2) + WORDS;
   let units = 0;
-  for (let word = words; word <= words + 2 * count; word++) units += u32[word]! >>> 1;
-  const start = at + HEAD_BYTES + 4 * (1 + 2 * count);
+  const last = words + FIRST_HEADER + 2 * count;
+  for (let word = words; word < last; word++) units += u32[word]! >>> 1;
+  const start = stringsStart(slab, at);
   const text = decoder.decode(slab.bytes.subarray(start, start + units));
   const values: string[] = [];
-  for (let word = words, from = 0; word <= words + 2 * count; word++) {
+  for (let word = words, from = 0; word < last; word++) {
     const to = from + (u32[word]! >>> 1);
     values.push(text.slice(from, to));
     from = to;
@@ -424,7 +460,7 @@ function stringsOneByOne(slab: Slab, at: number, count: number): RecordStrings {
   const words = (at >> 2) + WORDS;
   const values: string[] = [];
   let end = stringsStart(slab, at);
-  for (let word = words; word <= words + 2 * count; word++) {
+  for (let word = words; word < words + FIRST_HEADER + 2 * count; word++) {
     const read = readString(slab, word, end);
     values.push(read.value);
     end = read.end;

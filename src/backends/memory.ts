@@ -1,6 +1,7 @@
 import { IdempotencyError, invalidOption } from '../core/errors.js';
 import type { AcquireResult, Backend, IdempotencyRecord, KeyState } from '../core/types.js';
 import { RecordArena } from './_arena.js';
+import { KeyIndex, type KeyOwner } from './_key-index.js';
 import { KeyWatchers } from './_watchers.js';
 
 /** Options of {@link MemoryBackend}. */
@@ -28,12 +29,15 @@ export interface MemoryBackendOptions {
 }
 
 /**
- * A key's lock while its request runs. Once the response is stored, the key's map entry holds the record's handle
- * in the {@link RecordArena} instead: a number, not an object, since a record lives until it expires, often for a
- * day, and objects that live long are what the garbage collector pays for.
+ * A key's lock while its request runs. Once the response is stored, the key's entry is the record's handle in the
+ * {@link RecordArena} instead: a number, not an object, since a record lives until it expires, often for a day,
+ * and objects that live long are what the garbage collector pays for.
  */
 class Lock {
   constructor(
+    readonly key: string,
+    /** Its number among the locks held: its entry in the index is `~id`, a negative number. */
+    readonly id: number,
     /** Fencing token of the request running under the key. */
     readonly token: string,
     readonly fingerprint: string,
@@ -53,7 +57,7 @@ export const DEFAULT_MAX_BYTES = 64 * 1024 * 1024;
 /** Default of {@link MemoryBackendOptions.sweepIntervalMs}. */
 export const DEFAULT_SWEEP_INTERVAL_MS = 60_000;
 
-/** What an entry costs beyond its key and its lock or record: the map slot, the lock object. */
+/** What an entry costs beyond its key and its lock or record: its slots in the index, the lock object. */
 const ENTRY_OVERHEAD_BYTES = 96;
 /** A full store sweeps before refusing a key, but at most this often, so that a flood does not sweep per request. */
 const FULL_SWEEP_INTERVAL_MS = 1000;
@@ -83,9 +87,15 @@ const MISMATCH: AcquireResult = Object.freeze({ state: 'mismatch' });
 export class MemoryBackend implements Backend {
   readonly #maxEntries: number;
   readonly #maxBytes: number;
-  /** Each key's lock or record: one map, so that a lock turns into its record in place. */
-  readonly #entries = new Map<string, Entry>();
-  /** The records' bytes. */
+  /**
+   * Each key's entry: its record's handle (zero or more), or `~id` of its lock (negative). One index, so that a
+   * lock turns into its record in place.
+   */
+  readonly #entries: KeyIndex;
+  /** The locks held, by id; the ids of the free places among them. */
+  #locks: (Lock | undefined)[] = [];
+  #freeLockIds: number[] = [];
+  /** The records' bytes, each with its key. */
   readonly #records: RecordArena;
   readonly #sweepIntervalMs: number;
   /** Started by the first `acquire`: a Cloudflare Worker may not start a timer at its global scope. */
@@ -116,7 +126,36 @@ export class MemoryBackend implements Backend {
     this.#maxBytes = maxBytes;
     // Buffers of at most a sixteenth of the bound, so that the cells a buffer holds unused stay a small part of it.
     this.#records = new RecordArena(maxBytes / 16);
+    this.#entries = new KeyIndex(this.#keyOwner());
     this.#sweepIntervalMs = sweepIntervalMs;
+  }
+
+  /** How the index finds the key of an entry: in the lock, or in the record's cell. */
+  #keyOwner(): KeyOwner {
+    const records = this.#records;
+    return {
+      isKeyOf: (value, key) => (value < 0 ? this.#locks[~value]!.key === key : records.hasKey(value, key)),
+      keyOf: (value) => (value < 0 ? this.#locks[~value]!.key : records.key(value)),
+    };
+  }
+
+  /** The key's lock or record handle. */
+  #entryOf(key: string): Entry | undefined {
+    const value = this.#entries.get(key);
+    return value === undefined || value >= 0 ? value : this.#locks[~value];
+  }
+
+  #newLock(key: string, token: string, fingerprint: string, endsAt: number, bytes: number): Lock {
+    const id = this.#freeLockIds.pop() ?? this.#locks.length;
+    const lock = new Lock(key, id, token, fingerprint, endsAt, bytes);
+    this.#locks[id] = lock;
+    this.#entries.set(key, ~id);
+    return lock;
+  }
+
+  #dropLock(lock: Lock): void {
+    this.#locks[lock.id] = undefined;
+    this.#freeLockIds.push(lock.id);
   }
 
   #startSweeper(): void {
@@ -140,7 +179,7 @@ export class MemoryBackend implements Backend {
   acquire(key: string, fingerprint: string, leaseMs: number): AcquireResult {
     if (this.#sweeper === undefined && !this.#closed) this.#startSweeper();
     const now = Date.now();
-    const held = this.#entries.get(key);
+    const held = this.#entryOf(key);
     const bytes = lockBytes(key, fingerprint);
     if (held === undefined) this.#makeRoom(bytes, now);
     else if (typeof held === 'number') {
@@ -149,14 +188,15 @@ export class MemoryBackend implements Backend {
         if (!records.hasFingerprint(held, fingerprint)) return MISMATCH;
         return { state: 'completed', record: records.read(held, fingerprint) };
       }
-      this.#forgetRecord(key, held);
     } else if (held.endsAt > now) {
       if (held.fingerprint !== fingerprint) return MISMATCH;
       return { state: 'in-flight', retryAfterMs: held.endsAt - now };
-    } else this.#bytes -= held.bytes;
-    // A lapsed lock or an expired record is replaced where it is: the key count does not grow.
+    }
+    // A lapsed lock or an expired record is replaced where it is: the key count does not grow. It is freed once
+    // replaced, as the index reads its key until then.
     const token = String(++this.#tokenSequence);
-    this.#entries.set(key, new Lock(token, fingerprint, now + leaseMs, bytes));
+    this.#newLock(key, token, fingerprint, now + leaseMs, bytes);
+    if (held !== undefined) this.#free(held);
     this.#bytes += bytes;
     return { state: 'acquired', token };
   }
@@ -165,9 +205,10 @@ export class MemoryBackend implements Backend {
     const lock = this.#lockOf(key, token);
     if (lock === undefined) return false;
     const expiresAt = ttlMs === null ? Number.POSITIVE_INFINITY : Date.now() + ttlMs;
-    const handle = this.#records.store(record, expiresAt);
+    const handle = this.#records.store(key, record, expiresAt);
     this.#entries.set(key, handle);
-    this.#bytes += recordBytes(key, this.#records.bytesOf(handle)) - lock.bytes;
+    this.#dropLock(lock);
+    this.#bytes += recordBytes(this.#records.bytesOf(handle)) - lock.bytes;
     this.#wake(key);
     return true;
   }
@@ -195,7 +236,7 @@ export class MemoryBackend implements Backend {
   /** The key's state: see {@link Backend.inspect}. */
   inspect(key: string): KeyState | undefined {
     const now = Date.now();
-    const held = this.#entries.get(key);
+    const held = this.#entryOf(key);
     if (held === undefined || !this.#isHeld(held, now)) return undefined;
     if (typeof held !== 'number')
       return { state: 'in-flight', fingerprint: held.fingerprint, leaseLeftMs: held.endsAt - now };
@@ -213,7 +254,7 @@ export class MemoryBackend implements Backend {
 
   /** Deletes the key's record, and its lock only with `force`: see {@link Backend.forget}. */
   forget(key: string, force: boolean): boolean {
-    const held = this.#entries.get(key);
+    const held = this.#entryOf(key);
     if (held === undefined) return false;
     // An expired record or a lapsed lock, not yet swept, was no longer held: as on the other backends, nothing
     // was forgotten.
@@ -234,8 +275,13 @@ export class MemoryBackend implements Backend {
    */
   sweep(): void {
     const now = Date.now();
-    for (const [key, held] of this.#entries) if (!this.#isHeld(held, now)) this.#delete(key, held);
-    this.#records.releaseEmptySlabs();
+    const records = this.#records;
+    for (const value of this.#entries.values()) {
+      const held = value >= 0 ? value : this.#locks[~value]!;
+      if (this.#isHeld(held, now)) continue;
+      this.#delete(typeof held === 'number' ? records.key(held) : held.key, held);
+    }
+    records.releaseEmptySlabs();
   }
 
   /** Deletes every key and stops the sweep timer. */
@@ -243,6 +289,8 @@ export class MemoryBackend implements Backend {
     this.#closed = true;
     clearInterval(this.#sweeper);
     this.#entries.clear();
+    this.#locks = [];
+    this.#freeLockIds = [];
     this.#records.clear();
     this.#bytes = 0;
   }
@@ -286,7 +334,7 @@ export class MemoryBackend implements Backend {
 
   /** The key's lock, if `token` holds it (a lapsed lease included, until another request takes the key). */
   #lockOf(key: string, token: string): Lock | undefined {
-    const held = this.#entries.get(key);
+    const held = this.#entryOf(key);
     return typeof held === 'object' && held.token === token ? held : undefined;
   }
 
@@ -297,14 +345,18 @@ export class MemoryBackend implements Backend {
 
   #delete(key: string, held: Entry): void {
     this.#entries.delete(key);
-    if (typeof held === 'number') this.#forgetRecord(key, held);
-    else this.#bytes -= held.bytes;
+    this.#free(held);
   }
 
-  /** Frees a record's bytes; its key's entry is deleted or replaced by the caller. */
-  #forgetRecord(key: string, handle: number): void {
-    this.#bytes -= recordBytes(key, this.#records.bytesOf(handle));
-    this.#records.free(handle);
+  /** Frees a lock or a record and its bytes; its key's entry is deleted or replaced by the caller, first. */
+  #free(held: Entry): void {
+    if (typeof held === 'number') {
+      this.#bytes -= recordBytes(this.#records.bytesOf(held));
+      this.#records.free(held);
+    } else {
+      this.#bytes -= held.bytes;
+      this.#dropLock(held);
+    }
   }
 }
 
@@ -313,7 +365,7 @@ function lockBytes(key: string, fingerprint: string): number {
   return ENTRY_OVERHEAD_BYTES + 2 * (key.length + fingerprint.length);
 }
 
-/** What a record costs against `maxBytes`: the entry, the key, and the record's cell or buffer. */
-function recordBytes(key: string, cellBytes: number): number {
-  return ENTRY_OVERHEAD_BYTES + 2 * key.length + cellBytes;
+/** What a record costs against `maxBytes`: the entry, and the record's cell or buffer (its key included). */
+function recordBytes(cellBytes: number): number {
+  return ENTRY_OVERHEAD_BYTES + cellBytes;
 }

@@ -3,6 +3,9 @@ import { describe, expect, it } from 'vitest';
 import { LARGEST_CELL, RecordArena, SLAB_BYTES } from '../../src/backends/_arena.js';
 import type { HeaderPair, IdempotencyRecord } from '../../src/core/types.js';
 
+/** A key as the engine makes them: a dash and a UUID. */
+const KEY = '-6f1c7c1e-0c55-4f5e-9f43-2b0d3c9a1b7e';
+
 function record(
   body: Uint8Array,
   headers: HeaderPair[] = [],
@@ -39,11 +42,14 @@ describe('RecordArena', () => {
       { fingerprint: 'f'.repeat(64), createdAt: 5, response: null },
       record(new Uint8Array(LARGEST_CELL * 3).fill(7), [['content-type', 'application/octet-stream']]),
     ];
+    const keys = records.map((_each, i) => (i === 3 ? `5:t\u00e9n\u20ac:${KEY}` : `${KEY}${i}`));
     const handles = records.map((each, i) =>
-      arena.store(each, i === 0 ? Number.POSITIVE_INFINITY : 1000 + i),
+      arena.store(keys[i]!, each, i === 0 ? Number.POSITIVE_INFINITY : 1000 + i),
     );
     records.forEach((each, i) => {
       const handle = handles[i]!;
+      expect(arena.key(handle)).toBe(keys[i]);
+      expect(arena.hasKey(handle, keys[i]!)).toBe(true);
       expect(plain(arena.read(handle))).toEqual(plain(each));
       expect(plain(arena.read(handle, each.fingerprint))).toEqual(plain(each));
       expect(arena.expiresAt(handle)).toBe(i === 0 ? Number.POSITIVE_INFINITY : 1000 + i);
@@ -70,14 +76,19 @@ describe('RecordArena', () => {
         fc.array(fc.tuple(text, text), { maxLength: 6 }),
         fc.uint8Array({ maxLength: 3 * LARGEST_CELL }),
         fc.integer({ min: 100, max: 599 }),
-        (fingerprint, headers, body, status) => {
+        text,
+        (fingerprint, headers, body, status, key) => {
           const stored: IdempotencyRecord = {
             fingerprint,
             createdAt: 42,
             response: { status, headers, body },
           };
-          const handle = arena.store(stored, 99);
+          const handle = arena.store(key, stored, 99);
           expect(plain(arena.read(handle))).toEqual(plain(stored));
+          expect(arena.key(handle)).toBe(key);
+          expect(arena.fingerprint(handle)).toBe(fingerprint);
+          expect(arena.hasKey(handle, key)).toBe(true);
+          expect(arena.hasKey(handle, `${key}x`)).toBe(false);
           expect(arena.hasFingerprint(handle, fingerprint)).toBe(true);
           expect(arena.hasFingerprint(handle, `${fingerprint}x`)).toBe(false);
           arena.free(handle);
@@ -90,10 +101,24 @@ describe('RecordArena', () => {
     expect(arena.slabCount).toBe(0);
   });
 
-  it('tells fingerprints apart where they lie: length, a narrow unit, a wide unit', () => {
+  it('tells keys and fingerprints apart where they lie: length, a narrow unit, a wide unit', () => {
     const arena = new RecordArena();
-    const narrow = arena.store(record(new Uint8Array(1), [], 'abcd'), 1);
-    const wide = arena.store(record(new Uint8Array(1), [], 'ab\u20acd'), 1);
+    const narrow = arena.store('wxyz', record(new Uint8Array(1), [], 'abcd'), 1);
+    const wide = arena.store('wx\u20acz', record(new Uint8Array(1), [], 'ab\u20acd'), 1);
+    // A wide key before a narrow fingerprint, and the other way round: each found where the other ends.
+    const wideKey = arena.store('wx\u20acz', record(new Uint8Array(1), [], 'abcd'), 1);
+    const narrowKey = arena.store('wxyz', record(new Uint8Array(1), [], 'ab\u20acd'), 1);
+    expect(arena.hasKey(narrow, 'wxy')).toBe(false);
+    expect(arena.hasKey(narrow, 'wxya')).toBe(false);
+    expect(arena.hasKey(narrow, 'wx\u20acz')).toBe(false);
+    expect(arena.hasKey(narrow, 'wxyz')).toBe(true);
+    expect(arena.hasKey(wide, 'wxyz')).toBe(false);
+    expect(arena.hasKey(wide, 'wx\u20acz')).toBe(true);
+    expect(arena.hasFingerprint(wideKey, 'abcd')).toBe(true);
+    expect(arena.fingerprint(wideKey)).toBe('abcd');
+    expect(arena.hasFingerprint(narrowKey, 'ab\u20acd')).toBe(true);
+    expect(arena.fingerprint(narrowKey)).toBe('ab\u20acd');
+    expect(arena.hasKey(narrowKey, 'wxyz')).toBe(true);
     expect(arena.hasFingerprint(narrow, 'abc')).toBe(false);
     expect(arena.hasFingerprint(narrow, 'abce')).toBe(false);
     expect(arena.hasFingerprint(narrow, 'ab\u20acd')).toBe(false);
@@ -105,13 +130,13 @@ describe('RecordArena', () => {
   it('hands out a copy of the body, which a later record in the same cell does not change', () => {
     const arena = new RecordArena();
     const sent = new Uint8Array([1, 2, 3]);
-    const first = arena.store(record(sent), 1);
+    const first = arena.store(KEY, record(sent), 1);
     sent[0] = 9;
     const read = arena.read(first);
     expect([...read.response!.body]).toEqual([1, 2, 3]);
     expect(read.response!.body.buffer.byteLength).toBe(3);
     arena.free(first);
-    const second = arena.store(record(new Uint8Array([4, 5, 6])), 1);
+    const second = arena.store(KEY, record(new Uint8Array([4, 5, 6])), 1);
     expect(second).toBe(first);
     expect([...read.response!.body]).toEqual([1, 2, 3]);
   });
@@ -121,22 +146,22 @@ describe('RecordArena', () => {
     const body = new Uint8Array(100);
     // Enough records of one size for several slabs.
     const perSlab = Math.floor(SLAB_BYTES / 256);
-    const handles = Array.from({ length: 3 * perSlab }, () => arena.store(record(body), 1));
+    const handles = Array.from({ length: 3 * perSlab }, () => arena.store(KEY, record(body), 1));
     const slabs = arena.slabCount;
     expect(slabs).toBeGreaterThanOrEqual(3);
     for (const handle of handles.splice(0, perSlab)) arena.free(handle);
     // Freed cells are used again before any new slab.
-    const again = Array.from({ length: perSlab }, () => arena.store(record(body), 1));
+    const again = Array.from({ length: perSlab }, () => arena.store(KEY, record(body), 1));
     expect(arena.slabCount).toBe(slabs);
     for (const handle of [...handles, ...again]) arena.free(handle);
-    const kept = arena.store(record(body), 1);
+    const kept = arena.store(KEY, record(body), 1);
     arena.releaseEmptySlabs();
     // Only the slab of the record still held stays.
     expect(arena.slabCount).toBe(1);
     expect([...arena.read(kept).response!.body]).toEqual([...body]);
     // Cells of the slabs given back are not handed out again; new records still fit.
     const after = Array.from({ length: 2 * perSlab }, (_, i) =>
-      arena.store(record(new Uint8Array(100).fill(i % 256)), 1),
+      arena.store(KEY, record(new Uint8Array(100).fill(i % 256)), 1),
     );
     expect(after.map((handle) => arena.read(handle).response!.body[0])).toEqual(after.map((_, i) => i % 256));
     expect([...arena.read(kept).response!.body]).toEqual([...body]);
@@ -145,7 +170,7 @@ describe('RecordArena', () => {
   it('gives back the slabs of a burst of hundreds of thousands of records, keeping the free cells of the others', () => {
     const arena = new RecordArena();
     const body = new Uint8Array(8);
-    const handles = Array.from({ length: 400_000 }, () => arena.store(record(body), 1));
+    const handles = Array.from({ length: 400_000 }, () => arena.store(KEY, record(body), 1));
     const slabs = arena.slabCount;
     // One record in a thousand stays in the first half: the slabs of the second half empty, and the other free cells
     // (close to 200 000) stay in use for new records.
@@ -159,13 +184,13 @@ describe('RecordArena', () => {
     for (const handle of kept) expect([...arena.read(handle).response!.body]).toEqual([...body]);
     // New records fill the free cells first, without a new slab.
     const held = arena.slabCount;
-    for (let i = 0; i < 100_000; i++) arena.store(record(body), 1);
+    for (let i = 0; i < 100_000; i++) arena.store(KEY, record(body), 1);
     expect(arena.slabCount).toBe(held);
   });
 
   it('gives a large record a buffer of its own, given back when it is freed', () => {
     const arena = new RecordArena();
-    const large = arena.store(record(new Uint8Array(LARGEST_CELL + 1)), 1);
+    const large = arena.store(KEY, record(new Uint8Array(LARGEST_CELL + 1)), 1);
     expect(arena.slabCount).toBe(1);
     expect(arena.bytesOf(large)).toBeGreaterThan(LARGEST_CELL);
     expect(arena.bytesOf(large)).toBeLessThan(LARGEST_CELL + 256);
@@ -176,8 +201,9 @@ describe('RecordArena', () => {
   it('sizes cells close to the record: at most a fifth unused above 128 bytes', () => {
     const arena = new RecordArena();
     for (let length = 0; length <= LARGEST_CELL - 200; length += 37) {
-      const handle = arena.store(record(new Uint8Array(length)), 1);
-      const needed = 28 + 4 + 64 + length;
+      const handle = arena.store(KEY, record(new Uint8Array(length)), 1);
+      // The head, a word and the units of the key and of the fingerprint, the body.
+      const needed = 28 + 8 + KEY.length + 64 + length;
       expect(arena.bytesOf(handle)).toBeGreaterThanOrEqual(needed);
       expect(arena.bytesOf(handle)).toBeLessThanOrEqual(Math.max(128, Math.ceil(needed * 1.25)));
     }
