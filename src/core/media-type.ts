@@ -35,19 +35,26 @@ const MEMO_LIMIT = 64;
 
 /**
  * Builds the matcher for `cacheableContentTypes` once, at construction. Its answers are memoised by the
- * `Content-Type` value: parsing a media type costs allocations on every response, a lookup does not.
+ * `Content-Type` value: parsing a media type costs allocations on every response, a lookup does not. The last
+ * answer comes first, compared as a string: a value read from a request or response is a new string each time,
+ * which a `Map` must hash before it can look it up, and most come with the type the last one had.
  */
 export function createMediaTypeMatcher(patterns: '*' | readonly string[]): MediaTypeMatcher {
   const match = createUnmemoisedMatcher(patterns);
   const memo = new Map<string, boolean>();
+  let lastType: string | undefined;
+  let lastAnswer = false;
   return function matchesMediaType(contentType) {
     if (contentType === undefined) return match(contentType);
+    if (contentType === lastType) return lastAnswer;
     let answer = memo.get(contentType);
     if (answer === undefined) {
       answer = match(contentType);
       if (memo.size >= MEMO_LIMIT) memo.clear();
       memo.set(contentType, answer);
     }
+    lastType = contentType;
+    lastAnswer = answer;
     return answer;
   };
 }

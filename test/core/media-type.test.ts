@@ -1,3 +1,4 @@
+import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import {
   createMediaTypeMatcher,
@@ -37,6 +38,20 @@ describe('essence', () => {
 });
 
 describe('createMediaTypeMatcher', () => {
+  it('answers every type, repeated or not, and past its memo, as a matcher asked for the first time does', () => {
+    const pool = ['application/json', 'text/plain', 'application/problem+json', 'text/event-stream', ''];
+    const types = fc.oneof(fc.constantFrom(...pool), fc.string({ maxLength: 30 }));
+    for (const patterns of [JSON_MEDIA_TYPES, '*', ['text/*']] as const) {
+      const matches = createMediaTypeMatcher(patterns);
+      fc.assert(
+        fc.property(fc.array(types, { maxLength: 200 }), (sequence) => {
+          for (const type of sequence) expect(matches(type)).toBe(createMediaTypeMatcher(patterns)(type));
+        }),
+        { numRuns: 50 },
+      );
+    }
+  });
+
   describe('the default (JSON only)', () => {
     const matches = createMediaTypeMatcher(JSON_MEDIA_TYPES);
 
