@@ -5,6 +5,7 @@ import { fileURLToPath, pathToFileURL } from 'node:url';
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { hashKey } from '../../src/backends/_key-index.js';
 import { MemoryBackend } from '../../src/backends/memory.js';
 import { IdempotencyError } from '../../src/core/errors.js';
 import type { IdempotencyRecord } from '../../src/core/types.js';
@@ -289,6 +290,91 @@ describe('MemoryBackend', () => {
         expect(replay.state).toBe('completed');
         expect((replay as { record: IdempotencyRecord }).record.response?.headers).toEqual(headers);
       });
+    });
+  });
+
+  describe('keys that meet in its index', () => {
+    /** Keys as the engine makes them (a dash and a UUID-shaped string), numbered from 0. */
+    const keyNumbered = (i: number) => `-${i.toString(16).padStart(8, '0')}-0000-4000-8000-000000000000`;
+
+    /** Two different keys with the same 32-bit hash, found by trying keys until two meet. */
+    function twoKeysOfOneHash(): [string, string] {
+      const seen = new Map<number, string>();
+      for (let i = 0; ; i++) {
+        const key = keyNumbered(i);
+        const other = seen.get(hashKey(key));
+        if (other !== undefined) return [other, key];
+        seen.set(hashKey(key), key);
+      }
+    }
+
+    /** `count` keys whose hashes point to the same slot of the index's first table (1 024 slots). */
+    function keysOfOneSlot(count: number): string[] {
+      const keys: string[] = [];
+      for (let i = 0; keys.length < count; i++)
+        if ((hashKey(keyNumbered(i)) & 1023) === 7) keys.push(keyNumbered(i));
+      return keys;
+    }
+
+    /** Each key, locked and then stored with its own body, is its own: its lock, then its record, then gone. */
+    function expectEachItsOwn(backend: MemoryBackend, keys: string[]): void {
+      const tokens = keys.map((key) => {
+        const lock = backend.acquire(key, FINGERPRINT, LEASE_MS);
+        expect(lock.state).toBe('acquired');
+        return (lock as { token: string }).token;
+      });
+      expect(backend.size).toBe(keys.length);
+      keys.forEach((key) => {
+        expect(backend.acquire(key, FINGERPRINT, LEASE_MS).state).toBe('in-flight');
+      });
+      keys.forEach((key, i) => {
+        expect(backend.complete(key, tokens[i]!, record(key), null)).toBe(true);
+      });
+      keys.forEach((key) => {
+        const replay = backend.acquire(key, FINGERPRINT, LEASE_MS) as { record: IdempotencyRecord };
+        expect(Buffer.from(replay.record.response!.body).toString()).toBe(key);
+        expect(backend.inspect(key)?.state).toBe('completed');
+      });
+      // Forgotten one by one, from the first: those left still replay their own.
+      keys.forEach((key, i) => {
+        expect(backend.forget(key, false)).toBe(true);
+        expect(backend.inspect(key)).toBeUndefined();
+        for (const left of keys.slice(i + 1)) {
+          const replay = backend.acquire(left, FINGERPRINT, LEASE_MS) as { record: IdempotencyRecord };
+          expect(Buffer.from(replay.record.response!.body).toString()).toBe(left);
+        }
+      });
+      expect(backend.size).toBe(0);
+    }
+
+    it('keeps apart two keys with the same hash: locks, records, forgets', () => {
+      const [first, second] = twoKeysOfOneHash();
+      expect(first).not.toBe(second);
+      expect(hashKey(first)).toBe(hashKey(second));
+      expectEachItsOwn(create(), [first, second]);
+    });
+
+    it('keeps apart 40 keys of one slot, the last 8 past the 32 slots a key is looked for in', () => {
+      expectEachItsOwn(create(), keysOfOneSlot(40));
+    });
+
+    it('sweeps keys that meet, each on its own expiry', async () => {
+      const backend = create();
+      const [first, second] = twoKeysOfOneHash();
+      const crowded = keysOfOneSlot(36);
+      store(backend, first, 20);
+      store(backend, second, null);
+      crowded.forEach((key, i) => {
+        store(backend, key, i % 2 === 0 ? 20 : null);
+      });
+      await sleep(40);
+      backend.sweep();
+      expect(backend.inspect(first)).toBeUndefined();
+      expect(backend.inspect(second)?.state).toBe('completed');
+      crowded.forEach((key, i) => {
+        expect(backend.inspect(key)?.state).toBe(i % 2 === 0 ? undefined : 'completed');
+      });
+      expect(backend.size).toBe(1 + crowded.length / 2);
     });
   });
 
