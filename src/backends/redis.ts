@@ -565,7 +565,16 @@ async function subscribe(
 ): Promise<Subscriber> {
   const ignore = () => {};
   if (typeof (client as Partial<IoredisClientLike>).callBuffer === 'function') {
-    const subscriber = (client as unknown as { duplicate(): IoredisSubscriberLike }).duplicate();
+    // A Cluster subscribes again through its own subscriber connection, which handles a failure; a Redis client
+    // subscribes again by itself too, but sends that SUBSCRIBE without handling its failure: a connection lost
+    // again before Redis answers (or maxRetriesPerRequest reached) left an unhandled rejection, which ends a
+    // Node.js process. So a Redis client's duplicate does not, and this subscribes again itself.
+    const cluster = (client as { isCluster?: unknown }).isCluster === true;
+    const subscriber = cluster
+      ? (client as unknown as { duplicate(): IoredisSubscriberLike }).duplicate()
+      : (client as unknown as { duplicate(options: object): IoredisSubscriberLike }).duplicate({
+          autoResubscribe: false,
+        });
     const close = async () => subscriber.disconnect();
     subscriber.on('error', ignore);
     subscriber.on('message', ((from: string, message: string) => {
@@ -586,7 +595,9 @@ async function subscribe(
       await close();
       throw error;
     }
-    subscriber.on('ready', events.reconnected as never);
+    // Waiters look again once the subscription is back (or could not be: their timers wake them meanwhile).
+    const resubscribe = () => subscriber.subscribe(channel).then(events.reconnected, events.reconnected);
+    subscriber.on('ready', (cluster ? events.reconnected : resubscribe) as never);
     return { close };
   }
   const subscriber = (client as unknown as { duplicate(): NodeRedisSubscriberLike }).duplicate();

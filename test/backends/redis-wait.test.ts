@@ -248,6 +248,50 @@ describe.runIf(redisUp)("RedisBackend with onConflict: 'wait'", () => {
     }
   });
 
+  it('subscribes again after its connection drops, and a drop during that SUBSCRIBE leaves no unhandled rejection', async () => {
+    // The connection the backend subscribes on, kept hold of to drop it.
+    const redis = await ioredis();
+    let subscriber: Redis | undefined;
+    const duplicate = redis.duplicate.bind(redis);
+    redis.duplicate = (...args: Parameters<Redis['duplicate']>) => {
+      subscriber = duplicate(...args);
+      return subscriber;
+    };
+    const backend = new RedisBackend({ redis, prefix, notifications: true });
+    closers.push(() => backend.close());
+    const unhandled: unknown[] = [];
+    const heard = (reason: unknown) => unhandled.push(reason);
+    process.on('unhandledRejection', heard);
+    try {
+      const stop = new AbortController();
+      await armedWatch(backend, `-${randomUUID()}`, stop.signal);
+      if (subscriber === undefined) throw new Error('the backend did not duplicate the client');
+      const connection = subscriber;
+      // Back from a drop, the SUBSCRIBE is on its way when 'ready' is heard: the connection is lost again before
+      // Redis answers, and the client (maxRetriesPerRequest: 0) fails the commands it was waiting on.
+      let reconnects = 0;
+      connection.on('ready', () => {
+        if (++reconnects === 1) connection.stream.destroy();
+      });
+      connection.disconnect(true);
+      while (reconnects < 2) await sleep(20);
+      await sleep(200);
+      expect(unhandled).toEqual([]);
+      // Subscribed again all the same: a release wakes a watch at once.
+      const key = `-${randomUUID()}`;
+      const taken = await holder.backend.acquire(key, '', 30_000);
+      if (taken.state !== 'acquired') throw new Error('not acquired');
+      const { woken } = await armedWatch(backend, key, stop.signal);
+      const started = performance.now();
+      expect(await holder.backend.release(key, taken.token)).toBe(true);
+      await woken;
+      expect(performance.now() - started).toBeLessThan(100);
+      stop.abort();
+    } finally {
+      process.off('unhandledRejection', heard);
+    }
+  });
+
   it('refuses notifications with a client that cannot be duplicated (a node-redis pool)', () => {
     const pool = { sendCommand: async () => null };
     expect(() => new RedisBackend({ redis: pool, notifications: true })).toThrow(IdempotencyError);
