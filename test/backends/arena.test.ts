@@ -64,8 +64,8 @@ describe('RecordArena', () => {
   it.each([
     ['any strings', fc.string({ unit: 'binary', maxLength: 40 })],
     ['ASCII strings, written and read in one piece', fc.string({ maxLength: 40 })],
-    // Longer than a record's usual strings: all ASCII (joined and encoded at once), and of any units (written unit
-    // by unit once the joined encoding finds one that is not ASCII).
+    // Longer than a record's usual strings: all ASCII (one byte a unit), and of any units (written again, each
+    // string in one or two bytes a unit, once one is found that is not ASCII, the first or a later one).
     ['long ASCII strings', fc.string({ minLength: 60, maxLength: 200 })],
     ['long strings of any units', fc.string({ unit: 'binary', minLength: 60, maxLength: 200 })],
   ])('round-trips %s and any bytes', (_name, text) => {
