@@ -28,7 +28,7 @@ import type { HeaderPair, IdempotencyRecord } from '../core/types.js';
  *
  * A string's word is `units << 1 | wide`: its UTF-16 code units take one byte each when every one is below 256
  * (a hex fingerprint, a header), two otherwise. Any JavaScript string comes back as it went in. A record whose
- * strings are all ASCII, nearly every one, has them encoded in one native call.
+ * strings are all ASCII, nearly every one, is marked so, and its strings are read back in one native call.
  */
 
 /** Largest record kept in a shared slab; a larger one gets a buffer of its own. */
