@@ -137,28 +137,27 @@ export class RecordArena {
 
   /**
    * Writes a record whose strings are all ASCII, the common case (a UUID key, a hex fingerprint, header names and
-   * values), one byte per unit, copied unit by unit: for strings this short that is cheaper than joining them for
-   * one native encoding, which flattens the joined string and makes a view of the cell for each record.
-   * `undefined`, and the cell given back, when one of them is not ASCII.
+   * values), one byte per unit: joined into one flat string and encoded by one native call, which copies a byte
+   * per unit where a loop of `charCodeAt` took some 38 instructions per unit. `undefined`, and the cell given
+   * back, when one of them is not ASCII.
    */
   #writeAscii(key: string, record: IdempotencyRecord, expiresAt: number): number | undefined {
     const response = record.response;
     const headers = response === null ? NO_HEADERS : response.headers;
     const fingerprint = record.fingerprint;
-    let units = key.length + fingerprint.length;
-    for (let i = 0; i < headers.length; i++) units += headers[i]![0].length + headers[i]![1].length;
+    const parts = [key, fingerprint];
+    for (let i = 0; i < headers.length; i++) parts.push(headers[i]![0], headers[i]![1]);
+    const text = parts.join('');
+    const units = text.length;
     const strings = HEAD_BYTES + 4 * (FIRST_HEADER + 2 * headers.length);
     const handle = this.#allocate(strings + units + (response === null ? 0 : response.body.byteLength));
     const slab = this.#slabs[slabOf(handle)]!;
     const at = cellOf(handle) * slab.cellBytes;
     const bytes = slab.bytes;
-    let to = copyAscii(bytes, key, at + strings);
-    if (to !== NOT_ASCII) to = copyAscii(bytes, fingerprint, to);
-    for (let i = 0; i < headers.length && to !== NOT_ASCII; i++) {
-      to = copyAscii(bytes, headers[i]![0], to);
-      if (to !== NOT_ASCII) to = copyAscii(bytes, headers[i]![1], to);
-    }
-    if (to === NOT_ASCII) {
+    const to = at + strings + units;
+    // UTF-8 of ASCII is the ASCII itself: all of it read and as many bytes written as units, or it was not ASCII.
+    const { read, written } = encoder.encodeInto(text, bytes.subarray(at + strings, to));
+    if (read !== units || written !== units) {
       this.free(handle);
       return undefined;
     }
@@ -380,18 +379,7 @@ function cellOf(handle: number): number {
   return handle & (CELLS_PER_SLAB - 1);
 }
 
-/** What {@link copyAscii} returns for a string with a unit past ASCII. */
-const NOT_ASCII = -1;
-
-/** Copies `text` to `bytes` at `at`, one byte per unit; the offset after it, or {@link NOT_ASCII}. */
-function copyAscii(bytes: Uint8Array, text: string, at: number): number {
-  for (let i = 0; i < text.length; i++) {
-    const unit = text.charCodeAt(i);
-    if (unit > 0x7f) return NOT_ASCII;
-    bytes[at + i] = unit;
-  }
-  return at + text.length;
-}
+const encoder = new TextEncoder();
 
 const NO_HEADERS: readonly HeaderPair[] = [];
 

@@ -4,7 +4,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { MemoryBackend } from '../../src/backends/memory.js';
-import { type BeginResult, IdempotencyEngine, Ticket } from '../../src/core/engine.js';
+import { type BeginResult, IdempotencyEngine, storageKeyOf, Ticket } from '../../src/core/engine.js';
 import { IdempotencyError } from '../../src/core/errors.js';
 import { computeFingerprint } from '../../src/core/fingerprint.js';
 import type { IdempotencyEvent, IdempotencyOptions } from '../../src/core/options.js';
@@ -1460,5 +1460,28 @@ describe('IdempotencyEngine', () => {
         if (event.keyHash !== undefined) expect(event.keyHash).toMatch(/^[0-9a-f]{64}$/);
       }
     });
+  });
+});
+
+describe('storageKeyOf', () => {
+  it('prefixes an unscoped key with a dash, and length-prefixes a scope', () => {
+    expect(storageKeyOf('3f1b6c1e-8a4d-4f5e-9b2c-7d8e9f0a1b2c')).toBe(
+      '-3f1b6c1e-8a4d-4f5e-9b2c-7d8e9f0a1b2c',
+    );
+    expect(storageKeyOf('k', 'tenant-1')).toBe('8:tenant-1:k');
+    expect(storageKeyOf('k', '')).toBe('0::k');
+  });
+
+  it('never spells one scope and key pair as another', () => {
+    const pairs: [string, string | undefined][] = [
+      ['b:c', 'a'],
+      ['c', 'a:b'],
+      ['1:a:b', undefined],
+      ['b', '1:a'],
+      ['-x', undefined],
+      ['x', '-'],
+    ];
+    const keys = pairs.map(([key, scope]) => storageKeyOf(key, scope));
+    expect(new Set(keys).size).toBe(pairs.length);
   });
 });

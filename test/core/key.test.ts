@@ -325,6 +325,25 @@ describe('IdempotencyEngine.readKey', () => {
       }
     });
 
+    it('takes a v4 UUID, hyphenated, compact or quoted, when UUIDs are enforced', () => {
+      const engine = engineWith({ enforceUuid4Formatting: true });
+      const uuid = '3f1b6c1e-8a4d-4f5e-9b2c-7d8e9f0a1b2c';
+      expect(engine.readKey('POST', uuid)).toBe(uuid);
+      expect(engine.readKey('POST', uuid.replaceAll('-', ''))).toBe(uuid.replaceAll('-', ''));
+      expect(engine.readKey('POST', `"${uuid}"`)).toBe(uuid);
+    });
+
+    it('refuses a v4 UUID longer than a maxKeyLength below 36 as too long, UUIDs enforced or not', () => {
+      const uuid = '3f1b6c1e-8a4d-4f5e-9b2c-7d8e9f0a1b2c';
+      for (const enforceUuid4Formatting of [true, false]) {
+        const reply = asReply(engineWith({ enforceUuid4Formatting, maxKeyLength: 32 }).readKey('POST', uuid));
+        expect(reply.status).toBe(422);
+        expect(bodyText(reply)).toBe(
+          `{"detail":"'Idempotency-Key' header value must be at most 32 characters"}`,
+        );
+      }
+    });
+
     it('names the configured header in the UUID 422 body', () => {
       const engine = engineWith({
         enforceUuid4Formatting: true,
