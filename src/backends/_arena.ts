@@ -145,9 +145,7 @@ export class RecordArena {
     const response = record.response;
     const headers = response === null ? NO_HEADERS : response.headers;
     const fingerprint = record.fingerprint;
-    const parts = [key, fingerprint];
-    for (let i = 0; i < headers.length; i++) parts.push(headers[i]![0], headers[i]![1]);
-    const text = parts.join('');
+    const text = joinStrings(key, fingerprint, headers);
     const units = text.length;
     const strings = HEAD_BYTES + 4 * (FIRST_HEADER + 2 * headers.length);
     const handle = this.#allocate(strings + units + (response === null ? 0 : response.body.byteLength));
@@ -380,6 +378,20 @@ function cellOf(handle: number): number {
 }
 
 const encoder = new TextEncoder();
+
+/** A record's strings end to end, as one flat string: the key, the fingerprint, each header's name and value. */
+function joinStrings(key: string, fingerprint: string, headers: readonly HeaderPair[]): string {
+  // The commonest record, one header (its content type), without growing an array for it.
+  if (headers.length === 1) return [key, fingerprint, headers[0]![0], headers[0]![1]].join('');
+  const parts: string[] = new Array(2 + 2 * headers.length);
+  parts[0] = key;
+  parts[1] = fingerprint;
+  for (let i = 0; i < headers.length; i++) {
+    parts[2 + 2 * i] = headers[i]![0];
+    parts[3 + 2 * i] = headers[i]![1];
+  }
+  return parts.join('');
+}
 
 const NO_HEADERS: readonly HeaderPair[] = [];
 
