@@ -381,8 +381,6 @@ const encoder = new TextEncoder();
 
 /** A record's strings end to end, as one flat string: the key, the fingerprint, each header's name and value. */
 function joinStrings(key: string, fingerprint: string, headers: readonly HeaderPair[]): string {
-  // The commonest record, one header (its content type), without growing an array for it.
-  if (headers.length === 1) return [key, fingerprint, headers[0]![0], headers[0]![1]].join('');
   const parts: string[] = new Array(2 + 2 * headers.length);
   parts[0] = key;
   parts[1] = fingerprint;

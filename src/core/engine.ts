@@ -315,19 +315,20 @@ export class IdempotencyEngine<Req = unknown> {
     }
     if (hasSeveralValues(raw)) return this.#invalidKey(method, this.#severalKeys);
     const key = unquoteKey(raw);
-    // The common key, a v4 UUID, is neither empty nor holds a control character: one test answers for all three.
     const { enforceUuid4Formatting, maxKeyLength } = this.options;
-    if (enforceUuid4Formatting && key.length <= maxKeyLength && isUuid4(key)) return key;
-    const invalid =
-      key.length > this.options.maxKeyLength
-        ? this.#tooLong
-        : key === ''
-          ? this.#emptyKey
-          : hasControlCharacter(key)
-            ? this.#badCharacters
-            : this.options.enforceUuid4Formatting && !isUuid4(key)
-              ? this.#notUuid4
-              : undefined;
+    const tooLong = key.length > maxKeyLength;
+    // A v4 UUID is neither empty nor holds a control character: when UUIDs are enforced, one test answers for all.
+    const uuid = enforceUuid4Formatting && isUuid4(key);
+    if (uuid && !tooLong) return key;
+    const invalid = tooLong
+      ? this.#tooLong
+      : key === ''
+        ? this.#emptyKey
+        : hasControlCharacter(key)
+          ? this.#badCharacters
+          : enforceUuid4Formatting && !uuid
+            ? this.#notUuid4
+            : undefined;
     return invalid === undefined ? key : this.#invalidKey(method, invalid);
   }
 

@@ -469,6 +469,12 @@ describe('IdempotencyEngine', () => {
         ],
         // Its body in hand (an adapter that read it whole), its type in capitals: still a stream, never stored.
         ['an event stream in capitals, its body read', {}, response(200, 'data: 1\n\n', 'Text/Event-Stream')],
+        // Named among the cacheable types, or covered by `*/*`: no matcher accepts an event stream.
+        [
+          'an event stream, its type listed as cacheable, its body read',
+          { cacheableContentTypes: ['text/event-stream', '*/*'] },
+          response(200, 'data: 1\n\n', 'text/event-stream'),
+        ],
       ];
 
       it.each(cases)('%s', async (_, options, finished) => {
