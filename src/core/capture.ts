@@ -103,9 +103,9 @@ export interface ResponseHead {
 }
 
 /**
- * Hands a response whose whole body is in hand (a string, a buffer, a serialised object) to the engine: the body
- * is stored when the engine's plan says so and it fits `maxResponseBytes`. Send the response once the returned
- * promise, if any, settled.
+ * Hands a response whose whole body is in hand (a string, a buffer, a serialised object) to the engine, which
+ * stores the body when the response is storable and the body fits `maxResponseBytes` (it decides both itself).
+ * Send the response once the returned promise, if any, settled.
  */
 export function finishWithBody(
   engine: IdempotencyEngine<never>,
@@ -113,10 +113,7 @@ export function finishWithBody(
   head: ResponseHead,
   body: Uint8Array,
 ): ReturnType<IdempotencyEngine['finish']> {
-  const keep =
-    body.byteLength <= engine.maxResponseBytes &&
-    engine.plan(head.status, headerValue(head.headers, 'content-type')) === 'store';
-  return engine.finish(ticket, { status: head.status, headers: head.headers, body: keep ? body : undefined });
+  return engine.finish(ticket, { status: head.status, headers: head.headers, body });
 }
 
 /**
