@@ -93,17 +93,21 @@ const NO_HEADERS = Object.freeze({}) as ReplyHeaders;
  * headers without a prototype, which V8 clones on its slow path; it remains for another version of Fastify.
  */
 function replyHeaders(reply: FastifyReply): ReplyHeaders {
-  if (replyHeadersKey === undefined) {
-    const found = Object.getOwnPropertySymbols(reply).find(
-      (own) => own.description === 'fastify.reply.headers',
-    );
-    replyHeadersKey = found ?? null;
-  }
+  if (replyHeadersKey === undefined) replyHeadersKey = ownSymbol(reply, 'fastify.reply.headers');
   const own =
     replyHeadersKey === null ? undefined : (reply as unknown as Record<symbol, unknown>)[replyHeadersKey];
   if (typeof own !== 'object' || own === null || reply.raw.getHeaderNames().length > 0)
     return reply.getHeaders();
   return hasMembers(own) ? ({ ...own } as ReplyHeaders) : NO_HEADERS;
+}
+
+/**
+ * The symbol of one of Fastify's own properties, by its description; `null` when there is none. Fastify's symbols
+ * are not exported: its internal records are found this way, once, where reading them saves the work its public
+ * getters do on every call.
+ */
+export function ownSymbol(target: object, description: string): symbol | null {
+  return Object.getOwnPropertySymbols(target).find((own) => own.description === description) ?? null;
 }
 
 function hasMembers(record: object): boolean {
