@@ -1,12 +1,6 @@
 import { Readable } from 'node:stream';
 import type { FastifyReply, FastifyRequest, HookHandlerDoneFunction, onErrorHookHandler } from 'fastify';
-import {
-  captureBody,
-  finishWithBody,
-  type HeaderRecordValue,
-  handlerHeaders,
-  watchConnection,
-} from '../../core/capture.js';
+import { captureBody, type HeaderRecordValue, handlerHeaders, watchConnection } from '../../core/capture.js';
 import { type IdempotencyEngine, isPromise, type Ticket } from '../../core/engine.js';
 import { type EngineReply, REMOVED_HEADER } from '../../core/responses.js';
 
@@ -96,15 +90,25 @@ function replyHeaders(reply: FastifyReply): ReplyHeaders {
   if (replyHeadersKey === undefined) replyHeadersKey = ownSymbol(reply, 'fastify.reply.headers');
   const own =
     replyHeadersKey === null ? undefined : (reply as unknown as Record<symbol, unknown>)[replyHeadersKey];
-  if (typeof own !== 'object' || own === null || reply.raw.getHeaderNames().length > 0)
-    return reply.getHeaders();
+  if (typeof own !== 'object' || own === null || hasRawHeaders(reply.raw)) return reply.getHeaders();
   return hasMembers(own) ? ({ ...own } as ReplyHeaders) : NO_HEADERS;
 }
 
+/** Where Node.js keeps the headers set on a response, `null` until one is: found once, like Fastify's. */
+let outHeadersKey: symbol | null | undefined;
+
+/** Whether headers were set on the response itself, told without `getHeaderNames()`'s array when none were. */
+function hasRawHeaders(res: FastifyReply['raw']): boolean {
+  if (outHeadersKey === undefined) outHeadersKey = ownSymbol(res, 'kOutHeaders');
+  if (outHeadersKey !== null && (res as unknown as Record<symbol, unknown>)[outHeadersKey] === null)
+    return false;
+  return res.getHeaderNames().length > 0;
+}
+
 /**
- * The symbol of one of Fastify's own properties, by its description; `null` when there is none. Fastify's symbols
- * are not exported: its internal records are found this way, once, where reading them saves the work its public
- * getters do on every call.
+ * The symbol of one of an object's own properties, by its description; `null` when there is none. Fastify's and
+ * Node.js's symbols are not exported: their internal records are found this way, once, where reading them saves
+ * the work their public getters do on every call.
  */
 export function ownSymbol(target: object, description: string): symbol | null {
   return Object.getOwnPropertySymbols(target).find((own) => own.description === description) ?? null;
@@ -138,10 +142,13 @@ export function idempotencyOnSend(
   if (state === undefined || state.ticket.settled) return next(null, payload);
   setRunning(request, undefined);
   if (state.failed) return settleThen(state.engine.fail(state.ticket), () => next(null, payload));
-  setHolding(request, true);
   const status = reply.statusCode;
   const headers = replyHeaders(reply);
-  captureReply(state, payload, status, headers, (sent) => {
+  const held = captureReply(state, payload, status, headers);
+  if (held === undefined) return next(null, payload);
+  // The engine settles later: the reply waits here until it has.
+  setHolding(request, true);
+  held.then((sent) => {
     setHolding(request, false);
     if (reply.sent) {
       // Taken over by `onError` meanwhile, whose error handling changed the status and headers: restored.
@@ -191,22 +198,23 @@ export function sendFastifyReply(reply: FastifyReply, answer: EngineReply): void
 
 /**
  * Hands the serialised payload to the engine, with the reply's `status` and `headers` as `onSend` found them: a
- * string or buffer at once, a stream read whole (or relayed, when it
- * is not stored or outgrows `maxResponseBytes`, its end held until the engine settled).
+ * string or buffer at once, a stream read whole (or relayed, when it is not stored or outgrows
+ * `maxResponseBytes`, its end held until the engine settled). `undefined` when the engine settled at once and the
+ * payload goes on as it is (a string or buffer with a synchronous backend: nothing is allocated to wait); else
+ * the payload to send once it has.
  */
 function captureReply(
   state: Running,
   payload: unknown,
   status: number,
   headers: Readonly<Record<string, HeaderRecordValue>>,
-  next: (payload: unknown) => void,
-): void {
+): Promise<unknown> | undefined {
   const { engine, ticket } = state;
-  const head = { status, headers: handlerHeaders(headers, state.before) };
-  if (Object.prototype.toString.call(payload) === '[object Response]') {
+  if (typeof payload === 'object' && Object.prototype.toString.call(payload) === '[object Response]') {
     // Fastify applies a `Response`'s status and headers after `onSend`: it is sent as it is, and not stored.
-    return settleThen(engine.fail(ticket), () => next(payload));
+    return afterSettling(engine.fail(ticket), payload);
   }
+  const stored = handlerHeaders(headers, state.before);
   const stream = asStream(payload);
   if (stream === undefined) {
     // Node.js sends no body with a 204 or a 304, whatever the payload; neither does a replay.
@@ -216,16 +224,20 @@ function captureReply(
         : typeof payload === 'string'
           ? Buffer.from(payload)
           : (payload as Uint8Array);
-    return settleThen(finishWithBody(engine as IdempotencyEngine<never>, ticket, head, body), () =>
-      next(payload),
-    );
+    return afterSettling(engine.finish(ticket, { status, headers: stored, body }), payload);
   }
-  captureBody(engine as IdempotencyEngine<never>, ticket, head, stream).then((captured) => {
-    if (captured.kind === 'kept') {
+  return captureBody(engine as IdempotencyEngine<never>, ticket, { status, headers: stored }, stream).then(
+    (captured) => {
+      if (captured.kind === 'stream') return Readable.from(captured.chunks, { objectMode: false });
       const { body } = captured;
-      next(Buffer.from(body.buffer, body.byteOffset, body.byteLength));
-    } else next(Readable.from(captured.chunks, { objectMode: false }));
-  });
+      return Buffer.from(body.buffer, body.byteOffset, body.byteLength);
+    },
+  );
+}
+
+/** `undefined` when the engine has settled; else a promise of `payload` once it has. */
+function afterSettling(settled: void | Promise<void>, payload: unknown): Promise<unknown> | undefined {
+  return isPromise(settled) ? settled.then(() => payload) : undefined;
 }
 
 /** A payload's chunks when it is a stream: a Node.js readable, or a web `ReadableStream` (Fastify 5 sends both). */
