@@ -11,12 +11,12 @@ import { type BeginResult, isPromise, type RequestIdempotency } from '../core/en
 import type { RequestBody } from '../core/fingerprint.js';
 import { nodeRequestHeader } from '../core/key.js';
 import type { IdempotencyOptions } from '../core/options.js';
+import { ownSymbol } from '../core/own-symbol.js';
 import {
   type FastifyEngine,
   idempotencyOnError,
   idempotencyOnSend,
   isRunning,
-  ownSymbol,
   sendFastifyReply as sendReply,
   startRun,
 } from './fastify/hooks.js';

@@ -180,6 +180,27 @@ describe('Fastify plugin specifics', () => {
     expect(bareReplay.headers).toMatchObject({ 'idempotent-replayed': 'true', 'x-order': 'o-2' });
   });
 
+  it('stores the headers a handler sets on reply.raw, beside those it sets on reply', async () => {
+    const app = await build();
+    let runs = 0;
+    app.post('/orders', async (_request, reply) => {
+      runs++;
+      reply.raw.setHeader('x-raw-order', `raw-${runs}`);
+      return reply.code(201).header('x-order', `o-${runs}`).send({ run: runs });
+    });
+    const key = randomUUID();
+    const first = await post(app, '/orders', key);
+    expect(first.headers).toMatchObject({ 'x-raw-order': 'raw-1', 'x-order': 'o-1' });
+    const replay = await post(app, '/orders', key);
+    expect(runs).toBe(1);
+    expect(replay.headers).toMatchObject({
+      'idempotent-replayed': 'true',
+      'x-raw-order': 'raw-1',
+      'x-order': 'o-1',
+    });
+    expect(replay.body).toBe(first.body);
+  });
+
   it('fingerprints the parsed body: the same JSON document with its keys in another order is a repeat', async () => {
     const app = await build();
     let runs = 0;

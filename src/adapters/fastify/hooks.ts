@@ -2,7 +2,9 @@ import { Readable } from 'node:stream';
 import type { FastifyReply, FastifyRequest, HookHandlerDoneFunction, onErrorHookHandler } from 'fastify';
 import { captureBody, type HeaderRecordValue, handlerHeaders, watchConnection } from '../../core/capture.js';
 import { type IdempotencyEngine, isPromise, type Ticket } from '../../core/engine.js';
+import { ownSymbol } from '../../core/own-symbol.js';
 import { type EngineReply, REMOVED_HEADER } from '../../core/responses.js';
+import { outHeadersOf } from '../node-http/capture.js';
 
 /**
  * The response side of the Fastify adapter, shared by the Fastify plugin and by NestJS on Fastify: a request that
@@ -94,24 +96,9 @@ function replyHeaders(reply: FastifyReply): ReplyHeaders {
   return hasMembers(own) ? ({ ...own } as ReplyHeaders) : NO_HEADERS;
 }
 
-/** Where Node.js keeps the headers set on a response, `null` until one is: found once, like Fastify's. */
-let outHeadersKey: symbol | null | undefined;
-
 /** Whether headers were set on the response itself, told without `getHeaderNames()`'s array when none were. */
 function hasRawHeaders(res: FastifyReply['raw']): boolean {
-  if (outHeadersKey === undefined) outHeadersKey = ownSymbol(res, 'kOutHeaders');
-  if (outHeadersKey !== null && (res as unknown as Record<symbol, unknown>)[outHeadersKey] === null)
-    return false;
-  return res.getHeaderNames().length > 0;
-}
-
-/**
- * The symbol of one of an object's own properties, by its description; `null` when there is none. Fastify's and
- * Node.js's symbols are not exported: their internal records are found this way, once, where reading them saves
- * the work their public getters do on every call.
- */
-export function ownSymbol(target: object, description: string): symbol | null {
-  return Object.getOwnPropertySymbols(target).find((own) => own.description === description) ?? null;
+  return outHeadersOf(res) !== null && res.getHeaderNames().length > 0;
 }
 
 function hasMembers(record: object): boolean {
@@ -141,7 +128,6 @@ export function idempotencyOnSend(
   const state = runningOf(request);
   if (state === undefined || state.ticket.settled) return next(null, payload);
   setRunning(request, undefined);
-  if (state.failed) return settleThen(state.engine.fail(state.ticket), () => next(null, payload));
   const status = reply.statusCode;
   const headers = replyHeaders(reply);
   const held = captureReply(state, payload, status, headers);
@@ -197,7 +183,8 @@ export function sendFastifyReply(reply: FastifyReply, answer: EngineReply): void
 }
 
 /**
- * Hands the serialised payload to the engine, with the reply's `status` and `headers` as `onSend` found them: a
+ * Hands the serialised payload to the engine (or, after the handler failed, releases the key), with the reply's
+ * `status` and `headers` as `onSend` found them: a
  * string or buffer at once, a stream read whole (or relayed, when it is not stored or outgrows
  * `maxResponseBytes`, its end held until the engine settled). `undefined` when the engine settled at once and the
  * payload goes on as it is (a string or buffer with a synchronous backend: nothing is allocated to wait); else
@@ -210,6 +197,8 @@ function captureReply(
   headers: Readonly<Record<string, HeaderRecordValue>>,
 ): Promise<unknown> | undefined {
   const { engine, ticket } = state;
+  // The handler failed: the error handler's reply goes out once the key is released.
+  if (state.failed) return afterSettling(engine.fail(ticket), payload);
   if (typeof payload === 'object' && Object.prototype.toString.call(payload) === '[object Response]') {
     // Fastify applies a `Response`'s status and headers after `onSend`: it is sent as it is, and not stored.
     return afterSettling(engine.fail(ticket), payload);
@@ -248,9 +237,4 @@ function asStream(payload: unknown): AsyncIterable<unknown> | undefined {
     return Readable.fromWeb(payload as import('node:stream/web').ReadableStream);
   }
   return undefined;
-}
-
-function settleThen(settled: void | Promise<void>, then: () => void): void {
-  if (isPromise(settled)) settled.then(then);
-  else then();
 }

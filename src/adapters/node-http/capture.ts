@@ -2,6 +2,7 @@ import type { OutgoingHttpHeader, OutgoingHttpHeaders, ServerResponse } from 'no
 import type { Socket } from 'node:net';
 import { handlerHeaders } from '../../core/capture.js';
 import { type IdempotencyEngine, isPromise, type Ticket } from '../../core/engine.js';
+import { ownSymbol } from '../../core/own-symbol.js';
 
 /**
  * Response capture for `node:http` responses (and Express's, which are the same objects).
@@ -327,16 +328,23 @@ function recordHead(
 let outHeadersSymbol: symbol | null | undefined;
 
 /**
- * Whether headers were set on the response through `setHeader` (Node.js keeps them under its `kOutHeaders`
- * symbol, `null` until the first): then `writeHead` merges its headers into them, else it sends its own as given.
+ * Node.js's record of the headers set on a response through `setHeader` (kept under its `kOutHeaders` symbol):
+ * `null` until the first is set, `undefined` when this version of Node.js keeps it elsewhere.
+ */
+export function outHeadersOf(res: ServerResponse): object | null | undefined {
+  if (outHeadersSymbol === undefined) outHeadersSymbol = ownSymbol(res, 'kOutHeaders');
+  if (outHeadersSymbol === null) return undefined;
+  return (res as unknown as Record<symbol, object | null>)[outHeadersSymbol];
+}
+
+/**
+ * Whether headers were set on the response through `setHeader`: then `writeHead` merges its headers into them,
+ * else it sends its own as given.
  */
 function hasProgressiveHeaders(res: ServerResponse): boolean {
-  if (outHeadersSymbol === undefined) {
-    outHeadersSymbol =
-      Object.getOwnPropertySymbols(res).find((symbol) => symbol.description === 'kOutHeaders') ?? null;
-  }
-  if (outHeadersSymbol === null) return res.getHeaderNames().length > 0;
-  return Boolean((res as unknown as Record<symbol, unknown>)[outHeadersSymbol]);
+  const out = outHeadersOf(res);
+  if (out === undefined) return res.getHeaderNames().length > 0;
+  return Boolean(out);
 }
 
 /** `writeHead`'s own headers as Node.js sends them when nothing was set before: an object, or a flat or paired list. */

@@ -1,5 +1,6 @@
 import { captureBody, finishWithBody, type ResponseHead } from '../../core/capture.js';
 import { type IdempotencyEngine, isPromise, type Ticket } from '../../core/engine.js';
+import { ownSymbol } from '../../core/own-symbol.js';
 import { type EngineReply, headerValue, REMOVED_HEADER } from '../../core/responses.js';
 import type { Awaitable, HeaderPair } from '../../core/types.js';
 import { utf8 } from '../../core/utf8.js';
@@ -79,11 +80,9 @@ let inHandKey: symbol | undefined;
 export function responseInHand(response: Response): InHand | undefined {
   let key = inHandKey;
   if (key === undefined || !(key in response)) {
-    key = undefined;
-    for (const own of Object.getOwnPropertySymbols(response)) {
-      if (own.description === 'cache') key = own;
-    }
-    if (key === undefined) return undefined;
+    const found = ownSymbol(response, 'cache');
+    if (found === null) return undefined;
+    key = found;
     inHandKey = key;
   }
   const cache = (response as unknown as Record<symbol, unknown>)[key];
