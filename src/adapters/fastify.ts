@@ -13,9 +13,8 @@ import { nodeRequestHeader } from '../core/key.js';
 import type { IdempotencyOptions } from '../core/options.js';
 import { ownSymbol } from '../core/own-symbol.js';
 import {
+  addCaptureHooks,
   type FastifyEngine,
-  idempotencyOnError,
-  idempotencyOnSend,
   isRunning,
   sendFastifyReply as sendReply,
   startRun,
@@ -105,8 +104,7 @@ const plugin: FastifyPluginCallback<FastifyIdempotencyOptions> = function idempo
     } else dispatch(engine, request, reply, result, next);
   });
 
-  fastify.addHook('onSend', idempotencyOnSend);
-  fastify.addHook('onError', idempotencyOnError);
+  addCaptureHooks(fastify);
 
   done();
 };

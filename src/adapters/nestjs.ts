@@ -17,7 +17,7 @@ import {
   UseInterceptors,
 } from '@nestjs/common';
 import { HttpAdapterHost, Reflector } from '@nestjs/core';
-import type { FastifyReply, FastifyRequest } from 'fastify';
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { Observable, type Subscriber } from 'rxjs';
 import {
   type BeginResult,
@@ -32,9 +32,8 @@ import { nodeRequestHeader } from '../core/key.js';
 import { type IdempotencyOptions, KNOWN_OPTIONS } from '../core/options.js';
 import type { EngineReply } from '../core/responses.js';
 import {
+  addCaptureHooks,
   failRun,
-  idempotencyOnError,
-  idempotencyOnSend,
   isHolding,
   isRunning,
   sendFastifyReply,
@@ -158,8 +157,9 @@ export class IdempotencyInterceptor implements NestInterceptor, OnModuleInit {
     this.#reflector = reflector;
     this.#adapterHost = adapterHost;
     // As early as possible: Nest builds providers in `NestFactory.create`, before `main.ts` registers Fastify
-    // plugins, so the capture's `onSend` hook runs before theirs (a compression hook then compresses what was
-    // stored, not the other way round).
+    // plugins and routes, so the capture's hooks are in place before Fastify builds its routes' hook lists (its
+    // `onSend` hook goes ahead of the others: a compression hook then compresses what was stored, not the other
+    // way round).
     this.onModuleInit();
   }
 
@@ -419,13 +419,10 @@ function preparePlatform(adapter: HttpAdapter): Platform {
     };
   }
   if (type === 'fastify') {
-    const fastify = adapter.getInstance() as {
-      addHook(name: string, hook: unknown): unknown;
-    };
+    const fastify = adapter.getInstance() as FastifyInstance;
     if (!hookedFastifies.has(fastify)) {
       hookedFastifies.add(fastify);
-      fastify.addHook('onSend', idempotencyOnSend);
-      fastify.addHook('onError', idempotencyOnError);
+      addCaptureHooks(fastify);
     }
   }
   return type;

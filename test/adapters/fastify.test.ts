@@ -4,7 +4,7 @@
  */
 import { randomUUID } from 'node:crypto';
 import { Readable } from 'node:stream';
-import Fastify, { type FastifyInstance } from 'fastify';
+import Fastify, { type FastifyInstance, type FastifyReply } from 'fastify';
 import { afterEach, describe, expect, it } from 'vitest';
 import { type FastifyIdempotencyOptions, idempotencyHeader } from '../../src/adapters/fastify.js';
 import { MemoryBackend } from '../../src/backends/memory.js';
@@ -131,6 +131,78 @@ describe('Fastify plugin specifics', () => {
     expect(replay.headers['x-served-by']).toBe('hook');
     expect(replay.body).toBe(first.body);
     expect(sent).toEqual(['201 -', '201 true']);
+  });
+
+  it('stores the payload before any onSend hook changed it, so a hook registered before the plugin changes a replay once, as it did the first response', async () => {
+    const backend = new MemoryBackend();
+    backends.push(backend);
+    const app = Fastify();
+    apps.push(app);
+    const envelope = async (_request: unknown, _reply: unknown, payload: unknown) =>
+      `{"data":${String(payload)}}`;
+    // One on the app and one in a plugin, both registered before the idempotency plugin; one in a plugin after it.
+    app.addHook('onSend', envelope);
+    let runs = 0;
+    const handler = async (_request: unknown, reply: FastifyReply) => reply.code(201).send({ run: ++runs });
+    app.register(async (before) => {
+      before.addHook('onSend', envelope);
+      before.post('/before', handler);
+    });
+    await app.register(idempotencyHeader, { backend });
+    app.register(async (after) => {
+      after.addHook('onSend', envelope);
+      after.post('/after', handler);
+    });
+    app.post('/orders', handler);
+    for (const [url, wrapped] of [
+      ['/orders', '{"data":{"run":1}}'],
+      ['/before', '{"data":{"data":{"run":2}}}'],
+      ['/after', '{"data":{"data":{"run":3}}}'],
+    ] as const) {
+      const key = randomUUID();
+      const first = await post(app, url, key);
+      const replay = await post(app, url, key);
+      expect([first.statusCode, first.body]).toEqual([201, wrapped]);
+      expect([replay.statusCode, replay.headers['idempotent-replayed'], replay.body]).toEqual([
+        201,
+        'true',
+        wrapped,
+      ]);
+    }
+    expect(runs).toBe(3);
+  });
+
+  it('hands onSend hooks a replayed JSON or text body as a string, as Fastify hands them a first run’s, and a binary one as a buffer', async () => {
+    const app = await build({ cacheableContentTypes: '*' });
+    const seen: string[] = [];
+    app.addHook('onSend', async (request, _reply, payload) => {
+      seen.push(
+        `${request.url} ${typeof payload === 'string' ? 'string' : Buffer.isBuffer(payload) ? 'buffer' : typeof payload}`,
+      );
+      // A hook written for serialised JSON, which string methods would fail on a buffer.
+      return typeof payload === 'string' ? payload.replace('secret', '***') : payload;
+    });
+    app.post('/json', async (_request, reply) => reply.code(201).send({ card: 'secret', note: 'é ✓' }));
+    app.post('/text', async (_request, reply) => reply.type('text/plain; charset=utf-8').send('secret text'));
+    app.post('/bytes', async (_request, reply) =>
+      reply.type('application/octet-stream').send(Buffer.from([0xff, 0x00, 0xfe])),
+    );
+    for (const url of ['/json', '/text', '/bytes']) {
+      const key = randomUUID();
+      const first = await post(app, url, key);
+      const replay = await post(app, url, key);
+      expect(replay.headers['idempotent-replayed']).toBe('true');
+      expect(replay.rawPayload.equals(first.rawPayload)).toBe(true);
+      expect(replay.headers['content-length']).toBe(first.headers['content-length']);
+    }
+    expect(seen).toEqual([
+      '/json string',
+      '/json string',
+      '/text string',
+      '/text string',
+      '/bytes buffer',
+      '/bytes buffer',
+    ]);
   });
 
   it('stores what the handler set, not what hooks before it set, whether they set headers on reply or on reply.raw', async () => {

@@ -1,9 +1,17 @@
+import { isUtf8 } from 'node:buffer';
 import { Readable } from 'node:stream';
-import type { FastifyReply, FastifyRequest, HookHandlerDoneFunction, onErrorHookHandler } from 'fastify';
+import type {
+  FastifyInstance,
+  FastifyReply,
+  FastifyRequest,
+  HookHandlerDoneFunction,
+  onErrorHookHandler,
+} from 'fastify';
 import { captureBody, type HeaderRecordValue, handlerHeaders, watchConnection } from '../../core/capture.js';
 import { type IdempotencyEngine, isPromise, type Ticket } from '../../core/engine.js';
+import { createMediaTypeMatcher, JSON_MEDIA_TYPES } from '../../core/media-type.js';
 import { ownSymbol } from '../../core/own-symbol.js';
-import { type EngineReply, REMOVED_HEADER } from '../../core/responses.js';
+import { type EngineReply, headerValue, REMOVED_HEADER } from '../../core/responses.js';
 import { outHeadersOf } from '../node-http/capture.js';
 
 /**
@@ -34,7 +42,19 @@ interface Running {
 const RUNNING: unique symbol = Symbol('idempotency-header.running');
 /** Set while the request's reply waits in `onSend` for the engine to settle. */
 const HOLDING: unique symbol = Symbol('idempotency-header.holding');
-type StatefulRequest = FastifyRequest & { [RUNNING]?: Running | undefined; [HOLDING]?: boolean };
+/** Set while an engine reply whose body is text passes the `onSend` hooks: see {@link sendFastifyReply}. */
+const REPLY_TEXT: unique symbol = Symbol('idempotency-header.reply-text');
+type StatefulRequest = FastifyRequest & {
+  [RUNNING]?: Running | undefined;
+  [HOLDING]?: boolean;
+  [REPLY_TEXT]?: ReplyText | undefined;
+};
+
+/** The bytes an engine reply was sent with, and the same body as the text `onSend` hooks are given instead. */
+interface ReplyText {
+  readonly bytes: Buffer;
+  readonly text: string;
+}
 
 function runningOf(request: FastifyRequest): Running | undefined {
   return (request as StatefulRequest)[RUNNING];
@@ -119,14 +139,14 @@ export function failRun(request: FastifyRequest): boolean {
 }
 
 /** The `onSend` hook: stores the serialised payload of a running request before letting it out. */
-export function idempotencyOnSend(
+function idempotencyOnSend(
   request: FastifyRequest,
   reply: FastifyReply,
   payload: unknown,
   next: (error: Error | null, payload?: unknown) => void,
 ): void {
   const state = runningOf(request);
-  if (state === undefined || state.ticket.settled) return next(null, payload);
+  if (state === undefined || state.ticket.settled) return next(null, asReplyText(request, payload));
   setRunning(request, undefined);
   const status = reply.statusCode;
   const headers = replyHeaders(reply);
@@ -146,7 +166,7 @@ export function idempotencyOnSend(
 }
 
 /** The `onError` hook: marks a failed handler, or keeps Fastify from answering over a reply held in `onSend`. */
-export const idempotencyOnError: onErrorHookHandler = function idempotencyOnError(
+const idempotencyOnError: onErrorHookHandler = function idempotencyOnError(
   request,
   reply,
   _error,
@@ -163,7 +183,11 @@ export const idempotencyOnError: onErrorHookHandler = function idempotencyOnErro
 /**
  * Sends an engine reply (error, conflict or replay) through `reply`, so that Fastify's `onSend` and `onResponse`
  * hooks and its logging run as for any response. Its headers replace those of the same name set before; removals
- * stored with a replay remove what hooks that ran before set again.
+ * stored with a replay remove what hooks that ran before set again. The body goes to `reply.send` as bytes, which
+ * Fastify sends as they are (a string would pass a route's serializer, and gain a charset); a text body (JSON,
+ * `text/*`) that is valid UTF-8 then reaches the other `onSend` hooks as a string, the form Fastify's serializer
+ * hands them on a first run, so that a hook which treats the payload as text does to a replay what it did to the
+ * first response. Node.js writes the string as UTF-8: the same bytes.
  */
 export function sendFastifyReply(reply: FastifyReply, answer: EngineReply): void {
   reply.code(answer.status);
@@ -179,7 +203,68 @@ export function sendFastifyReply(reply: FastifyReply, answer: EngineReply): void
   }
   reply.headers(headers);
   const { body } = answer;
-  reply.send(Buffer.from(body.buffer, body.byteOffset, body.byteLength));
+  const bytes = Buffer.from(body.buffer, body.byteOffset, body.byteLength);
+  if (isText(answer.headers, bytes)) {
+    (reply.request as StatefulRequest)[REPLY_TEXT] = { bytes, text: bytes.toString('utf8') };
+  }
+  reply.send(bytes);
+}
+
+const matchesJson = createMediaTypeMatcher(JSON_MEDIA_TYPES);
+const TEXT_TYPE = /^\s*text\//i;
+
+/** Whether a reply's body is text that `onSend` hooks get as a string: JSON or `text/*`, valid UTF-8. */
+function isText(headers: EngineReply['headers'], bytes: Buffer): boolean {
+  if (bytes.byteLength === 0) return false;
+  const contentType = headerValue(headers, 'content-type');
+  if (contentType === undefined || !(matchesJson(contentType) || TEXT_TYPE.test(contentType))) return false;
+  return isUtf8(bytes);
+}
+
+/**
+ * The payload the `onSend` hooks after this one get for a request that is not running: an engine reply's text in
+ * place of its bytes (see {@link sendFastifyReply}), when they reach this hook unchanged; else the payload itself.
+ */
+function asReplyText(request: FastifyRequest, payload: unknown): unknown {
+  const replyText = (request as StatefulRequest)[REPLY_TEXT];
+  if (replyText === undefined) return payload;
+  (request as StatefulRequest)[REPLY_TEXT] = undefined;
+  return payload === replyText.bytes ? replyText.text : payload;
+}
+
+/** Where Fastify keeps an instance's hooks and the instances it contains, found once by their symbols. */
+let hooksKey: symbol | null | undefined;
+let childrenKey: symbol | null | undefined;
+
+/**
+ * Adds the capture's hooks to a Fastify instance: its `onSend` hook ahead of every `onSend` hook registered so far,
+ * in the instance and in those it contains (hooks registered later go after it, as Fastify adds them at the end),
+ * and its `onError` hook. The payload stored is then the handler's, before any other hook changed it, and every
+ * other `onSend` hook changes a replay as it changed the first response, once: one registered before the plugin
+ * that wraps or rewrites the payload would otherwise be stored with its change and apply it again on the replay.
+ * Where Fastify's hook lists are not found (another version), the `onSend` hook is added the public way.
+ */
+export function addCaptureHooks(fastify: FastifyInstance): void {
+  const lists = onSendLists(fastify, []);
+  if (lists === undefined) fastify.addHook('onSend', idempotencyOnSend);
+  else for (const list of lists) list.unshift(idempotencyOnSend);
+  fastify.addHook('onError', idempotencyOnError);
+}
+
+/** The `onSend` hook lists of an instance and of every instance it contains; `undefined` if one is not found. */
+function onSendLists(instance: object, lists: unknown[][]): unknown[][] | undefined {
+  if (hooksKey === undefined) hooksKey = ownSymbol(instance, 'fastify.hooks');
+  if (childrenKey === undefined) childrenKey = ownSymbol(instance, 'fastify.children');
+  if (hooksKey === null || childrenKey === null) return undefined;
+  const hooks = (instance as Record<symbol, { onSend?: unknown } | undefined>)[hooksKey];
+  const children = (instance as Record<symbol, unknown>)[childrenKey];
+  if (!Array.isArray(hooks?.onSend) || !Array.isArray(children)) return undefined;
+  if (!lists.includes(hooks.onSend)) lists.push(hooks.onSend);
+  for (const child of children) {
+    if (typeof child !== 'object' || child === null || onSendLists(child, lists) === undefined)
+      return undefined;
+  }
+  return lists;
 }
 
 /**
