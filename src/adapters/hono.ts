@@ -221,6 +221,9 @@ async function readBytes(
         ? bytes.buffer
         : bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength);
     cache.arrayBuffer = Promise.resolve(exact);
+    // A request of unknown length is what Hono's `bodyLimit` reads from `c.req.raw` itself rather than through the
+    // cache: given back a body to read, as `bodyLimit` does after reading one.
+    c.req.raw = new Request(raw, { body: bytes as Uint8Array<ArrayBuffer> });
   }
   offerText(cache, bytes);
   return bytes;

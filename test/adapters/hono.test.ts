@@ -3,9 +3,10 @@
  * Hono has (`app.request()`, the body cache, `c.error`, `c.get('idempotency')`).
  */
 import { randomUUID } from 'node:crypto';
-import { createServer } from 'node:http';
+import { createServer, request as httpRequest } from 'node:http';
 import { getRequestListener } from '@hono/node-server';
 import { Hono } from 'hono';
+import { bodyLimit } from 'hono/body-limit';
 import { afterEach, describe, expect, it } from 'vitest';
 import {
   type HonoIdempotencyOptions,
@@ -106,6 +107,60 @@ describe('Hono middleware specifics', () => {
       duplex: 'half',
     } as RequestInit);
     expect(large.status).toBe(413);
+  });
+
+  it('leaves a body of unknown length readable for Hono’s bodyLimit on the route, which reads c.req.raw itself', async () => {
+    const hono = app();
+    let runs = 0;
+    hono.post('/orders', bodyLimit({ maxSize: 64 }), async (c) =>
+      c.json({ run: ++runs, ...(await c.req.json()) }, 201),
+    );
+    // app.request() with a string body: a Request without Content-Length.
+    const key = randomUUID();
+    const first = await post(hono as never, '/orders', key, '{"a":1}');
+    expect([first.status, await first.text()]).toEqual([201, '{"run":1,"a":1}']);
+    const replay = await post(hono as never, '/orders', key, '{"a":1}');
+    expect([replay.status, replay.headers.get('idempotent-replayed'), await replay.text()]).toEqual([
+      201,
+      'true',
+      '{"run":1,"a":1}',
+    ]);
+    const tooLarge = await post(hono as never, '/orders', randomUUID(), `{"a":"${'x'.repeat(100)}"}`);
+    expect(tooLarge.status).toBe(413);
+    // A chunked upload on @hono/node-server.
+    const server = createServer(getRequestListener(hono.fetch));
+    const { url, close } = await listen(server);
+    try {
+      const chunkedPost = () =>
+        new Promise<{ status: number; body: string }>((resolve, reject) => {
+          const request = httpRequest(
+            `${url}/orders`,
+            {
+              method: 'POST',
+              headers: {
+                'content-type': 'application/json',
+                'transfer-encoding': 'chunked',
+                'idempotency-key': randomUUID(),
+              },
+            },
+            (response) => {
+              let text = '';
+              response.setEncoding('utf8');
+              response.on('data', (chunk: string) => {
+                text += chunk;
+              });
+              response.on('end', () => resolve({ status: response.statusCode ?? 0, body: text }));
+            },
+          );
+          request.on('error', reject);
+          request.write('{"a":');
+          request.end('2}');
+        });
+      expect(await chunkedPost()).toEqual({ status: 201, body: '{"run":2,"a":2}' });
+    } finally {
+      await close();
+    }
+    expect(runs).toBe(2);
   });
 
   it('releases the key when the handler throws, and sends the app’s onError answer', async () => {
