@@ -95,7 +95,8 @@ const plugin: FastifyPluginCallback<FastifyIdempotencyOptions> = function idempo
     try {
       // The body Fastify parsed (JSON, text, or a Buffer from a raw parser); the path with its query, as sent.
       const body = engine.needsBody ? (request.body as RequestBody) : undefined;
-      result = engine.begin(request, method, request.url, key, body, startedAt);
+      const contentType = body instanceof Uint8Array ? request.headers['content-type'] : undefined;
+      result = engine.begin(request, method, request.url, key, body, startedAt, contentType);
     } catch (error) {
       return next(error as Error);
     }

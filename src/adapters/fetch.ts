@@ -86,7 +86,8 @@ export function withIdempotency<Req extends Request = Request, Rest extends unkn
       if (read === TOO_LARGE) return replyResponse(engine.bodyTooLarge(method, startedAt));
       body = read;
     }
-    const result = await engine.begin(request, method, request.url, key, body, startedAt);
+    const contentType = request.headers.get('content-type') ?? undefined;
+    const result = await engine.begin(request, method, request.url, key, body, startedAt, contentType);
     if (result.kind === 'pass') return handler(request, ...rest);
     if (result.kind === 'reply') return replyResponse(result);
     running.set(request, result);

@@ -72,7 +72,16 @@ export function idempotencyHeader(options: HonoIdempotencyOptions): MiddlewareHa
       if (read === TOO_LARGE) return reply(c, engine.bodyTooLarge(method, startedAt));
       body = read;
     }
-    const begun = engine.begin(c, method, c.req.url, key, body, startedAt);
+    const contentType = body instanceof Uint8Array ? requestHeader(c, 'content-type') : undefined;
+    const begun = engine.begin(
+      c,
+      method,
+      c.req.url,
+      key,
+      body,
+      startedAt,
+      typeof contentType === 'string' ? contentType : undefined,
+    );
     const result = isPromise(begun) ? await begun : begun;
     if (result.kind === 'pass') return next();
     if (result.kind === 'reply') return reply(c, result);

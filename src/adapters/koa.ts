@@ -75,7 +75,15 @@ export function idempotencyHeader(options: KoaIdempotencyOptions): Middleware {
       if (read === BODY_TOO_LARGE) return reply(ctx, engine.bodyTooLarge(method, startedAt));
       body = read;
     }
-    const result = await engine.begin(ctx, method, ctx.originalUrl, key, body, startedAt);
+    const result = await engine.begin(
+      ctx,
+      method,
+      ctx.originalUrl,
+      key,
+      body,
+      startedAt,
+      ctx.req.headers['content-type'],
+    );
     if (result.kind === 'pass') return next();
     if (result.kind === 'reply') return reply(ctx, result);
     const ticket = result;

@@ -514,14 +514,9 @@ function beginFastify(
   if (typeof key !== 'string') return started({ kind: 'answer', reply: key });
   let result: BeginResult | Promise<BeginResult>;
   try {
-    result = engine.begin(
-      request,
-      method,
-      request.url,
-      key,
-      engine.needsBody ? fastifyBody(request) : undefined,
-      startedAt,
-    );
+    const body = engine.needsBody ? fastifyBody(request) : undefined;
+    const contentType = body instanceof Uint8Array ? request.headers['content-type'] : undefined;
+    result = engine.begin(request, method, request.url, key, body, startedAt, contentType);
   } catch (error) {
     return started({ kind: 'error', error });
   }

@@ -335,7 +335,8 @@ export class IdempotencyEngine<Req = unknown> {
   /**
    * Looks the key up and takes its lock in one backend call (SPEC §2 step 4). `url` is the path with its query
    * string (an absolute URL is cut down to that); `body` is what the fingerprint hashes. `startedAt` (from
-   * `performance.now()`) times events.
+   * `performance.now()`) times events. `contentType`, the request's, lets the fingerprint hash a multipart body
+   * with a fixed boundary in place of the one the client drew for this attempt.
    *
    * Throws, before any backend call, when `scope` or a `fingerprint` function throws or `scope` returns
    * something other than a string or `undefined`: the adapter answers 500, and the key is never looked up in
@@ -348,9 +349,10 @@ export class IdempotencyEngine<Req = unknown> {
     key: string,
     body: RequestBody,
     startedAt: number,
+    contentType?: string,
   ): Awaitable<BeginResult> {
     const storageKey = this.#storageKey(req, key);
-    const fingerprint = this.#fingerprint(req, method, url, body);
+    const fingerprint = this.#fingerprint(req, method, url, body, contentType);
     // An asynchronous hash (Web Crypto) of the key for events is taken now, beside the fingerprint, so that this
     // request's event is reported before its response goes out, as with a synchronous hash.
     const keyHash = this.options.onEvent === undefined ? undefined : this.#sha256([storageKey]);
@@ -474,9 +476,17 @@ export class IdempotencyEngine<Req = unknown> {
     return storageKeyOf(key, scope);
   }
 
-  #fingerprint(req: Req, method: string, url: string, body: RequestBody): Awaitable<string> {
+  #fingerprint(
+    req: Req,
+    method: string,
+    url: string,
+    body: RequestBody,
+    contentType: string | undefined,
+  ): Awaitable<string> {
     const fingerprint = this.options.fingerprint;
-    if (fingerprint === true) return computeFingerprint(method, requestTarget(url), body, this.#sha256);
+    if (fingerprint === true) {
+      return computeFingerprint(method, requestTarget(url), body, this.#sha256, contentType);
+    }
     if (fingerprint === false) return '';
     return String(fingerprint(req));
   }

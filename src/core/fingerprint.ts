@@ -19,13 +19,67 @@ export function computeFingerprint(
   target: string,
   body: RequestBody,
   sha256: Sha256,
+  contentType?: string,
 ): Awaitable<string> {
   const head = `${method} ${target}\n`;
   if (body === undefined) return sha256([head]);
   if (typeof body === 'string') return sha256([head + body]);
   const bytes = rawBytes(body);
   if (bytes === undefined) return sha256([head + canonicalJson(body)]);
-  return sha256([head, bytes]);
+  const boundary = multipartBoundary(contentType);
+  if (boundary === undefined) return sha256([head, bytes]);
+  return sha256([head, ...withBoundary(bytes, boundary, FINGERPRINT_BOUNDARY)]);
+}
+
+/**
+ * The boundary a multipart body is hashed with, in place of its own: a client encodes a form again for each
+ * attempt (undici's `fetch`, axios and got draw a new boundary each time), and a retry of the same form is the
+ * same request.
+ */
+const FINGERPRINT_BOUNDARY = 'idempotency-header-boundary';
+
+const MULTIPART = /^\s*multipart\//i;
+const BOUNDARY_PARAMETER = /;\s*boundary\s*=\s*(?:"([^"]+)"|([^\s;]+))/i;
+
+/** The `boundary` parameter of a multipart `Content-Type` (RFC 2046), or `undefined` for any other type. */
+export function multipartBoundary(contentType: string | undefined): string | undefined {
+  if (contentType === undefined || !MULTIPART.test(contentType)) return undefined;
+  const match = BOUNDARY_PARAMETER.exec(contentType);
+  return match === null ? undefined : (match[1] ?? match[2]);
+}
+
+const encoder = new TextEncoder();
+
+/**
+ * A multipart body's bytes as pieces, with each delimiter (`--` and the boundary) written with `replacement` as
+ * its boundary: views of the body between the delimiters, nothing copied.
+ */
+export function withBoundary(bytes: Uint8Array, boundary: string, replacement: string): Uint8Array[] {
+  const delimiter = encoder.encode(`--${boundary}`);
+  const replaced = encoder.encode(`--${replacement}`);
+  const pieces: Uint8Array[] = [];
+  let from = 0;
+  for (let at = indexOfBytes(bytes, delimiter, 0); at !== -1; at = indexOfBytes(bytes, delimiter, from)) {
+    pieces.push(bytes.subarray(from, at), replaced);
+    from = at + delimiter.byteLength;
+  }
+  pieces.push(bytes.subarray(from));
+  return pieces;
+}
+
+/** Where `needle` first occurs in `haystack` at or after `from`; -1 if it does not. */
+function indexOfBytes(haystack: Uint8Array, needle: Uint8Array, from: number): number {
+  const last = haystack.byteLength - needle.byteLength;
+  for (
+    let at = haystack.indexOf(needle[0]!, from);
+    at !== -1 && at <= last;
+    at = haystack.indexOf(needle[0]!, at + 1)
+  ) {
+    let matched = 1;
+    while (matched < needle.byteLength && haystack[at + matched] === needle[matched]) matched++;
+    if (matched === needle.byteLength) return at;
+  }
+  return -1;
 }
 
 /**

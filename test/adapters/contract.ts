@@ -1008,6 +1008,34 @@ export function describeAdapterContract(name: string, config: AdapterContractCon
         expectJsonError(await app.send('/orders', { key, headers, body: changed }), 422, /different request/);
         expect(app.runs('/orders')).toBe(1);
       });
+
+      it('fingerprints a multipart form by its parts, whatever boundary each attempt drew', async () => {
+        const app = await start();
+        const key = randomUUID();
+        // Clients encode a form again for each attempt, with a new boundary (undici, axios, got).
+        const form = (boundary: string, file: string) => ({
+          key,
+          headers: { 'content-type': `multipart/form-data; boundary=${boundary}` },
+          body: Buffer.concat([
+            Buffer.from(`--${boundary}\r\nContent-Disposition: form-data; name="item"\r\n\r\nbook\r\n`),
+            Buffer.from(
+              `--${boundary}\r\nContent-Disposition: form-data; name="scan"; filename="scan.bin"\r\n`,
+            ),
+            Buffer.from('Content-Type: application/octet-stream\r\n\r\n'),
+            Buffer.from(file, 'latin1'),
+            Buffer.from(`\r\n--${boundary}--\r\n`),
+          ]),
+        });
+        const first = await app.send('/orders', form('----formdata-undici-062458384713', 'scan\x00\xff-1'));
+        expectFresh(first, 201);
+        expectReplayOf(
+          await app.send('/orders', form('----WebKitFormBoundary7MA4YWxk', 'scan\x00\xff-1')),
+          first,
+        );
+        const otherFile = form('----formdata-undici-901238712398', 'scan\x00\xff-2');
+        expectJsonError(await app.send('/orders', otherFile), 422, /different request/);
+        expect(app.runs('/orders')).toBe(1);
+      });
     });
 
     describe('applicable methods', () => {

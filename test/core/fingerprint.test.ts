@@ -6,8 +6,10 @@ import {
   canonicalJson,
   canonicalJsonByHand,
   computeFingerprint as fingerprintWith,
+  multipartBoundary,
   type RequestBody,
   requestTarget,
+  withBoundary,
 } from '../../src/core/fingerprint.js';
 import { nodeSha256 } from '../../src/runtime/node-sha256.js';
 
@@ -123,6 +125,50 @@ describe('computeFingerprint', () => {
   it('tells parsed bodies of different types apart', () => {
     const hashes = [{}, [], null, 'x', { '0': 1 }, [1]].map((body) => computeFingerprint('POST', '/o', body));
     expect(new Set(hashes).size).toBe(hashes.length);
+  });
+});
+
+describe('multipart bodies', () => {
+  const form = (boundary: string, value: string) =>
+    bytes(
+      `--${boundary}\r\nContent-Disposition: form-data; name="a"\r\n\r\n${value}\r\n` +
+        `--${boundary}\r\nContent-Disposition: form-data; name="b"\r\n\r\n-- not a delimiter --\r\n--${boundary}--\r\n`,
+    );
+  const fingerprint = (
+    boundary: string,
+    value: string,
+    contentType = `multipart/form-data; boundary=${boundary}`,
+  ) => fingerprintWith('POST', '/upload', form(boundary, value), nodeSha256, contentType) as string;
+
+  it('reads the boundary of a multipart Content-Type, quoted or not, in any case; none for other types', () => {
+    expect(multipartBoundary('multipart/form-data; boundary=----abc123')).toBe('----abc123');
+    expect(multipartBoundary('Multipart/Mixed;Boundary="gc0p4Jq0M2Yt08j34c0p"; charset=utf-8')).toBe(
+      'gc0p4Jq0M2Yt08j34c0p',
+    );
+    expect(multipartBoundary('multipart/form-data; boundary="with space"')).toBe('with space');
+    expect(multipartBoundary('multipart/form-data')).toBeUndefined();
+    expect(multipartBoundary('application/json; boundary=x')).toBeUndefined();
+    expect(multipartBoundary(undefined)).toBeUndefined();
+  });
+
+  it('hashes a form the same whatever its boundary, and its parts byte for byte', () => {
+    const first = fingerprint('----formdata-undici-0123456789', 'one');
+    expect(fingerprint('----WebKitFormBoundaryABCDEF', 'one')).toBe(first);
+    expect(fingerprint('x', 'one', 'multipart/form-data; boundary="x"')).toBe(first);
+    expect(fingerprint('----formdata-undici-0123456789', 'One')).not.toBe(first);
+    // The same bytes under another type are hashed as they are.
+    const raw = fingerprintWith('POST', '/upload', form('b1', 'one'), nodeSha256, 'application/octet-stream');
+    expect(raw).toBe(computeFingerprint('POST', '/upload', form('b1', 'one')));
+    expect(raw).not.toBe(fingerprint('b2', 'one', 'application/octet-stream'));
+  });
+
+  it('cuts a body at each delimiter and nowhere else, copying nothing', () => {
+    const body = bytes('--bXX--b--bb--b');
+    const pieces = withBoundary(body, 'b', 'R');
+    expect(pieces.map((piece) => new TextDecoder().decode(piece)).join('')).toBe('--RXX--R--Rb--R');
+    expect(pieces.filter((piece) => piece.buffer === body.buffer).length).toBe(5);
+    expect(withBoundary(bytes('no delimiter'), 'b', 'R').map((piece) => piece.byteLength)).toEqual([12]);
+    expect(withBoundary(new Uint8Array(0), 'b', 'R').map((piece) => piece.byteLength)).toEqual([0]);
   });
 });
 

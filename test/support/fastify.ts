@@ -22,14 +22,16 @@ export function fastifyRouteRequest(request: FastifyRequest, reply: FastifyReply
 
 /**
  * Fastify 5 with the plugin registered at the root and one route per contract path (any method). Besides JSON and
- * text, which Fastify parses itself, `application/octet-stream` bodies arrive as Buffers. `failAfterWriting`
+ * text, which Fastify parses itself, `application/octet-stream` and `multipart/form-data` bodies arrive as Buffers. `failAfterWriting`
  * routes send their reply, then throw, as an async handler that fails after `reply.send()`.
  */
 export function createFastifyServerFactory(): ServerFactory {
   return async (options, routes: Routes) => {
     const app = Fastify({ bodyLimit: 10 * 1024 * 1024 });
-    app.addContentTypeParser('application/octet-stream', { parseAs: 'buffer' }, (_request, body, done) =>
-      done(null, body),
+    app.addContentTypeParser(
+      ['application/octet-stream', 'multipart/form-data'],
+      { parseAs: 'buffer' },
+      (_request, body, done) => done(null, body),
     );
     await app.register(idempotencyHeader, options as FastifyIdempotencyOptions);
     for (const [path, handler] of Object.entries(routes)) {

@@ -94,8 +94,10 @@ export async function createNestApp(
   app
     .getHttpAdapter()
     .getInstance()
-    .addContentTypeParser('application/octet-stream', { parseAs: 'buffer' }, (_request, body, done) =>
-      done(null, body),
+    .addContentTypeParser(
+      ['application/octet-stream', 'multipart/form-data'],
+      { parseAs: 'buffer' },
+      (_request, body, done) => done(null, body),
     );
   return app;
 }

@@ -100,7 +100,7 @@ function begin<Req extends IncomingMessage>(
 ): void {
   let result: BeginResult | Promise<BeginResult>;
   try {
-    result = engine.begin(req, req.method ?? 'GET', url, key, body, startedAt);
+    result = engine.begin(req, req.method ?? 'GET', url, key, body, startedAt, req.headers['content-type']);
   } catch (error) {
     return fail(error);
   }
