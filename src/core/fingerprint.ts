@@ -33,7 +33,7 @@ export function computeFingerprint(
 
 /**
  * The boundary a multipart body is hashed with, in place of its own: a client encodes a form again for each
- * attempt (undici's `fetch`, axios and got draw a new boundary each time), and a retry of the same form is the
+ * attempt (undici's `fetch` and axios draw a new boundary each time), and a retry of the same form is the
  * same request.
  */
 const FINGERPRINT_BOUNDARY = 'idempotency-header-boundary';

@@ -1012,7 +1012,7 @@ export function describeAdapterContract(name: string, config: AdapterContractCon
       it('fingerprints a multipart form by its parts, whatever boundary each attempt drew', async () => {
         const app = await start();
         const key = randomUUID();
-        // Clients encode a form again for each attempt, with a new boundary (undici, axios, got).
+        // Clients encode a form again for each attempt, with a new boundary (undici's fetch, axios).
         const form = (boundary: string, file: string) => ({
           key,
           headers: { 'content-type': `multipart/form-data; boundary=${boundary}` },
