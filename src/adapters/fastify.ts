@@ -8,7 +8,7 @@ import type {
 } from 'fastify';
 import fp from 'fastify-plugin';
 import { type BeginResult, isPromise, type RequestIdempotency } from '../core/engine.js';
-import type { RequestBody } from '../core/fingerprint.js';
+import { multipartBoundary, type RequestBody } from '../core/fingerprint.js';
 import { nodeRequestHeader } from '../core/key.js';
 import type { IdempotencyOptions } from '../core/options.js';
 import { ownSymbol } from '../core/own-symbol.js';
@@ -19,6 +19,7 @@ import {
   sendFastifyReply as sendReply,
   startRun,
 } from './fastify/hooks.js';
+import { BODY_TOO_LARGE, readRequestBody } from './node-http/body.js';
 import { createNodeEngine } from './node-http/flow.js';
 
 export type { RequestIdempotency } from '../core/engine.js';
@@ -81,6 +82,29 @@ const plugin: FastifyPluginCallback<FastifyIdempotencyOptions> = function idempo
   });
   fastify.decorateRequest('idempotency', null);
 
+  // A multipart body is left in the stream for the handler (`@fastify/multipart`'s `request.file()`) or parsed into
+  // fields that hold no trace of its bytes: it is read here, before any parser, and put back for them.
+  fastify.addHook('preParsing', function idempotencyPreParsing(request, reply, payload, next) {
+    if (payload !== request.raw || multipartBoundary(request.headers['content-type']) === undefined) {
+      return next(null, payload);
+    }
+    const engine = engineFor(routeConfig(request)?.idempotency);
+    const method = request.method;
+    if (engine === undefined || !engine.handles(method) || !engine.needsBody) return next(null, payload);
+    // Only a request that carries a key is read: `preHandler` checks the key itself.
+    if (!nodeRequestHeader(request.raw, engine.headerName)) return next(null, payload);
+    readRequestBody(request.raw, engine.maxRequestBytes).then(
+      (bytes) => {
+        setMultipartBody(request, bytes);
+        next(null, payload);
+      },
+      (error: Error) => {
+        if (error !== BODY_TOO_LARGE) return next(error);
+        sendReply(reply, engine.bodyTooLarge(method, performance.now()));
+      },
+    );
+  });
+
   fastify.addHook('preHandler', function idempotencyPreHandler(request, reply, next) {
     // `reply.callNotFound()` runs the 404 route's `preHandler` hooks for a request that already holds its key.
     if (isRunning(request)) return next();
@@ -93,8 +117,9 @@ const plugin: FastifyPluginCallback<FastifyIdempotencyOptions> = function idempo
     if (typeof key !== 'string') return sendReply(reply, key);
     let result: BeginResult | Promise<BeginResult>;
     try {
-      // The body Fastify parsed (JSON, text, or a Buffer from a raw parser); the path with its query, as sent.
-      const body = engine.needsBody ? (request.body as RequestBody) : undefined;
+      // The body Fastify parsed (JSON, text, or a Buffer from a raw parser), or a multipart body's bytes; the path
+      // with its query, as sent.
+      const body = engine.needsBody ? (multipartBodyOf(request) ?? (request.body as RequestBody)) : undefined;
       const contentType = body instanceof Uint8Array ? request.headers['content-type'] : undefined;
       result = engine.begin(request, method, request.url, key, body, startedAt, contentType);
     } catch (error) {
@@ -109,6 +134,18 @@ const plugin: FastifyPluginCallback<FastifyIdempotencyOptions> = function idempo
 
   done();
 };
+
+/** A multipart request's body, read in `preParsing` for the fingerprint. */
+const MULTIPART_BODY: unique symbol = Symbol('idempotency-header.multipart-body');
+type MultipartRequest = FastifyRequest & { [MULTIPART_BODY]?: Buffer };
+
+function setMultipartBody(request: FastifyRequest, bytes: Buffer): void {
+  (request as MultipartRequest)[MULTIPART_BODY] = bytes;
+}
+
+function multipartBodyOf(request: FastifyRequest): Buffer | undefined {
+  return (request as MultipartRequest)[MULTIPART_BODY];
+}
 
 /** Where Fastify keeps a request's route context, found once by its symbol's description; `null`: not found. */
 let routeContextKey: symbol | null | undefined;

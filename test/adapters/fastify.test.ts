@@ -4,6 +4,7 @@
  */
 import { randomUUID } from 'node:crypto';
 import { Readable } from 'node:stream';
+import multipart, { type MultipartFile } from '@fastify/multipart';
 import Fastify, { type FastifyInstance, type FastifyReply } from 'fastify';
 import { afterEach, describe, expect, it } from 'vitest';
 import { type FastifyIdempotencyOptions, idempotencyHeader } from '../../src/adapters/fastify.js';
@@ -131,6 +132,71 @@ describe('Fastify plugin specifics', () => {
     expect(replay.headers['x-served-by']).toBe('hook');
     expect(replay.body).toBe(first.body);
     expect(sent).toEqual(['201 -', '201 true']);
+  });
+
+  describe('with @fastify/multipart', () => {
+    const form = (boundary: string, file: string) => ({
+      'content-type': `multipart/form-data; boundary=${boundary}`,
+      body: Buffer.from(
+        `--${boundary}\r\nContent-Disposition: form-data; name="note"\r\n\r\nscan\r\n` +
+          `--${boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.bin"\r\n` +
+          `Content-Type: application/octet-stream\r\n\r\n${file}\r\n--${boundary}--\r\n`,
+      ),
+    });
+    const upload = (app: FastifyInstance, key: string | undefined, boundary: string, file: string) => {
+      const { body, ...headers } = form(boundary, file);
+      return app.inject({
+        method: 'POST',
+        url: '/uploads',
+        payload: body,
+        headers: key === undefined ? headers : { ...headers, 'idempotency-key': key },
+      });
+    };
+
+    for (const attachFieldsToBody of [false, true]) {
+      it(`fingerprints the upload's bytes whether the handler streams it or it is attached as fields (attachFieldsToBody: ${attachFieldsToBody})`, async () => {
+        const backend = new MemoryBackend();
+        backends.push(backend);
+        const app = Fastify();
+        apps.push(app);
+        await app.register(multipart, { attachFieldsToBody });
+        await app.register(idempotencyHeader, { backend });
+        let runs = 0;
+        app.post('/uploads', async (request, reply) => {
+          runs++;
+          const file = attachFieldsToBody
+            ? (request.body as { file: MultipartFile }).file
+            : ((await request.file()) as MultipartFile);
+          return reply.code(201).send({ run: runs, file: (await file.toBuffer()).toString() });
+        });
+        const key = randomUUID();
+        const first = await upload(app, key, '----formdata-undici-0123', 'first');
+        expect([first.statusCode, first.json()]).toEqual([201, { run: 1, file: 'first' }]);
+        // The same form, encoded again with another boundary, as a retrying client does.
+        const replay = await upload(app, key, '----WebKitFormBoundaryQ9', 'first');
+        expect([replay.statusCode, replay.headers['idempotent-replayed'], replay.body]).toEqual([
+          201,
+          'true',
+          first.body,
+        ]);
+        const other = await upload(app, key, '----formdata-undici-4567', 'other');
+        expect(other.statusCode).toBe(422);
+        // Without a key the upload is left alone, and the handler reads it all.
+        const unkeyed = await upload(app, undefined, 'b', 'free');
+        expect([unkeyed.statusCode, unkeyed.json()]).toEqual([201, { run: 2, file: 'free' }]);
+        expect(runs).toBe(2);
+      });
+    }
+
+    it('answers 413 to an upload over maxRequestBytes, closing the connection, without running the handler', async () => {
+      const app = await build({ maxRequestBytes: 256 });
+      await app.register(multipart);
+      let runs = 0;
+      app.post('/uploads', async (_request, reply) => reply.code(201).send({ run: ++runs }));
+      const response = await upload(app, randomUUID(), 'b', 'x'.repeat(1000));
+      expect([response.statusCode, response.headers.connection]).toEqual([413, 'close']);
+      expect(runs).toBe(0);
+    });
   });
 
   it('stores the payload before any onSend hook changed it, so a hook registered before the plugin changes a replay once, as it did the first response', async () => {

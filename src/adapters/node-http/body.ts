@@ -33,7 +33,7 @@ export function readRequestBody(req: IncomingMessage, limit: number): Promise<Bu
       }
       // `complete` is set just before the parser pushes the end of the stream, and `read()` returning null after
       // it means every byte is in hand. 'end' is emitted a tick later unless data is unshifted now.
-      if (!req.complete) return;
+      if (!req.complete && !endPushed(req)) return;
       cleanup();
       const body = chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks, size);
       if (body.length > 0) req.unshift(body);
@@ -48,4 +48,12 @@ export function readRequestBody(req: IncomingMessage, limit: number): Promise<Bu
     req.on('error', onError);
     req.on('aborted', onAborted);
   });
+}
+
+/**
+ * Whether a readable that is not Node.js's own request (Fastify's `inject()` passes one of its own, which has no
+ * `complete`) has had the end of its data pushed: its 'end' is then due, and data unshifted now still comes first.
+ */
+function endPushed(req: IncomingMessage): boolean {
+  return (req as unknown as { _readableState?: { ended?: unknown } })._readableState?.ended === true;
 }
