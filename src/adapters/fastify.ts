@@ -19,7 +19,7 @@ import {
   sendFastifyReply as sendReply,
   startRun,
 } from './fastify/hooks.js';
-import { BODY_TOO_LARGE, readRequestBody } from './node-http/body.js';
+import { BODY_TOO_LARGE, hasBody, readRequestBody } from './node-http/body.js';
 import { createNodeEngine } from './node-http/flow.js';
 
 export type { RequestIdempotency } from '../core/engine.js';
@@ -115,25 +115,56 @@ const plugin: FastifyPluginCallback<FastifyIdempotencyOptions> = function idempo
     const key = engine.readKey(method, nodeRequestHeader(request.raw, engine.headerName));
     if (key === undefined) return next();
     if (typeof key !== 'string') return sendReply(reply, key);
-    let result: BeginResult | Promise<BeginResult>;
-    try {
-      // The body Fastify parsed (JSON, text, or a Buffer from a raw parser), or a multipart body's bytes; the path
-      // with its query, as sent.
-      const body = engine.needsBody ? (multipartBodyOf(request) ?? (request.body as RequestBody)) : undefined;
-      const contentType = body instanceof Uint8Array ? request.headers['content-type'] : undefined;
-      result = engine.begin(request, method, request.url, key, body, startedAt, contentType);
-    } catch (error) {
-      return next(error as Error);
+    // The body Fastify parsed (JSON, text, or a Buffer from a raw parser), or a multipart body's bytes.
+    const body = engine.needsBody ? (multipartBodyOf(request) ?? (request.body as RequestBody)) : undefined;
+    if (!engine.needsBody || !leftInStream(request, body)) {
+      return begin(engine, request, reply, key, body, startedAt, next);
     }
-    if (isPromise(result)) {
-      result.then((settled) => dispatch(engine, request, reply, settled, next), next);
-    } else dispatch(engine, request, reply, result, next);
+    // No parser took the body (a catch-all parser that leaves the stream to the handler): read and put back.
+    readRequestBody(request.raw, engine.maxRequestBytes).then(
+      (bytes) => begin(engine, request, reply, key, bytes, startedAt, next),
+      (error: Error) => {
+        if (error !== BODY_TOO_LARGE) return next(error);
+        sendReply(reply, engine.bodyTooLarge(method, startedAt));
+      },
+    );
   });
 
   addCaptureHooks(fastify);
 
   done();
 };
+
+/** Fingerprints the request and takes its key; the path with its query, as sent. */
+function begin(
+  engine: Engine,
+  request: FastifyRequest,
+  reply: FastifyReply,
+  key: string,
+  body: RequestBody,
+  startedAt: number,
+  next: HookHandlerDoneFunction,
+): void {
+  let result: BeginResult | Promise<BeginResult>;
+  try {
+    const contentType = body instanceof Uint8Array ? request.headers['content-type'] : undefined;
+    result = engine.begin(request, request.method, request.url, key, body, startedAt, contentType);
+  } catch (error) {
+    return next(error as Error);
+  }
+  if (isPromise(result)) {
+    result.then((settled) => dispatch(engine, request, reply, settled, next), next);
+  } else dispatch(engine, request, reply, result, next);
+}
+
+/**
+ * Whether the request's body is still unread in its stream when the handler is about to run: no parser took it
+ * (`request.body` is nothing, or the stream itself), though the request announced one.
+ */
+function leftInStream(request: FastifyRequest, body: RequestBody): boolean {
+  const raw = request.raw;
+  return (body === undefined || body === raw) && hasBody(raw) && !raw.readableEnded && !raw.readableDidRead;
+}
 
 /** A multipart request's body, read in `preParsing` for the fingerprint. */
 const MULTIPART_BODY: unique symbol = Symbol('idempotency-header.multipart-body');

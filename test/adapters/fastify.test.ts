@@ -134,6 +134,41 @@ describe('Fastify plugin specifics', () => {
     expect(sent).toEqual(['201 -', '201 true']);
   });
 
+  for (const parser of ['leaves the stream', 'hands the stream on as the body'] as const) {
+    it(`fingerprints the bytes of a body that a catch-all parser ${parser}, and leaves them to the handler`, async () => {
+      const backend = new MemoryBackend();
+      backends.push(backend);
+      const app = Fastify();
+      apps.push(app);
+      app.removeAllContentTypeParsers();
+      app.addContentTypeParser('*', (_request, payload, done) =>
+        parser === 'leaves the stream' ? done(null) : done(null, payload),
+      );
+      await app.register(idempotencyHeader, { backend });
+      let runs = 0;
+      app.post('/imports', async (request, reply) => {
+        const stream = (parser === 'leaves the stream' ? request.raw : request.body) as AsyncIterable<Buffer>;
+        const chunks: Buffer[] = [];
+        for await (const chunk of stream) chunks.push(chunk);
+        return reply.code(201).send({ run: ++runs, rows: Buffer.concat(chunks).toString() });
+      });
+      const send = (key: string, rows: string) =>
+        app.inject({
+          method: 'POST',
+          url: '/imports',
+          payload: rows,
+          headers: { 'content-type': 'text/csv', 'idempotency-key': key },
+        });
+      const key = randomUUID();
+      const first = await send(key, 'a,b\n1,2\n');
+      expect([first.statusCode, first.json()]).toEqual([201, { run: 1, rows: 'a,b\n1,2\n' }]);
+      const replay = await send(key, 'a,b\n1,2\n');
+      expect([replay.headers['idempotent-replayed'], replay.body]).toEqual(['true', first.body]);
+      expect((await send(key, 'a,b\n3,4\n')).statusCode).toBe(422);
+      expect(runs).toBe(1);
+    });
+  }
+
   describe('with @fastify/multipart', () => {
     const form = (boundary: string, file: string) => ({
       'content-type': `multipart/form-data; boundary=${boundary}`,
