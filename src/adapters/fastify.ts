@@ -14,12 +14,13 @@ import type { IdempotencyOptions } from '../core/options.js';
 import { ownSymbol } from '../core/own-symbol.js';
 import {
   addCaptureHooks,
+  bodyLeftInStream,
   type FastifyEngine,
   isRunning,
   sendFastifyReply as sendReply,
   startRun,
 } from './fastify/hooks.js';
-import { BODY_TOO_LARGE, hasBody, readRequestBody } from './node-http/body.js';
+import { BODY_TOO_LARGE, readRequestBody } from './node-http/body.js';
 import { createNodeEngine } from './node-http/flow.js';
 
 export type { RequestIdempotency } from '../core/engine.js';
@@ -117,7 +118,7 @@ const plugin: FastifyPluginCallback<FastifyIdempotencyOptions> = function idempo
     if (typeof key !== 'string') return sendReply(reply, key);
     // The body Fastify parsed (JSON, text, or a Buffer from a raw parser), or a multipart body's bytes.
     const body = engine.needsBody ? (multipartBodyOf(request) ?? (request.body as RequestBody)) : undefined;
-    if (!engine.needsBody || !leftInStream(request, body)) {
+    if (!engine.needsBody || !bodyLeftInStream(request, body)) {
       return begin(engine, request, reply, key, body, startedAt, next);
     }
     // No parser took the body (a catch-all parser that leaves the stream to the handler): read and put back.
@@ -155,15 +156,6 @@ function begin(
   if (isPromise(result)) {
     result.then((settled) => dispatch(engine, request, reply, settled, next), next);
   } else dispatch(engine, request, reply, result, next);
-}
-
-/**
- * Whether the request's body is still unread in its stream when the handler is about to run: no parser took it
- * (`request.body` is nothing, or the stream itself), though the request announced one.
- */
-function leftInStream(request: FastifyRequest, body: RequestBody): boolean {
-  const raw = request.raw;
-  return (body === undefined || body === raw) && hasBody(raw) && !raw.readableEnded && !raw.readableDidRead;
 }
 
 /** A multipart request's body, read in `preParsing` for the fingerprint. */

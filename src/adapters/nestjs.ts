@@ -33,12 +33,14 @@ import { type IdempotencyOptions, KNOWN_OPTIONS } from '../core/options.js';
 import type { EngineReply } from '../core/responses.js';
 import {
   addCaptureHooks,
+  bodyLeftInStream,
   failRun,
   isHolding,
   isRunning,
   sendFastifyReply,
   startRun,
 } from './fastify/hooks.js';
+import { BODY_TOO_LARGE, readRequestBody } from './node-http/body.js';
 import { failCapture, ticketOf } from './node-http/capture.js';
 import { createNodeEngine, handleNodeRequest, sendReply } from './node-http/flow.js';
 import { parsedBodyOf } from './node-http/parsed-body.js';
@@ -512,11 +514,35 @@ function beginFastify(
   const key = engine.readKey(method, nodeRequestHeader(request.raw, engine.headerName));
   if (key === undefined) return started({ kind: 'pass' });
   if (typeof key !== 'string') return started({ kind: 'answer', reply: key });
+  const body = engine.needsBody ? fastifyBody(request) : undefined;
+  if (!engine.needsBody || !bodyLeftInStream(request, body)) {
+    return beginFastifyWith(engine, request, reply, key, body, startedAt, started);
+  }
+  // No parser took the body (`@fastify/multipart` leaves it to the handler): read and put back.
+  readRequestBody(request.raw, engine.maxRequestBytes).then(
+    (bytes) => beginFastifyWith(engine, request, reply, key, bytes, startedAt, started),
+    (error: unknown) =>
+      started(
+        error === BODY_TOO_LARGE
+          ? { kind: 'answer', reply: engine.bodyTooLarge(method, startedAt) }
+          : { kind: 'error', error },
+      ),
+  );
+}
+
+function beginFastifyWith(
+  engine: Engine,
+  request: FastifyRequest,
+  reply: FastifyReply,
+  key: string,
+  body: RequestBody,
+  startedAt: number,
+  started: (start: Start) => void,
+) {
   let result: BeginResult | Promise<BeginResult>;
   try {
-    const body = engine.needsBody ? fastifyBody(request) : undefined;
     const contentType = body instanceof Uint8Array ? request.headers['content-type'] : undefined;
-    result = engine.begin(request, method, request.url, key, body, startedAt, contentType);
+    result = engine.begin(request, request.method, request.url, key, body, startedAt, contentType);
   } catch (error) {
     return started({ kind: 'error', error });
   }

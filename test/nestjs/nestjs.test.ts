@@ -6,6 +6,7 @@
 import 'reflect-metadata';
 import { randomUUID } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
+import multipart from '@fastify/multipart';
 import {
   Body,
   Controller,
@@ -20,6 +21,8 @@ import {
   type Type,
 } from '@nestjs/common';
 import { APP_INTERCEPTOR } from '@nestjs/core';
+import type { NestFastifyApplication } from '@nestjs/platform-fastify';
+import type { FastifyRequest } from 'fastify';
 import { delay, from, map, type Observable, of } from 'rxjs';
 import { afterEach, describe, expect, it } from 'vitest';
 import {
@@ -403,5 +406,59 @@ describe.each(['express', 'fastify'] as const)('NestJS on %s', (platform: NestPl
       expect(JSON.parse(replay!.text)).toEqual({ run: 1 });
       expect(runs.of('slow-observable')).toBe(1);
     });
+  });
+});
+
+describe('NestJS on fastify with @fastify/multipart', () => {
+  @Controller('uploads')
+  class UploadsController {
+    @Post()
+    async upload(@Req() request: FastifyRequest): Promise<{ run: number; file: string }> {
+      const file = await request.file();
+      return { run: ++uploads.runs, file: (await file!.toBuffer()).toString() };
+    }
+  }
+  const uploads = { runs: 0 };
+  const servers: TestServer[] = [];
+
+  afterEach(async () => {
+    await Promise.all(servers.splice(0).map((server) => server.close()));
+    uploads.runs = 0;
+  });
+
+  it('fingerprints an upload the handler reads itself by its bytes: a retry replays, another file gets 422', async () => {
+    const backend = new MemoryBackend();
+    const app = (await createNestApp(
+      'fastify',
+      moduleWith({ backend }, true, [UploadsController]),
+    )) as NestFastifyApplication;
+    // The test app parses multipart bodies into Buffers; @fastify/multipart brings its own parser.
+    app.getHttpAdapter().getInstance().removeContentTypeParser('multipart/form-data');
+    await app.register(multipart as never);
+    const server = await listenNest(app);
+    servers.push(server);
+    const form = (boundary: string, file: string) =>
+      Buffer.from(
+        `--${boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.bin"\r\n` +
+          `Content-Type: application/octet-stream\r\n\r\n${file}\r\n--${boundary}--\r\n`,
+      );
+    const upload = (key: string, boundary: string, file: string) =>
+      send(`${server.url}/uploads`, {
+        key,
+        headers: { 'content-type': `multipart/form-data; boundary=${boundary}` },
+        body: form(boundary, file),
+      });
+    const key = randomUUID();
+    const first = await upload(key, '----formdata-undici-01', 'first');
+    expect([first.status, JSON.parse(first.text)]).toEqual([201, { run: 1, file: 'first' }]);
+    const replay = await upload(key, '----formdata-undici-02', 'first');
+    expect([replay.status, replay.headers.get('idempotent-replayed'), replay.text]).toEqual([
+      201,
+      'true',
+      first.text,
+    ]);
+    expect((await upload(key, '----formdata-undici-03', 'other')).status).toBe(422);
+    expect(uploads.runs).toBe(1);
+    backend.close();
   });
 });

@@ -12,6 +12,7 @@ import { type IdempotencyEngine, isPromise, type Ticket } from '../../core/engin
 import { createMediaTypeMatcher, JSON_MEDIA_TYPES } from '../../core/media-type.js';
 import { ownSymbol } from '../../core/own-symbol.js';
 import { type EngineReply, headerValue, REMOVED_HEADER } from '../../core/responses.js';
+import { hasBody } from '../node-http/body.js';
 import { outHeadersOf } from '../node-http/capture.js';
 
 /**
@@ -70,6 +71,18 @@ function setHolding(request: FastifyRequest, held: boolean): void {
 }
 
 const EMPTY = new Uint8Array(0);
+
+/**
+ * Whether a keyed request's body is still unread in its stream when the handler is about to run: no parser took
+ * it (`request.body`, as `parsed`, is nothing or the stream itself), though the request announced one. Its bytes
+ * are then read for the fingerprint and put back for the handler (`readRequestBody`).
+ */
+export function bodyLeftInStream(request: FastifyRequest, parsed: unknown): boolean {
+  const raw = request.raw;
+  return (
+    (parsed === undefined || parsed === raw) && hasBody(raw) && !raw.readableEnded && !raw.readableDidRead
+  );
+}
 
 /** Whether the request holds its key and runs its handler (its reply has not reached `onSend` yet). */
 export function isRunning(request: FastifyRequest): boolean {
