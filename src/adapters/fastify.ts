@@ -14,8 +14,9 @@ import type { IdempotencyOptions } from '../core/options.js';
 import { ownSymbol } from '../core/own-symbol.js';
 import {
   addCaptureHooks,
-  bodyLeftInStream,
+  beginRequest,
   type FastifyEngine,
+  fingerprintBody,
   isRunning,
   sendFastifyReply as sendReply,
   startRun,
@@ -116,13 +117,13 @@ const plugin: FastifyPluginCallback<FastifyIdempotencyOptions> = function idempo
     const key = engine.readKey(method, nodeRequestHeader(request.raw, engine.headerName));
     if (key === undefined) return next();
     if (typeof key !== 'string') return sendReply(reply, key);
-    // The body Fastify parsed (JSON, text, or a Buffer from a raw parser), or a multipart body's bytes.
-    const body = engine.needsBody ? (multipartBodyOf(request) ?? (request.body as RequestBody)) : undefined;
-    if (!engine.needsBody || !bodyLeftInStream(request, body)) {
-      return begin(engine, request, reply, key, body, startedAt, next);
-    }
-    // No parser took the body (a catch-all parser that leaves the stream to the handler): read and put back.
-    readRequestBody(request.raw, engine.maxRequestBytes).then(
+    if (!engine.needsBody) return begin(engine, request, reply, key, undefined, startedAt, next);
+    // The body Fastify parsed (JSON, text, or a Buffer from a raw parser), a multipart body's bytes, or the bytes
+    // of a body no parser took (a catch-all parser that leaves the stream to the handler), read and put back.
+    const parsed = multipartBodyOf(request) ?? (request.body as RequestBody);
+    const body = fingerprintBody(request, parsed, engine.maxRequestBytes);
+    if (!isPromise(body)) return begin(engine, request, reply, key, body, startedAt, next);
+    body.then(
       (bytes) => begin(engine, request, reply, key, bytes, startedAt, next),
       (error: Error) => {
         if (error !== BODY_TOO_LARGE) return next(error);
@@ -136,7 +137,7 @@ const plugin: FastifyPluginCallback<FastifyIdempotencyOptions> = function idempo
   done();
 };
 
-/** Fingerprints the request and takes its key; the path with its query, as sent. */
+/** Fingerprints the request and takes its key, then lets the handler run or answers for it. */
 function begin(
   engine: Engine,
   request: FastifyRequest,
@@ -148,8 +149,7 @@ function begin(
 ): void {
   let result: BeginResult | Promise<BeginResult>;
   try {
-    const contentType = body instanceof Uint8Array ? request.headers['content-type'] : undefined;
-    result = engine.begin(request, request.method, request.url, key, body, startedAt, contentType);
+    result = beginRequest(engine, request, key, body, startedAt);
   } catch (error) {
     return next(error as Error);
   }

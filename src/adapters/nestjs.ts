@@ -33,14 +33,16 @@ import { type IdempotencyOptions, KNOWN_OPTIONS } from '../core/options.js';
 import type { EngineReply } from '../core/responses.js';
 import {
   addCaptureHooks,
-  bodyLeftInStream,
+  beginRequest,
+  type FastifyEngine,
   failRun,
+  fingerprintBody,
   isHolding,
   isRunning,
   sendFastifyReply,
   startRun,
 } from './fastify/hooks.js';
-import { BODY_TOO_LARGE, readRequestBody } from './node-http/body.js';
+import { BODY_TOO_LARGE } from './node-http/body.js';
 import { failCapture, ticketOf } from './node-http/capture.js';
 import { createNodeEngine, handleNodeRequest, sendReply } from './node-http/flow.js';
 import { parsedBodyOf } from './node-http/parsed-body.js';
@@ -514,12 +516,11 @@ function beginFastify(
   const key = engine.readKey(method, nodeRequestHeader(request.raw, engine.headerName));
   if (key === undefined) return started({ kind: 'pass' });
   if (typeof key !== 'string') return started({ kind: 'answer', reply: key });
-  const body = engine.needsBody ? fastifyBody(request) : undefined;
-  if (!engine.needsBody || !bodyLeftInStream(request, body)) {
-    return beginFastifyWith(engine, request, reply, key, body, startedAt, started);
-  }
-  // No parser took the body (`@fastify/multipart` leaves it to the handler): read and put back.
-  readRequestBody(request.raw, engine.maxRequestBytes).then(
+  if (!engine.needsBody) return beginFastifyWith(engine, request, reply, key, undefined, startedAt, started);
+  // A body no parser took (`@fastify/multipart` leaves it to the handler) is read and put back.
+  const body = fingerprintBody(request, fastifyBody(request), engine.maxRequestBytes);
+  if (!isPromise(body)) return beginFastifyWith(engine, request, reply, key, body, startedAt, started);
+  body.then(
     (bytes) => beginFastifyWith(engine, request, reply, key, bytes, startedAt, started),
     (error: unknown) =>
       started(
@@ -530,6 +531,7 @@ function beginFastify(
   );
 }
 
+/** Fingerprints the request and takes its key, then tells `started` whether the handler runs. */
 function beginFastifyWith(
   engine: Engine,
   request: FastifyRequest,
@@ -541,8 +543,7 @@ function beginFastifyWith(
 ) {
   let result: BeginResult | Promise<BeginResult>;
   try {
-    const contentType = body instanceof Uint8Array ? request.headers['content-type'] : undefined;
-    result = engine.begin(request, request.method, request.url, key, body, startedAt, contentType);
+    result = beginRequest(engine as FastifyEngine, request, key, body, startedAt);
   } catch (error) {
     return started({ kind: 'error', error });
   }

@@ -8,18 +8,20 @@ import type {
   onErrorHookHandler,
 } from 'fastify';
 import { captureBody, type HeaderRecordValue, handlerHeaders, watchConnection } from '../../core/capture.js';
-import { type IdempotencyEngine, isPromise, type Ticket } from '../../core/engine.js';
+import { type BeginResult, type IdempotencyEngine, isPromise, type Ticket } from '../../core/engine.js';
+import type { RequestBody } from '../../core/fingerprint.js';
 import { createMediaTypeMatcher, JSON_MEDIA_TYPES } from '../../core/media-type.js';
 import { ownSymbol } from '../../core/own-symbol.js';
 import { type EngineReply, headerValue, REMOVED_HEADER } from '../../core/responses.js';
-import { hasBody } from '../node-http/body.js';
+import { hasBody, readRequestBody } from '../node-http/body.js';
 import { outHeadersOf } from '../node-http/capture.js';
 
 /**
- * The response side of the Fastify adapter, shared by the Fastify plugin and by NestJS on Fastify: a request that
- * took its key is marked running ({@link startRun}); the `onSend` hook hands its serialised payload to the engine
- * and lets it out once stored; the `onError` hook marks a handler that failed, so that its key is released.
- * Nothing here loads `fastify` or `fastify-plugin` at run time.
+ * What the Fastify plugin and NestJS on Fastify share: the body a request is fingerprinted by and the start of its
+ * run ({@link fingerprintBody}, {@link beginRequest}); a request that took its key is marked running
+ * ({@link startRun}); the `onSend` hook hands its serialised payload to the engine and lets it out once stored;
+ * the `onError` hook marks a handler that failed, so that its key is released. Nothing here loads `fastify` or
+ * `fastify-plugin` at run time.
  */
 
 /** An engine whose `scope` and `fingerprint` functions see Fastify's request. */
@@ -73,15 +75,34 @@ function setHolding(request: FastifyRequest, held: boolean): void {
 const EMPTY = new Uint8Array(0);
 
 /**
- * Whether a keyed request's body is still unread in its stream when the handler is about to run: no parser took
- * it (`request.body`, as `parsed`, is nothing or the stream itself), though the request announced one. Its bytes
- * are then read for the fingerprint and put back for the handler (`readRequestBody`).
+ * What a keyed request's fingerprint hashes: `parsed` (the body Fastify's parser produced), or, when no parser
+ * took the body (`parsed` is nothing or the stream itself, and the stream is unread), its bytes, read and put back
+ * for the handler; rejects with `BODY_TOO_LARGE` past `limit` bytes.
  */
-export function bodyLeftInStream(request: FastifyRequest, parsed: unknown): boolean {
+export function fingerprintBody(
+  request: FastifyRequest,
+  parsed: RequestBody,
+  limit: number,
+): RequestBody | Promise<Buffer> {
   const raw = request.raw;
-  return (
-    (parsed === undefined || parsed === raw) && hasBody(raw) && !raw.readableEnded && !raw.readableDidRead
-  );
+  const leftInStream =
+    (parsed === undefined || parsed === raw) && hasBody(raw) && !raw.readableEnded && !raw.readableDidRead;
+  return leftInStream ? readRequestBody(raw, limit) : parsed;
+}
+
+/**
+ * Looks a keyed request's key up and takes its lock: its fingerprint hashes `body` (a multipart body with its own
+ * boundary set aside) and `request.url`, the path with its query as sent. Throws as `engine.begin` does.
+ */
+export function beginRequest(
+  engine: FastifyEngine,
+  request: FastifyRequest,
+  key: string,
+  body: RequestBody,
+  startedAt: number,
+): BeginResult | Promise<BeginResult> {
+  const contentType = body instanceof Uint8Array ? request.headers['content-type'] : undefined;
+  return engine.begin(request, request.method, request.url, key, body, startedAt, contentType);
 }
 
 /** Whether the request holds its key and runs its handler (its reply has not reached `onSend` yet). */
