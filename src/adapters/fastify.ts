@@ -5,6 +5,7 @@ import type {
   FastifyReply,
   FastifyRequest,
   HookHandlerDoneFunction,
+  preParsingHookHandler,
 } from 'fastify';
 import fp from 'fastify-plugin';
 import { type BeginResult, isPromise, type RequestIdempotency } from '../core/engine.js';
@@ -78,15 +79,10 @@ const plugin: FastifyPluginCallback<FastifyIdempotencyOptions> = function idempo
     return routeEngine;
   };
 
-  // A route's options are checked when it is declared, as the plugin's are, not on its first request.
-  fastify.addHook('onRoute', (route) => {
-    engineFor(route.config?.idempotency);
-  });
-  fastify.decorateRequest('idempotency', null);
-
-  // A multipart body is left in the stream for the handler (`@fastify/multipart`'s `request.file()`) or parsed into
-  // fields that hold no trace of its bytes: it is read here, before any parser, and put back for them.
-  fastify.addHook('preParsing', function idempotencyPreParsing(request, reply, payload, next) {
+  // A multipart body that a parser turns into fields holding no trace of its bytes (`@fastify/multipart`'s
+  // `attachFieldsToBody`) is read before any parser, and put back for it. Only on the routes of an instance that
+  // parses multipart: a `preParsing` hook costs every request it runs for.
+  const preParsing: preParsingHookHandler = function idempotencyPreParsing(request, reply, payload, next) {
     if (payload !== request.raw || multipartBoundary(request.headers['content-type']) === undefined) {
       return next(null, payload);
     }
@@ -105,7 +101,16 @@ const plugin: FastifyPluginCallback<FastifyIdempotencyOptions> = function idempo
         sendReply(reply, engine.bodyTooLarge(method, performance.now()));
       },
     );
+  };
+
+  // A route's options are checked when it is declared, as the plugin's are, not on its first request.
+  fastify.addHook('onRoute', function idempotencyOnRoute(route) {
+    if (engineFor(route.config?.idempotency) === undefined) return;
+    if (!this.hasContentTypeParser(MULTIPART_FORM)) return;
+    const own = route.preParsing;
+    route.preParsing = own === undefined ? [preParsing] : [...(Array.isArray(own) ? own : [own]), preParsing];
   });
+  fastify.decorateRequest('idempotency', null);
 
   fastify.addHook('preHandler', function idempotencyPreHandler(request, reply, next) {
     // `reply.callNotFound()` runs the 404 route's `preHandler` hooks for a request that already holds its key.
@@ -122,20 +127,34 @@ const plugin: FastifyPluginCallback<FastifyIdempotencyOptions> = function idempo
     // of a body no parser took (a catch-all parser that leaves the stream to the handler), read and put back.
     const parsed = multipartBodyOf(request) ?? (request.body as RequestBody);
     const body = fingerprintBody(request, parsed, engine.maxRequestBytes);
-    if (!isPromise(body)) return begin(engine, request, reply, key, body, startedAt, next);
-    body.then(
-      (bytes) => begin(engine, request, reply, key, bytes, startedAt, next),
-      (error: Error) => {
-        if (error !== BODY_TOO_LARGE) return next(error);
-        sendReply(reply, engine.bodyTooLarge(method, startedAt));
-      },
-    );
+    if (isPromise(body))
+      return beginOnceRead(engine, request, reply, key, body as Promise<Buffer>, startedAt, next);
+    begin(engine, request, reply, key, body, startedAt, next);
   });
 
   addCaptureHooks(fastify);
 
   done();
 };
+
+/** {@link begin} once the body no parser took is read; 413 past `maxRequestBytes`. */
+function beginOnceRead(
+  engine: Engine,
+  request: FastifyRequest,
+  reply: FastifyReply,
+  key: string,
+  reading: Promise<Buffer>,
+  startedAt: number,
+  next: HookHandlerDoneFunction,
+): void {
+  reading.then(
+    (bytes) => begin(engine, request, reply, key, bytes, startedAt, next),
+    (error: Error) => {
+      if (error !== BODY_TOO_LARGE) return next(error);
+      sendReply(reply, engine.bodyTooLarge(request.method, startedAt));
+    },
+  );
+}
 
 /** Fingerprints the request and takes its key, then lets the handler run or answers for it. */
 function begin(
@@ -157,6 +176,8 @@ function begin(
     result.then((settled) => dispatch(engine, request, reply, settled, next), next);
   } else dispatch(engine, request, reply, result, next);
 }
+
+const MULTIPART_FORM = 'multipart/form-data';
 
 /** A multipart request's body, read in `preParsing` for the fingerprint. */
 const MULTIPART_BODY: unique symbol = Symbol('idempotency-header.multipart-body');
