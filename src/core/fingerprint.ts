@@ -41,9 +41,17 @@ const FINGERPRINT_BOUNDARY = 'idempotency-header-boundary';
 const MULTIPART = /^\s*multipart\//i;
 const BOUNDARY_PARAMETER = /;\s*boundary\s*=\s*(?:"([^"]+)"|([^\s;]+))/i;
 
+/**
+ * Whether a `Content-Type` is multipart (`multipart/form-data`, any `multipart/*`). A parser that consumed such a
+ * body leaves its fields, not its files: the fingerprint cannot be taken from what it parsed.
+ */
+export function isMultipart(contentType: string | undefined): boolean {
+  return contentType !== undefined && MULTIPART.test(contentType);
+}
+
 /** The `boundary` parameter of a multipart `Content-Type` (RFC 2046), or `undefined` for any other type. */
 export function multipartBoundary(contentType: string | undefined): string | undefined {
-  if (contentType === undefined || !MULTIPART.test(contentType)) return undefined;
+  if (contentType === undefined || !isMultipart(contentType)) return undefined;
   const match = BOUNDARY_PARAMETER.exec(contentType);
   return match === null ? undefined : (match[1] ?? match[2]);
 }

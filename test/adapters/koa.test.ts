@@ -72,4 +72,41 @@ describe.each(VERSIONS)('%s: what only Koa has', (_version, KoaClass) => {
       aborted: false,
     });
   });
+
+  it('refuses a multipart body a parser mounted first consumed, rather than fingerprinting its fields without its files', async () => {
+    const app = new KoaClass();
+    app.silent = true;
+    const backend = new MemoryBackend();
+    backends.push(backend);
+    // As koa-body with `multipart: true` does: the stream read, the fields in ctx.request.body, the files elsewhere.
+    app.use(async (ctx, next) => {
+      for await (const _chunk of ctx.req);
+      (ctx.request as { body?: unknown }).body = { note: 'scan' };
+      await next();
+    });
+    app.use(async (ctx, next) => {
+      try {
+        await next();
+      } catch (error) {
+        ctx.status = 500;
+        ctx.body = { code: (error as { code?: string }).code };
+      }
+    });
+    app.use(idempotencyHeader({ backend }));
+    let runs = 0;
+    app.use((ctx) => {
+      ctx.status = 201;
+      ctx.body = { run: ++runs };
+    });
+    const server = await listen(createServer(app.callback()));
+    servers.push(server);
+    const boundary = '----formdata-undici-0123';
+    const result = await send(`${server.url}/uploads`, {
+      key: randomUUID(),
+      headers: { 'content-type': `multipart/form-data; boundary=${boundary}` },
+      body: `--${boundary}\r\nContent-Disposition: form-data; name="note"\r\n\r\nscan\r\n--${boundary}--\r\n`,
+    });
+    expect([result.status, JSON.parse(result.text)]).toEqual([500, { code: 'ERR_IDEMPOTENCY_BODY' }]);
+    expect(runs).toBe(0);
+  });
 });

@@ -1,5 +1,5 @@
 import type { IncomingMessage } from 'node:http';
-import type { RequestBody } from '../../core/fingerprint.js';
+import { isMultipart, type RequestBody } from '../../core/fingerprint.js';
 import { READ_STREAM } from './flow.js';
 
 /** What Express's body parsers (and frameworks built on them, such as NestJS) leave on a request. */
@@ -19,12 +19,7 @@ export function parsedBodyOf(req: IncomingMessage): RequestBody | typeof READ_ST
   if (!req.readableEnded) return READ_STREAM;
   const { body, rawBody } = req as unknown as ParsedFields;
   if (rawBody instanceof Uint8Array) return rawBody;
-  return body !== undefined && !isMultipart(req) ? (body as RequestBody) : READ_STREAM;
-}
-
-const MULTIPART = /^\s*multipart\//i;
-
-function isMultipart(req: IncomingMessage): boolean {
-  const type = req.headers['content-type'];
-  return type !== undefined && MULTIPART.test(type);
+  return body !== undefined && !isMultipart(req.headers['content-type'])
+    ? (body as RequestBody)
+    : READ_STREAM;
 }
