@@ -1,3 +1,4 @@
+import { Readable } from 'node:stream';
 import type {
   FastifyContextConfig,
   FastifyInstance,
@@ -22,7 +23,7 @@ import {
   sendFastifyReply as sendReply,
   startRun,
 } from './fastify/hooks.js';
-import { BODY_TOO_LARGE, readRequestBody } from './node-http/body.js';
+import { BODY_TOO_LARGE, hasBody, readRequestBody } from './node-http/body.js';
 import { createNodeEngine } from './node-http/flow.js';
 
 export type { RequestIdempotency } from '../core/engine.js';
@@ -83,7 +84,12 @@ const plugin: FastifyPluginCallback<FastifyIdempotencyOptions> = function idempo
   // `attachFieldsToBody`) is read before any parser, and put back for it. Only on the routes of an instance that
   // parses multipart: a `preParsing` hook costs every request it runs for.
   const preParsing: preParsingHookHandler = function idempotencyPreParsing(request, reply, payload, next) {
-    if (payload !== request.raw || multipartBoundary(request.headers['content-type']) === undefined) {
+    const raw = request.raw;
+    if (
+      payload !== raw ||
+      !hasBody(raw) ||
+      multipartBoundary(request.headers['content-type']) === undefined
+    ) {
       return next(null, payload);
     }
     const engine = engineFor(routeConfig(request)?.idempotency);
@@ -94,7 +100,8 @@ const plugin: FastifyPluginCallback<FastifyIdempotencyOptions> = function idempo
     readRequestBody(request.raw, engine.maxRequestBytes).then(
       (bytes) => {
         setMultipartBody(request, bytes);
-        next(null, payload);
+        // An empty chunked body ends as it is read, before the parser listens: it gets a stream of its own.
+        next(null, raw.readableEnded ? Readable.from([]) : payload);
       },
       (error: Error) => {
         if (error !== BODY_TOO_LARGE) return next(error);

@@ -3,6 +3,8 @@
  * `inject()`, encapsulation, hooks seeing replays, `request.idempotency`).
  */
 import { randomUUID } from 'node:crypto';
+import { request as httpRequest } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { Readable } from 'node:stream';
 import multipart, { type MultipartFile } from '@fastify/multipart';
 import Fastify, { type FastifyInstance, type FastifyReply } from 'fastify';
@@ -222,6 +224,44 @@ describe('Fastify plugin specifics', () => {
         expect(runs).toBe(2);
       });
     }
+
+    it('answers a keyed multipart request whose body is empty, with or without chunked framing, under a raw multipart parser', async () => {
+      const app = await build();
+      // A parser that reads the whole body, as a raw-body parser for uploads does.
+      app.addContentTypeParser('multipart/form-data', { parseAs: 'buffer' }, (_request, body, done) =>
+        done(null, body),
+      );
+      let runs = 0;
+      app.post('/uploads', async (_request, reply) => reply.code(201).send({ run: ++runs }));
+      await app.listen({ port: 0, host: '127.0.0.1' });
+      const { port } = app.server.address() as AddressInfo;
+      const empty = (framing: Record<string, string>) =>
+        new Promise<number>((resolve, reject) => {
+          const request = httpRequest(
+            {
+              port,
+              host: '127.0.0.1',
+              method: 'POST',
+              path: '/uploads',
+              headers: {
+                'content-type': 'multipart/form-data; boundary=xyz',
+                'idempotency-key': randomUUID(),
+                ...framing,
+              },
+            },
+            (response) => {
+              response.resume();
+              response.on('end', () => resolve(response.statusCode ?? 0));
+            },
+          );
+          request.setTimeout(5_000, () => request.destroy(new Error('no answer')));
+          request.on('error', reject);
+          request.end();
+        });
+      expect(await empty({ 'transfer-encoding': 'chunked' })).toBe(201);
+      expect(await empty({ 'content-length': '0' })).toBe(201);
+      expect(runs).toBe(2);
+    });
 
     it('answers 413 to an upload over maxRequestBytes, closing the connection, without running the handler', async () => {
       const app = await build({ maxRequestBytes: 256 });

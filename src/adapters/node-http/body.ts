@@ -3,6 +3,8 @@ import type { IncomingMessage } from 'node:http';
 /** Rejection of {@link readRequestBody} for a body over its limit (a chunked body that announced no length). */
 export const BODY_TOO_LARGE = new Error('The request body is over the limit');
 
+const EMPTY = Buffer.alloc(0);
+
 /** Whether the request announces a body: RFC 9112 says only these two headers do. */
 export function hasBody(req: IncomingMessage): boolean {
   const length = req.headers['content-length'];
@@ -15,24 +17,30 @@ export function hasBody(req: IncomingMessage): boolean {
  * with {@link BODY_TOO_LARGE} past `limit` bytes, leaving the rest unread.
  */
 export function readRequestBody(req: IncomingMessage, limit: number): Promise<Buffer> {
+  // An empty body already ended is left alone: listening for 'readable' on it would emit its 'end' now, before the
+  // parser that reads it after this one listens.
+  if ((req.complete || endPushed(req)) && req.readableLength === 0) return Promise.resolve(EMPTY);
   return new Promise((resolve, reject) => {
     const chunks: Buffer[] = [];
     let size = 0;
     const cleanup = () => {
       req.removeListener('readable', onReadable);
+      req.removeListener('end', onEnd);
       req.removeListener('error', onError);
       req.removeListener('aborted', onAborted);
     };
     const onReadable = () => {
-      let chunk: Buffer | null;
-      // biome-ignore lint/suspicious/noAssignInExpressions: the stream idiom for draining a paused stream
-      while ((chunk = req.read()) !== null) {
+      // Only what is buffered is read: a `read()` that finds the stream empty and ended emits 'end' a tick later,
+      // which a parser reading an empty body after this one would miss.
+      while (req.readableLength > 0) {
+        const chunk: Buffer | null = req.read();
+        if (chunk === null) break;
         chunks.push(chunk);
         size += chunk.length;
         if (size > limit) return onError(BODY_TOO_LARGE);
       }
-      // `complete` is set just before the parser pushes the end of the stream, and `read()` returning null after
-      // it means every byte is in hand. 'end' is emitted a tick later unless data is unshifted now.
+      // `complete` is set just before the parser pushes the end of the stream: with nothing buffered after it,
+      // every byte is in hand, and unshifting it keeps the stream from ending.
       if (!req.complete && !endPushed(req)) return;
       cleanup();
       const body = chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks, size);
@@ -44,7 +52,13 @@ export function readRequestBody(req: IncomingMessage, limit: number): Promise<Bu
       reject(error);
     };
     const onAborted = () => onError(new Error('The client aborted the request'));
+    // A stream whose end was pushed before anyone listened (an empty body) may end without a 'readable' event.
+    const onEnd = () => {
+      cleanup();
+      resolve(Buffer.concat(chunks, size));
+    };
     req.on('readable', onReadable);
+    req.on('end', onEnd);
     req.on('error', onError);
     req.on('aborted', onAborted);
   });
