@@ -4,7 +4,8 @@
  * compared with bare Koa byte for byte, is in `koa-differential.test.ts`.
  */
 import { randomUUID } from 'node:crypto';
-import { createServer } from 'node:http';
+import { createServer, request as httpRequest } from 'node:http';
+import { bodyParser } from '@koa/bodyparser';
 import Koa from 'koa';
 import { afterEach, describe, expect, it } from 'vitest';
 import { idempotencyHeader } from '../../src/adapters/koa.js';
@@ -71,6 +72,49 @@ describe.each(VERSIONS)('%s: what only Koa has', (_version, KoaClass) => {
       key,
       aborted: false,
     });
+  });
+
+  it('leaves an empty chunked body to a body parser mounted after it, as bare Koa does', async () => {
+    const app = new KoaClass();
+    app.silent = true;
+    const backend = new MemoryBackend();
+    backends.push(backend);
+    app.use(idempotencyHeader({ backend }));
+    app.use(bodyParser());
+    let runs = 0;
+    app.use((ctx) => {
+      ctx.status = 201;
+      ctx.body = { run: ++runs, body: (ctx.request as { body?: unknown }).body ?? null };
+    });
+    const server = await listen(createServer(app.callback()));
+    servers.push(server);
+    const { port } = new URL(server.url);
+    const status = await new Promise<string>((resolve, reject) => {
+      const request = httpRequest(
+        {
+          port: Number(port),
+          host: '127.0.0.1',
+          method: 'POST',
+          path: '/orders',
+          headers: {
+            'content-type': 'application/json',
+            'transfer-encoding': 'chunked',
+            'idempotency-key': randomUUID(),
+          },
+        },
+        (response) => {
+          let text = '';
+          response.on('data', (chunk: Buffer) => {
+            text += chunk;
+          });
+          response.on('end', () => resolve(`${response.statusCode} ${text}`));
+        },
+      );
+      request.setTimeout(5_000, () => request.destroy(new Error('no answer')));
+      request.on('error', reject);
+      request.end();
+    });
+    expect(status).toBe('201 {"run":1,"body":{}}');
   });
 
   it('refuses a multipart body a parser mounted first consumed, rather than fingerprinting its fields without its files', async () => {

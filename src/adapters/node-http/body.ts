@@ -17,9 +17,16 @@ export function hasBody(req: IncomingMessage): boolean {
  * with {@link BODY_TOO_LARGE} past `limit` bytes, leaving the rest unread.
  */
 export function readRequestBody(req: IncomingMessage, limit: number): Promise<Buffer> {
-  // An empty body already ended is left alone: listening for 'readable' on it would emit its 'end' now, before the
-  // parser that reads it after this one listens.
-  if ((req.complete || endPushed(req)) && req.readableLength === 0) return Promise.resolve(EMPTY);
+  // Started once the HTTP parser is done with the bytes in hand (a request handler runs while it parses them): an
+  // empty body has ended by then, and is left alone, since listening for 'readable' on it would emit its 'end'
+  // before the parser that reads it after this one listens.
+  return Promise.resolve().then(() => {
+    if ((req.complete || endPushed(req)) && req.readableLength === 0) return EMPTY;
+    return readBuffered(req, limit);
+  });
+}
+
+function readBuffered(req: IncomingMessage, limit: number): Promise<Buffer> {
   return new Promise((resolve, reject) => {
     const chunks: Buffer[] = [];
     let size = 0;
