@@ -402,12 +402,29 @@ export class SqliteBackend implements Backend {
     // better-sqlite3 sets the busy timeout as it opens the file, before anything else runs on it.
     const db = new Database(this.#path!, { timeout: this.#busyTimeoutMs });
     try {
-      const sql = this.#setUp(db);
+      const sql = await this.#setUpWaiting(db);
       this.#db = db;
       return sql;
     } catch (error) {
       db.close();
       throw error;
+    }
+  }
+
+  /**
+   * {@link #setUp}, tried again within the busy timeout while the file is busy: switching a new file to WAL needs it
+   * to itself for a moment, and SQLite answers a process that opens it at the same time with SQLITE_BUSY at once
+   * rather than wait where waiting could deadlock.
+   */
+  async #setUpWaiting(db: SqliteDatabaseLike): Promise<Statements> {
+    const deadline = Date.now() + this.#busyTimeoutMs;
+    for (;;) {
+      try {
+        return this.#setUp(db);
+      } catch (error) {
+        if ((error as { code?: unknown }).code !== 'SQLITE_BUSY' || Date.now() >= deadline) throw error;
+        await new Promise((resolve) => setTimeout(resolve, 5 + Math.random() * 20));
+      }
     }
   }
 
