@@ -1,4 +1,3 @@
-import { Readable } from 'node:stream';
 import type {
   FastifyContextConfig,
   FastifyInstance,
@@ -96,12 +95,11 @@ const plugin: FastifyPluginCallback<FastifyIdempotencyOptions> = function idempo
     const method = request.method;
     if (engine === undefined || !engine.handles(method) || !engine.needsBody) return next(null, payload);
     // Only a request that carries a key is read: `preHandler` checks the key itself.
-    if (!nodeRequestHeader(request.raw, engine.headerName)) return next(null, payload);
-    readRequestBody(request.raw, engine.maxRequestBytes).then(
+    if (!nodeRequestHeader(raw, engine.headerName)) return next(null, payload);
+    readRequestBody(raw, engine.maxRequestBytes).then(
       (bytes) => {
         setMultipartBody(request, bytes);
-        // An empty chunked body ends as it is read, before the parser listens: it gets a stream of its own.
-        next(null, raw.readableEnded ? Readable.from([]) : payload);
+        next(null, payload);
       },
       (error: Error) => {
         if (error !== BODY_TOO_LARGE) return next(error);

@@ -3,7 +3,6 @@
  * `inject()`, encapsulation, hooks seeing replays, `request.idempotency`).
  */
 import { randomUUID } from 'node:crypto';
-import { request as httpRequest } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { Readable } from 'node:stream';
 import multipart, { type MultipartFile } from '@fastify/multipart';
@@ -12,7 +11,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { type FastifyIdempotencyOptions, idempotencyHeader } from '../../src/adapters/fastify.js';
 import { MemoryBackend } from '../../src/backends/memory.js';
 import { createFastifyServerFactory } from '../support/fastify.js';
-import { createMemoryBackend } from '../support/http.js';
+import { createMemoryBackend, postRaw } from '../support/http.js';
 import { requireRedis } from '../support/redis.js';
 import { createIoredisBackend } from '../support/redis-handle.js';
 import { describeAdapterContract } from './contract.js';
@@ -235,29 +234,14 @@ describe('Fastify plugin specifics', () => {
       app.post('/uploads', async (_request, reply) => reply.code(201).send({ run: ++runs }));
       await app.listen({ port: 0, host: '127.0.0.1' });
       const { port } = app.server.address() as AddressInfo;
-      const empty = (framing: Record<string, string>) =>
-        new Promise<number>((resolve, reject) => {
-          const request = httpRequest(
-            {
-              port,
-              host: '127.0.0.1',
-              method: 'POST',
-              path: '/uploads',
-              headers: {
-                'content-type': 'multipart/form-data; boundary=xyz',
-                'idempotency-key': randomUUID(),
-                ...framing,
-              },
-            },
-            (response) => {
-              response.resume();
-              response.on('end', () => resolve(response.statusCode ?? 0));
-            },
-          );
-          request.setTimeout(5_000, () => request.destroy(new Error('no answer')));
-          request.on('error', reject);
-          request.end();
-        });
+      const empty = async (framing: Record<string, string>) => {
+        const headers = {
+          'content-type': 'multipart/form-data; boundary=xyz',
+          'idempotency-key': randomUUID(),
+          ...framing,
+        };
+        return (await postRaw(`http://127.0.0.1:${port}/uploads`, headers)).status;
+      };
       expect(await empty({ 'transfer-encoding': 'chunked' })).toBe(201);
       expect(await empty({ 'content-length': '0' })).toBe(201);
       expect(runs).toBe(2);

@@ -3,7 +3,7 @@
  * Hono has (`app.request()`, the body cache, `c.error`, `c.get('idempotency')`).
  */
 import { randomUUID } from 'node:crypto';
-import { createServer, request as httpRequest } from 'node:http';
+import { createServer } from 'node:http';
 import { getRequestListener } from '@hono/node-server';
 import { Hono } from 'hono';
 import { bodyLimit } from 'hono/body-limit';
@@ -15,7 +15,7 @@ import {
 } from '../../src/adapters/hono.js';
 import { MemoryBackend } from '../../src/backends/memory.js';
 import { createHonoServerFactory } from '../support/hono.js';
-import { createMemoryBackend, listen } from '../support/http.js';
+import { createMemoryBackend, listen, postRaw } from '../support/http.js';
 import { requireRedis } from '../support/redis.js';
 import { createIoredisBackend } from '../support/redis-handle.js';
 import { describeAdapterContract } from './contract.js';
@@ -131,32 +131,16 @@ describe('Hono middleware specifics', () => {
     const server = createServer(getRequestListener(hono.fetch));
     const { url, close } = await listen(server);
     try {
-      const chunkedPost = () =>
-        new Promise<{ status: number; body: string }>((resolve, reject) => {
-          const request = httpRequest(
-            `${url}/orders`,
-            {
-              method: 'POST',
-              headers: {
-                'content-type': 'application/json',
-                'transfer-encoding': 'chunked',
-                'idempotency-key': randomUUID(),
-              },
-            },
-            (response) => {
-              let text = '';
-              response.setEncoding('utf8');
-              response.on('data', (chunk: string) => {
-                text += chunk;
-              });
-              response.on('end', () => resolve({ status: response.statusCode ?? 0, body: text }));
-            },
-          );
-          request.on('error', reject);
-          request.write('{"a":');
-          request.end('2}');
-        });
-      expect(await chunkedPost()).toEqual({ status: 201, body: '{"run":2,"a":2}' });
+      const chunked = await postRaw(
+        `${url}/orders`,
+        {
+          'content-type': 'application/json',
+          'transfer-encoding': 'chunked',
+          'idempotency-key': randomUUID(),
+        },
+        ['{"a":', '2}'],
+      );
+      expect(chunked).toEqual({ status: 201, text: '{"run":2,"a":2}' });
     } finally {
       await close();
     }

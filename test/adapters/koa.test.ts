@@ -4,13 +4,13 @@
  * compared with bare Koa byte for byte, is in `koa-differential.test.ts`.
  */
 import { randomUUID } from 'node:crypto';
-import { createServer, request as httpRequest } from 'node:http';
+import { createServer } from 'node:http';
 import { bodyParser } from '@koa/bodyparser';
 import Koa from 'koa';
 import { afterEach, describe, expect, it } from 'vitest';
 import { idempotencyHeader } from '../../src/adapters/koa.js';
 import { MemoryBackend } from '../../src/backends/memory.js';
-import { createMemoryBackend, listen, send, type TestServer } from '../support/http.js';
+import { createMemoryBackend, listen, postRaw, send, type TestServer } from '../support/http.js';
 import { createKoaServerFactory, type KoaModule, koa3 } from '../support/koa.js';
 import { requireRedis } from '../support/redis.js';
 import { createIoredisBackend } from '../support/redis-handle.js';
@@ -88,33 +88,12 @@ describe.each(VERSIONS)('%s: what only Koa has', (_version, KoaClass) => {
     });
     const server = await listen(createServer(app.callback()));
     servers.push(server);
-    const { port } = new URL(server.url);
-    const status = await new Promise<string>((resolve, reject) => {
-      const request = httpRequest(
-        {
-          port: Number(port),
-          host: '127.0.0.1',
-          method: 'POST',
-          path: '/orders',
-          headers: {
-            'content-type': 'application/json',
-            'transfer-encoding': 'chunked',
-            'idempotency-key': randomUUID(),
-          },
-        },
-        (response) => {
-          let text = '';
-          response.on('data', (chunk: Buffer) => {
-            text += chunk;
-          });
-          response.on('end', () => resolve(`${response.statusCode} ${text}`));
-        },
-      );
-      request.setTimeout(5_000, () => request.destroy(new Error('no answer')));
-      request.on('error', reject);
-      request.end();
+    const result = await postRaw(`${server.url}/orders`, {
+      'content-type': 'application/json',
+      'transfer-encoding': 'chunked',
+      'idempotency-key': randomUUID(),
     });
-    expect(status).toBe('201 {"run":1,"body":{}}');
+    expect(result).toEqual({ status: 201, text: '{"run":1,"body":{}}' });
   });
 
   it('refuses a multipart body a parser mounted first consumed, rather than fingerprinting its fields without its files', async () => {

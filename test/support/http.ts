@@ -369,3 +369,29 @@ export function sendRawRequest(url: string, request: string): Promise<{ status: 
     socket.write(Buffer.from(request, 'latin1'));
   });
 }
+
+/**
+ * One POST with `node:http`, its body written as the given chunks (none: no body) under the framing the headers
+ * name (`transfer-encoding: chunked`, or a `content-length`), which `fetch` does not let a test choose. Resolves
+ * with the status and the body as text; rejects when no answer comes within 5 s.
+ */
+export function postRaw(
+  url: string,
+  headers: OutgoingHttpHeaders,
+  chunks: readonly string[] = [],
+): Promise<{ status: number; text: string }> {
+  return new Promise((resolve, reject) => {
+    const request = httpRequest(url, { method: 'POST', headers }, (response) => {
+      let text = '';
+      response.setEncoding('utf8');
+      response.on('data', (chunk: string) => {
+        text += chunk;
+      });
+      response.on('end', () => resolve({ status: response.statusCode ?? 0, text }));
+    });
+    request.setTimeout(5_000, () => request.destroy(new Error('no answer within 5 s')));
+    request.on('error', reject);
+    for (const chunk of chunks) request.write(chunk);
+    request.end();
+  });
+}
