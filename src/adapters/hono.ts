@@ -72,7 +72,7 @@ export function idempotencyHeader(options: HonoIdempotencyOptions): MiddlewareHa
       if (read === TOO_LARGE) return reply(c, engine.bodyTooLarge(method, startedAt));
       body = read;
     }
-    const contentType = body instanceof Uint8Array ? requestHeader(c, 'content-type') : undefined;
+    const contentType = body instanceof Uint8Array ? singleHeader(c, 'content-type') : undefined;
     const begun = engine.begin(
       c,
       method,
@@ -80,7 +80,7 @@ export function idempotencyHeader(options: HonoIdempotencyOptions): MiddlewareHa
       key,
       body,
       startedAt,
-      typeof contentType === 'string' ? contentType : undefined,
+      contentType,
     );
     const result = isPromise(begun) ? await begun : begun;
     if (result.kind === 'pass') return next();
@@ -116,12 +116,27 @@ export function idempotencyHeader(options: HonoIdempotencyOptions): MiddlewareHa
  * line, as `Headers` cannot.
  */
 function requestHeader(c: Context, name: string): string | string[] | undefined {
-  // What `@hono/node-server` puts in `c.env.incoming`: the `node:http` request.
+  const incoming = nodeRequest(c);
+  if (incoming === undefined) return c.req.raw.headers.get(name) ?? undefined;
+  return nodeRequestHeader(incoming, name);
+}
+
+/** What `@hono/node-server` puts in `c.env.incoming`: the `node:http` request; `undefined` elsewhere. */
+function nodeRequest(c: Context): NodeRequestHeaders | undefined {
   const incoming = (c.env as { incoming?: Partial<NodeRequestHeaders> } | undefined)?.incoming;
-  if (typeof incoming?.headers !== 'object' || incoming.headers === null) {
-    return c.req.raw.headers.get(name) ?? undefined;
-  }
-  return nodeRequestHeader(incoming as NodeRequestHeaders, name);
+  if (typeof incoming?.headers !== 'object' || incoming.headers === null) return undefined;
+  return incoming as NodeRequestHeaders;
+}
+
+/**
+ * A request header Node.js keeps once however often it is sent (`content-length`, `content-type`): read straight
+ * from the `node:http` request's headers where there is one.
+ */
+function singleHeader(c: Context, name: 'content-length' | 'content-type'): string | undefined {
+  const incoming = nodeRequest(c);
+  if (incoming === undefined) return c.req.raw.headers.get(name) ?? undefined;
+  const value = incoming.headers[name];
+  return typeof value === 'string' ? value : undefined;
 }
 
 function isNodeResponse(value: unknown): value is ClosingResponse {
@@ -203,10 +218,10 @@ function readRequestBody(
   // Hono keeps promises in its cache (typed as the methods that make them).
   const cache = c.req.bodyCache as Record<string, unknown>;
   for (const _read in cache) return c.req.arrayBuffer().then((read) => new Uint8Array(read));
-  const length = requestHeader(c, 'content-length') ?? null;
+  const length = singleHeader(c, 'content-length') ?? null;
   if (length !== null && Number(length) > limit) return TOO_LARGE;
   // Hono's own promise, handed on as it is: wrapping it would cost the request more turns of the event loop.
-  if (length !== null && isJsonBody(requestHeader(c, 'content-type'))) return c.req.text();
+  if (length !== null && isJsonBody(singleHeader(c, 'content-type'))) return c.req.text();
   return readBytes(c, cache, length, limit);
 }
 
@@ -214,7 +229,7 @@ function readRequestBody(
 async function readBytes(
   c: Context,
   cache: Record<string, unknown>,
-  length: string | string[] | null,
+  length: string | null,
   limit: number,
 ): Promise<Uint8Array | typeof TOO_LARGE> {
   const raw = c.req.raw;
@@ -241,8 +256,8 @@ async function readBytes(
 const matchesJson = createMediaTypeMatcher(JSON_MEDIA_TYPES);
 
 /** Whether a request's `Content-Type` is JSON (`application/json`, `+json`), which is UTF-8 text by definition. */
-function isJsonBody(contentType: string | string[] | undefined): boolean {
-  return typeof contentType === 'string' && matchesJson(contentType);
+function isJsonBody(contentType: string | undefined): boolean {
+  return contentType !== undefined && matchesJson(contentType);
 }
 
 const decoder = new TextDecoder();

@@ -1036,6 +1036,22 @@ export function describeAdapterContract(name: string, config: AdapterContractCon
         expectJsonError(await app.send('/orders', otherFile), 422, /different request/);
         expect(app.runs('/orders')).toBe(1);
       });
+
+      it('reads a quoted multipart boundary holding a comma (RFC 2046), as the boundary of each attempt', async () => {
+        const app = await start();
+        const key = randomUUID();
+        const form = (boundary: string) => ({
+          key,
+          headers: { 'content-type': `multipart/form-data; boundary="${boundary}"` },
+          body: Buffer.from(
+            `--${boundary}\r\nContent-Disposition: form-data; name="item"\r\n\r\nbook\r\n--${boundary}--\r\n`,
+          ),
+        });
+        const first = await app.send('/orders', form('form,1,a'));
+        expectFresh(first, 201);
+        expectReplayOf(await app.send('/orders', form('form,2,b')), first);
+        expect(app.runs('/orders')).toBe(1);
+      });
     });
 
     describe('applicable methods', () => {
