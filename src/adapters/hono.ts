@@ -73,15 +73,7 @@ export function idempotencyHeader(options: HonoIdempotencyOptions): MiddlewareHa
       body = read;
     }
     const contentType = body instanceof Uint8Array ? singleHeader(c, 'content-type') : undefined;
-    const begun = engine.begin(
-      c,
-      method,
-      c.req.url,
-      key,
-      body,
-      startedAt,
-      contentType,
-    );
+    const begun = engine.begin(c, method, c.req.url, key, body, startedAt, contentType);
     const result = isPromise(begun) ? await begun : begun;
     if (result.kind === 'pass') return next();
     if (result.kind === 'reply') return reply(c, result);
