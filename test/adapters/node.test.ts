@@ -1,6 +1,6 @@
 /**
- * The `node:http` adapter, `withIdempotency`: the adapter contract on {@link MemoryBackend}, then how it treats a
- * listener that fails, and control characters that only a lenient HTTP parser lets through.
+ * The `node:http` adapter, `withIdempotency`: the adapter contract on {@link MemoryBackend} and Redis, then how it
+ * treats a listener that fails, and control characters that only a lenient HTTP parser lets through.
  */
 import { randomUUID } from 'node:crypto';
 import { createServer, type IncomingMessage, request, type ServerOptions } from 'node:http';
@@ -17,11 +17,21 @@ import {
   sendRawRequest,
   type TestServer,
 } from '../support/http.js';
+import { requireRedis } from '../support/redis.js';
+import { createIoredisBackend } from '../support/redis-handle.js';
 import { describeAdapterContract } from './contract.js';
 
 describeAdapterContract('node:http withIdempotency, MemoryBackend', {
   createServer: createNodeServerFactory(),
   createBackend: createMemoryBackend,
+});
+
+const redisUp = await requireRedis('node:http adapter contract on RedisBackend');
+describe.runIf(redisUp)('node:http adapter on RedisBackend', () => {
+  describeAdapterContract('node:http withIdempotency, ioredis', {
+    createServer: createNodeServerFactory(),
+    createBackend: () => createIoredisBackend('node'),
+  });
 });
 
 const INTERNAL_ERROR = '{"detail":"Internal Server Error"}';
