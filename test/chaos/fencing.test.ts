@@ -11,7 +11,8 @@
  * owner's lock holds (a retry gets 409, no third run); the new owner's response is the one replayed afterwards;
  * the old owner's request is reported as `lease-lost` or `store-failed`, never `executed`.
  *
- * Run on every shared backend of the project (Redis with ioredis, PostgreSQL, MariaDB) and on MemoryBackend.
+ * Run on every shared backend of the project (Redis with ioredis, PostgreSQL, MariaDB, a SQLite file) and on
+ * MemoryBackend.
  */
 import { createHash, randomUUID } from 'node:crypto';
 import type { Server } from 'node:http';
@@ -25,6 +26,7 @@ import { MemoryBackend } from '../../src/backends/memory.js';
 import { MysqlBackend } from '../../src/backends/mysql.js';
 import { PostgresBackend } from '../../src/backends/postgres.js';
 import { RedisBackend } from '../../src/backends/redis.js';
+import { SqliteBackend } from '../../src/backends/sqlite.js';
 import type { IdempotencyEvent } from '../../src/core/options.js';
 import type { AcquireResult, Backend, IdempotencyRecord } from '../../src/core/types.js';
 import { type Answer, postJson } from '../processes/client.js';
@@ -36,6 +38,8 @@ import {
   postgresPool,
   requireMysql,
   requirePostgres,
+  requireSqlite,
+  sqliteDirectory,
   uniqueTable,
 } from '../support/sql.js';
 import { report, waitFor } from './support/chaos.js';
@@ -43,6 +47,7 @@ import { report, waitFor } from './support/chaos.js';
 const redisUp = await requireRedis('Chaos: fenced background writes on Redis');
 const postgresUp = await requirePostgres('Chaos: fenced background writes on PostgreSQL');
 const mysqlUp = await requireMysql('Chaos: fenced background writes on MariaDB');
+const sqliteLoads = await requireSqlite('Chaos: fenced background writes on SQLite');
 
 /** The shortest lease the middleware accepts: renewed every second, lapsed 2 s after the last renewal. */
 const LOCK_S = 2;
@@ -172,6 +177,21 @@ const BACKENDS: { name: string; enabled: boolean; setup: () => Promise<Setup> }[
         async close() {
           await dropMysqlTable(pool, table);
           await pool.end();
+        },
+      };
+    },
+  },
+  {
+    name: 'SqliteBackend (a file)',
+    enabled: sqliteLoads,
+    async setup() {
+      const directory = sqliteDirectory('chaos-fencing');
+      const backend = new SqliteBackend({ database: directory.path('idempotency.db') });
+      return {
+        backend,
+        async close() {
+          backend.close();
+          directory.remove();
         },
       };
     },
