@@ -35,6 +35,10 @@ describe.runIf(mysqlUp)('Express adapter on MysqlBackend', () => {
     createServer: createExpressServerFactory(express, 'before'),
     createBackend: () => createMysqlBackend('express'),
   });
+  describeAdapterContract('Express 4, body parsers after the middleware, MariaDB/MySQL', {
+    createServer: createExpressServerFactory(express4, 'after'),
+    createBackend: () => createMysqlBackend('express'),
+  });
 });
 
 describe.runIf(sqliteLoads)('Express adapter on SqliteBackend', () => {
