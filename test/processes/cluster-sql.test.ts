@@ -9,21 +9,10 @@
  * only those.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import {
-  dropMysqlTable,
-  dropPostgresTable,
-  MYSQL_URL,
-  mysqlPool,
-  POSTGRES_URL,
-  postgresPool,
-  requireMysql,
-  requirePostgres,
-  requireSqlite,
-  sqliteDirectory,
-  uniqueTable,
-} from '../support/sql.js';
+import { requireMysql, requirePostgres, requireSqlite, uniqueTable } from '../support/sql.js';
 import { postWithRetries, type RetriedAnswer } from './client.js';
 import { type ExampleProcess, startExample } from './example-process.js';
+import { mysqlDatabase, postgresDatabase, type SharedDatabase, sqliteDatabase } from './shared-databases.js';
 
 const postgresUp = await requirePostgres('Exactly-once across processes on PostgreSQL');
 const mysqlUp = await requireMysql('Exactly-once across processes on MariaDB/MySQL');
@@ -48,23 +37,11 @@ interface Order {
   pid: number;
 }
 
-/** How one database is set up for the run, read and cleaned up. */
-interface Database {
-  /** The backend class the example must report. */
-  backend: string;
-  /** The example's environment: which backend, where, which table. */
-  env(table: string): Record<string, string>;
-  /** The order sequence's value: how many times any process ran the handler. */
-  sequence(table: string): Promise<number>;
-  /** Drops the run's tables (or removes its file) and closes connections. */
-  cleanup(table: string): Promise<void>;
-}
-
-function describeCluster(name: string, enabled: boolean, database: () => Database): void {
+function describeCluster(name: string, enabled: boolean, database: () => SharedDatabase): void {
   describe.runIf(enabled)(`the Express example, 4 processes sharing ${name}`, () => {
     const processes: ExampleProcess[] = [];
     const table = uniqueTable('cluster');
-    let db: Database;
+    let db: SharedDatabase;
 
     beforeAll(async () => {
       db = database();
@@ -174,61 +151,6 @@ function describeCluster(name: string, enabled: boolean, database: () => Databas
   });
 }
 
-describeCluster('PostgreSQL', postgresUp, () => {
-  const pool = postgresPool();
-  return {
-    backend: 'PostgresBackend',
-    env: (table) => ({
-      IDEMPOTENCY_BACKEND: 'postgres',
-      DATABASE_URL: POSTGRES_URL,
-      IDEMPOTENCY_TABLE: table,
-    }),
-    async sequence(table) {
-      const { rows } = await pool.query(`SELECT n FROM "${table}_orders" WHERE id = 1`);
-      return Number(rows[0]?.n);
-    },
-    async cleanup(table) {
-      await dropPostgresTable(pool, table);
-      await dropPostgresTable(pool, `${table}_orders`);
-      await pool.end();
-    },
-  };
-});
-
-describeCluster('MariaDB/MySQL', mysqlUp, () => {
-  const pool = mysqlPool();
-  return {
-    backend: 'MysqlBackend',
-    env: (table) => ({ IDEMPOTENCY_BACKEND: 'mysql', MYSQL_URL, IDEMPOTENCY_TABLE: table }),
-    async sequence(table) {
-      const [rows] = await pool.query(`SELECT n FROM \`${table}_orders\` WHERE id = 1`);
-      return Number((rows as { n: number }[])[0]?.n);
-    },
-    async cleanup(table) {
-      await dropMysqlTable(pool, table);
-      await dropMysqlTable(pool, `${table}_orders`);
-      await pool.end();
-    },
-  };
-});
-
-describeCluster('SQLite', sqliteLoads, () => {
-  const directory = sqliteDirectory('cluster-sqlite');
-  const path = directory.path('idempotency.db');
-  return {
-    backend: 'SqliteBackend',
-    env: (table) => ({ IDEMPOTENCY_BACKEND: 'sqlite', SQLITE_PATH: path, IDEMPOTENCY_TABLE: table }),
-    async sequence(table) {
-      const { default: Database } = await import('better-sqlite3');
-      const db = new Database(path, { readonly: true });
-      try {
-        return (db.prepare(`SELECT n FROM "${table}_orders" WHERE id = 1`).get() as { n: number }).n;
-      } finally {
-        db.close();
-      }
-    },
-    async cleanup() {
-      directory.remove();
-    },
-  };
-});
+describeCluster('PostgreSQL', postgresUp, postgresDatabase);
+describeCluster('MariaDB/MySQL', mysqlUp, mysqlDatabase);
+describeCluster('SQLite', sqliteLoads, () => sqliteDatabase('cluster-sqlite'));
