@@ -10,12 +10,16 @@
  * - PostgreSQL: every connection of the processes' pools terminated (`pg_terminate_backend`, found by the pools'
  *   `application_name`).
  * - MariaDB: every connection of the processes' pools killed (`KILL`, by the thread ids the pools report).
+ * - SQLite (a file the four processes share): a write lock held by another connection for 1.5 s (`BEGIN
+ *   EXCLUSIVE`, as a backup or a migration takes it), which every write waits out within the busy timeout, the
+ *   process's event loop with it (`better-sqlite3` waits in the calling thread).
  *
  * The ledger (every execution of the handler, written by the handler itself) must show at most one execution per
  * key, and exactly one for every key a client got a 2xx for, the one whose response every 2xx carried. No request
  * waits more than 5 s; the answers are 2xx (first runs and replays), 409 or 503, never 410, 422 or 500.
  */
 import { randomBytes } from 'node:crypto';
+import { setTimeout as sleep } from 'node:timers/promises';
 import type mysql from 'mysql2/promise';
 import type pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -30,6 +34,8 @@ import {
   postgresPool,
   requireMysql,
   requirePostgres,
+  requireSqlite,
+  sqliteDirectory,
   uniqueTable,
 } from '../support/sql.js';
 import { max, percentile, report, size } from './support/chaos.js';
@@ -39,6 +45,7 @@ import { type Fault, type LoadResult, runLoad, type SentRequest } from './suppor
 const redisServer = requireRedisServer('Chaos soak on Redis');
 const postgresUp = await requirePostgres('Chaos soak on PostgreSQL');
 const mysqlUp = await requireMysql('Chaos soak on MariaDB');
+const sqliteLoads = await requireSqlite('Chaos soak on SQLite');
 
 const PROCESSES = 4;
 /** How long the load runs. */
@@ -53,6 +60,8 @@ const DRAIN_MS = LOCK_S * 1000 + 10_000;
 /** The longest any request may wait for its answer. */
 const MAX_WAIT_MS = 5_000;
 const FIXTURE = 'test/chaos/fixtures/ledger-server.ts';
+/** How long the SQLite run's other connection holds the write lock. */
+const LOCK_HELD_MS = 1_500;
 
 interface Stats {
   pid: number;
@@ -342,6 +351,42 @@ describe('chaos: the backend goes away under load, 4 processes', () => {
       children,
       faults: faultTimes.map((atMs) => ({ atMs, name: 'KILL', inject: kill })),
       cleanup: () => cleanup(children),
+    };
+  });
+
+  describeSoak('SQLite, a write lock held by another connection twice', sqliteLoads, async (ledger) => {
+    const directory = sqliteDirectory('chaos-soak');
+    const path = directory.path('idempotency.db');
+    const table = uniqueTable('chaos_soak');
+    const children = await startProcesses(
+      Array.from({ length: PROCESSES }, () => ({
+        CHAOS_BACKEND: 'sqlite',
+        SQLITE_PATH: path,
+        IDEMPOTENCY_TABLE: table,
+        LEDGER: ledger.path,
+        LOCK_TIMEOUT: String(LOCK_S),
+      })),
+    ).catch((error: unknown) => {
+      directory.remove();
+      throw error;
+    });
+    const { default: Database } = await import('better-sqlite3');
+    const holder = new Database(path, { timeout: 5_000 });
+    const holdWriteLock = async () => {
+      const taken = performance.now();
+      holder.exec('BEGIN EXCLUSIVE');
+      await sleep(LOCK_HELD_MS);
+      holder.exec('COMMIT');
+      return `held ${Math.round(performance.now() - taken)} ms`;
+    };
+    return {
+      children,
+      faults: faultTimes.map((atMs) => ({ atMs, name: 'BEGIN EXCLUSIVE', inject: holdWriteLock })),
+      async cleanup() {
+        await Promise.all(children.map((child) => child.stop()));
+        holder.close();
+        directory.remove();
+      },
     };
   });
 });
