@@ -335,6 +335,12 @@ const CORPUS: readonly FastifyCase[] = [
     }),
   },
   {
+    name: 'reply.send() in an async handler that returns nothing',
+    route: post(async (_request, reply) => {
+      reply.code(201).send({ returned: 'nothing' });
+    }),
+  },
+  {
     name: 'a problem+json string',
     route: post(async (_request, reply) =>
       reply.code(400).type('application/problem+json').send('{"title":"Bad","status":400}'),
