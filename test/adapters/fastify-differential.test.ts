@@ -4,12 +4,12 @@
  * the plugin, on memory and Redis. Both apps have a hook registered before the plugin (`onRequest`, setting a
  * header) and one after it (`onSend`, setting another), as most Fastify apps do.
  */
-import { Readable } from 'node:stream';
 import { setImmediate as nextTurn } from 'node:timers/promises';
 import Fastify, { type FastifyInstance, type RouteHandlerMethod, type RouteShorthandOptions } from 'fastify';
 import { describe, expect, it } from 'vitest';
 import { idempotencyHeader } from '../../src/adapters/fastify.js';
 import {
+  chunks,
   describeDifferential,
   differentialBackends,
   failOnUnexpectedErrors,
@@ -33,19 +33,6 @@ const post =
   (handler: RouteHandlerMethod, options: RouteShorthandOptions = {}) =>
   (app: FastifyInstance, path: string) =>
     app.post(path, options, handler);
-
-/** A Node.js stream that yields `chunks`, a tick apart, then fails with `error` if given. */
-function chunks(parts: readonly (string | Buffer)[], error?: Error): Readable {
-  return Readable.from(
-    (async function* () {
-      for (const part of parts) {
-        await nextTurn();
-        yield typeof part === 'string' ? Buffer.from(part) : part;
-      }
-      if (error !== undefined) throw error;
-    })(),
-  );
-}
 
 const CORPUS: readonly FastifyCase[] = [
   { name: 'an object returned by an async handler', route: post(async () => ({ id: 1 })) },

@@ -7,7 +7,7 @@
  * mounted between the middleware and the handler (a header after `next()`).
  */
 import { createServer } from 'node:http';
-import { PassThrough, Readable } from 'node:stream';
+import { PassThrough } from 'node:stream';
 import { setImmediate as nextTurn } from 'node:timers/promises';
 import { bodyParser } from '@koa/bodyparser';
 import Koa from 'koa';
@@ -15,6 +15,7 @@ import { describe, expect, it } from 'vitest';
 import { idempotencyHeader } from '../../src/adapters/koa.js';
 import type { IdempotencyOptions } from '../../src/core/options.js';
 import {
+  chunks,
   describeDifferential,
   differentialBackends,
   failOnUnexpectedErrors,
@@ -33,19 +34,6 @@ interface KoaCase {
 
 const encoder = new TextEncoder();
 const largeObject = (size: number) => ({ pad: 'x'.repeat(size) });
-
-/** A Node.js stream of `parts`, a tick apart, failing with `error` at the end if given. */
-function chunks(parts: readonly (string | Buffer)[], error?: Error): Readable {
-  return Readable.from(
-    (async function* () {
-      for (const part of parts) {
-        await nextTurn();
-        yield typeof part === 'string' ? Buffer.from(part) : part;
-      }
-      if (error !== undefined) throw error;
-    })(),
-  );
-}
 
 const CORPUS: readonly KoaCase[] = [
   {

@@ -10,37 +10,14 @@
  */
 import { randomUUID } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { MysqlBackend } from '../../src/backends/mysql.js';
-import { PostgresBackend } from '../../src/backends/postgres.js';
-import { RedisBackend } from '../../src/backends/redis.js';
-import { SqliteBackend } from '../../src/backends/sqlite.js';
 import { inspectKey } from '../../src/core/operator.js';
-import type { Backend, KeyState } from '../../src/core/types.js';
+import type { KeyState } from '../../src/core/types.js';
 import { type Answer, postJson, postWithRetries } from '../processes/client.js';
 import { type ExampleProcess, startExample } from '../processes/example-process.js';
-import { deleteKeysWithPrefix, REDIS_URL, requireRedis, uniquePrefix } from '../support/redis.js';
-import {
-  dropMysqlTable,
-  dropPostgresTable,
-  MYSQL_URL,
-  mysqlPool,
-  POSTGRES_URL,
-  postgresPool,
-  requireMysql,
-  requirePostgres,
-  requireSqlite,
-  sqliteDirectory,
-  uniqueTable,
-} from '../support/sql.js';
 import { max, report, size, waitFor } from './support/chaos.js';
 import { createLedger, type Ledger } from './support/ledger.js';
-
-const redisUp = await requireRedis('Chaos: crash and long handler on Redis');
-const postgresUp = await requirePostgres('Chaos: crash and long handler on PostgreSQL');
-const mysqlUp = await requireMysql('Chaos: crash and long handler on MariaDB');
-const sqliteLoads = await requireSqlite('Chaos: crash and long handler on SQLite');
+import { type SharedBackend, sharedBackends } from './support/shared-backends.js';
 
 /** The middleware's `lockTimeout`, in seconds (1 is the least it accepts). */
 const LOCK_S = size(3, 6);
@@ -61,102 +38,19 @@ function leaseLeftMs(state: KeyState | undefined): number | undefined {
   return state?.state === 'in-flight' ? state.leaseLeftMs : undefined;
 }
 
-/** A backend the fixture servers share for one run, and its copy in this process. */
-interface Shared {
-  /** The fixture servers' environment: which backend, and where this run's keys live. */
-  env: Record<string, string>;
-  /** The same backend, on the same keys, for `inspectKey`: nothing else is done with it. */
-  backend: Backend;
-  /** Deletes what the run created (its keys, table or file), and only that; closes the connections. */
-  close(): Promise<void>;
-}
-
-const BACKENDS: { name: string; reported: string; enabled: boolean; setup: () => Promise<Shared> }[] = [
-  {
-    name: 'RedisBackend (ioredis)',
-    reported: 'RedisBackend',
-    enabled: redisUp,
-    async setup() {
-      const redis = new Redis(REDIS_URL, { lazyConnect: true, maxRetriesPerRequest: 1 });
-      redis.on('error', () => {});
-      await redis.connect();
-      const prefix = uniquePrefix('chaos-crash');
-      return {
-        env: { CHAOS_BACKEND: 'ioredis', REDIS_URL, IDEMPOTENCY_PREFIX: prefix },
-        backend: new RedisBackend({ redis, prefix }),
-        async close() {
-          await deleteKeysWithPrefix(redis, prefix);
-          redis.disconnect();
-        },
-      };
-    },
-  },
-  {
-    name: 'PostgresBackend',
-    reported: 'PostgresBackend',
-    enabled: postgresUp,
-    async setup() {
-      const pool = postgresPool({ max: 2 });
-      const table = uniqueTable('chaos_crash');
-      return {
-        env: { CHAOS_BACKEND: 'postgres', DATABASE_URL: POSTGRES_URL, IDEMPOTENCY_TABLE: table },
-        backend: new PostgresBackend({ pool, table }),
-        async close() {
-          await dropPostgresTable(pool, table);
-          await pool.end();
-        },
-      };
-    },
-  },
-  {
-    name: 'MysqlBackend (MariaDB)',
-    reported: 'MysqlBackend',
-    enabled: mysqlUp,
-    async setup() {
-      const pool = mysqlPool({ connectionLimit: 2 });
-      const table = uniqueTable('chaos_crash');
-      return {
-        env: { CHAOS_BACKEND: 'mysql', MYSQL_URL, IDEMPOTENCY_TABLE: table },
-        backend: new MysqlBackend({ pool, table }),
-        async close() {
-          await dropMysqlTable(pool, table);
-          await pool.end();
-        },
-      };
-    },
-  },
-  {
-    name: 'SqliteBackend',
-    reported: 'SqliteBackend',
-    enabled: sqliteLoads,
-    async setup() {
-      const directory = sqliteDirectory('chaos-crash');
-      const path = directory.path('idempotency.db');
-      const table = uniqueTable('chaos_crash');
-      const backend = new SqliteBackend({ database: path, table });
-      return {
-        env: { CHAOS_BACKEND: 'sqlite', SQLITE_PATH: path, IDEMPOTENCY_TABLE: table },
-        backend,
-        async close() {
-          backend.close();
-          directory.remove();
-        },
-      };
-    },
-  },
-];
+const BACKENDS = await sharedBackends('Chaos: crash and long handler');
 
 describe('chaos: processes that crash or run long (Express, 2 processes)', () => {
   describe.each(BACKENDS)('$name', ({ name, reported, enabled, setup }) => {
     let ledger: Ledger | undefined;
-    let shared: Shared | undefined;
+    let shared: SharedBackend | undefined;
     let a: ExampleProcess;
     let b: ExampleProcess;
 
     beforeAll(async () => {
       if (!enabled) return;
       ledger = createLedger('crash');
-      shared = await setup();
+      shared = await setup('chaos-crash');
       const env = { ...shared.env, LEDGER: ledger.path, LOCK_TIMEOUT: String(LOCK_S) };
       [a, b] = await Promise.all([startExample(env, FIXTURE), startExample(env, FIXTURE)]);
       expect([a.backend, b.backend]).toEqual([reported, reported]);

@@ -19,35 +19,14 @@ import type { Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import express from 'express';
-import { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { idempotencyHeader } from '../../src/adapters/express.js';
 import { MemoryBackend } from '../../src/backends/memory.js';
-import { MysqlBackend } from '../../src/backends/mysql.js';
-import { PostgresBackend } from '../../src/backends/postgres.js';
-import { RedisBackend } from '../../src/backends/redis.js';
-import { SqliteBackend } from '../../src/backends/sqlite.js';
 import type { IdempotencyEvent } from '../../src/core/options.js';
 import type { AcquireResult, Backend, IdempotencyRecord } from '../../src/core/types.js';
 import { type Answer, postJson } from '../processes/client.js';
-import { deleteKeysWithPrefix, REDIS_URL, requireRedis, uniquePrefix } from '../support/redis.js';
-import {
-  dropMysqlTable,
-  dropPostgresTable,
-  mysqlPool,
-  postgresPool,
-  requireMysql,
-  requirePostgres,
-  requireSqlite,
-  sqliteDirectory,
-  uniqueTable,
-} from '../support/sql.js';
 import { report, waitFor } from './support/chaos.js';
-
-const redisUp = await requireRedis('Chaos: fenced background writes on Redis');
-const postgresUp = await requirePostgres('Chaos: fenced background writes on PostgreSQL');
-const mysqlUp = await requireMysql('Chaos: fenced background writes on MariaDB');
-const sqliteLoads = await requireSqlite('Chaos: fenced background writes on SQLite');
+import { sharedBackends } from './support/shared-backends.js';
 
 /** The shortest lease the middleware accepts: renewed every second, lapsed 2 s after the last renewal. */
 const LOCK_S = 2;
@@ -134,68 +113,11 @@ const BACKENDS: { name: string; enabled: boolean; setup: () => Promise<Setup> }[
       return { backend, close: () => backend.close() };
     },
   },
-  {
-    name: 'RedisBackend (ioredis)',
-    enabled: redisUp,
-    async setup() {
-      const redis = new Redis(REDIS_URL, { lazyConnect: true, maxRetriesPerRequest: 1 });
-      redis.on('error', () => {});
-      await redis.connect();
-      const prefix = uniquePrefix('chaos-fencing');
-      return {
-        backend: new RedisBackend({ redis, prefix }),
-        async close() {
-          await deleteKeysWithPrefix(redis, prefix);
-          redis.disconnect();
-        },
-      };
-    },
-  },
-  {
-    name: 'PostgresBackend',
-    enabled: postgresUp,
-    async setup() {
-      const pool = postgresPool({ max: 4 });
-      const table = uniqueTable('chaos_fencing');
-      return {
-        backend: new PostgresBackend({ pool, table }),
-        async close() {
-          await dropPostgresTable(pool, table);
-          await pool.end();
-        },
-      };
-    },
-  },
-  {
-    name: 'MysqlBackend (MariaDB)',
-    enabled: mysqlUp,
-    async setup() {
-      const pool = mysqlPool({ connectionLimit: 4 });
-      const table = uniqueTable('chaos_fencing');
-      return {
-        backend: new MysqlBackend({ pool, table }),
-        async close() {
-          await dropMysqlTable(pool, table);
-          await pool.end();
-        },
-      };
-    },
-  },
-  {
-    name: 'SqliteBackend (a file)',
-    enabled: sqliteLoads,
-    async setup() {
-      const directory = sqliteDirectory('chaos-fencing');
-      const backend = new SqliteBackend({ database: directory.path('idempotency.db') });
-      return {
-        backend,
-        async close() {
-          backend.close();
-          directory.remove();
-        },
-      };
-    },
-  },
+  ...(await sharedBackends('Chaos: fenced background writes')).map(({ name, enabled, setup }) => ({
+    name,
+    enabled,
+    setup: () => setup('chaos-fencing'),
+  })),
 ];
 
 interface App {

@@ -8,7 +8,6 @@
  * before the route) and a global interceptor of their own (a header on the way in, another on the way out).
  */
 import 'reflect-metadata';
-import { Readable } from 'node:stream';
 import { setImmediate as nextTurn, setTimeout as sleep } from 'node:timers/promises';
 import {
   type ArgumentMetadata,
@@ -53,6 +52,7 @@ import {
   type NestIdempotencyOptions,
 } from '../../src/adapters/nestjs.js';
 import {
+  chunks,
   describeDifferential,
   differentialBackends,
   failOnUnexpectedErrors,
@@ -83,19 +83,6 @@ function Case(name: string, details: Omit<NestCase, 'name'> = {}): MethodDecorat
 
 const JSON_TYPE = 'application/json';
 const largeObject = (size: number) => ({ pad: 'x'.repeat(size) });
-
-/** A Node.js stream of `parts`, a tick apart, failing with `error` at the end if given. */
-function chunks(parts: readonly (string | Buffer)[], error?: Error): Readable {
-  return Readable.from(
-    (async function* () {
-      for (const part of parts) {
-        await nextTurn();
-        yield typeof part === 'string' ? Buffer.from(part) : part;
-      }
-      if (error !== undefined) throw error;
-    })(),
-  );
-}
 
 /** `body` in 64 KiB pieces. */
 function pieces(body: Buffer): Buffer[] {

@@ -16,6 +16,8 @@
 import { createHash, randomUUID } from 'node:crypto';
 import type { Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
+import { Readable } from 'node:stream';
+import { setImmediate as nextTurn } from 'node:timers/promises';
 import { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { MemoryBackend } from '../../src/backends/memory.js';
@@ -254,4 +256,17 @@ export function describeDifferential(
       );
     }
   });
+}
+
+/** A Node.js stream of `parts`, a tick apart, failing with `error` at the end if given: a body made as it goes. */
+export function chunks(parts: readonly (string | Buffer)[], error?: Error): Readable {
+  return Readable.from(
+    (async function* () {
+      for (const part of parts) {
+        await nextTurn();
+        yield typeof part === 'string' ? Buffer.from(part) : part;
+      }
+      if (error !== undefined) throw error;
+    })(),
+  );
 }
