@@ -1,9 +1,9 @@
 /**
- * The adapter contract of every adapter but Express (whose SQL runs are in `express-sql.test.ts`) on the SQL
- * backends, real databases: each adapter on an asynchronous backend that opens a transaction per request
- * (PostgreSQL or MariaDB/MySQL) and on SQLite, through a `Database` the app opened (every call answered
- * synchronously) or on a file the backend opens on first use; every backend meets several adapters.
- * Each run creates its own table and drops it (or its SQLite file) afterwards.
+ * Which adapter runs the adapter contract on which SQL backend (Express's runs are in `express-sql.test.ts`):
+ * each adapter on an asynchronous backend that opens a transaction per request (PostgreSQL or MariaDB/MySQL) and on
+ * SQLite, through a `Database` the app opened (every call answered synchronously) or on a file the backend opens
+ * on first use; every backend meets several adapters. Split over two test files, so that the runs share the
+ * workers. Each run creates its own table and drops it (or its SQLite file) afterwards.
  */
 import Koa from 'koa';
 import { describe } from 'vitest';
@@ -11,6 +11,7 @@ import { createFastifyServerFactory } from '../support/fastify.js';
 import { createFetchServerFactory, createHonoServerFactory } from '../support/hono.js';
 import { type BackendHandle, createNodeServerFactory, type ServerFactory } from '../support/http.js';
 import { createKoaServerFactory, koa3 } from '../support/koa.js';
+import { createNestServerFactory } from '../support/nestjs.js';
 import { requireMysql, requirePostgres, requireSqlite } from '../support/sql.js';
 import {
   createMysqlBackend,
@@ -24,7 +25,7 @@ const postgresUp = await requirePostgres('Adapter contracts on PostgresBackend')
 const mysqlUp = await requireMysql('Adapter contracts on MysqlBackend');
 const sqliteLoads = await requireSqlite('Adapter contracts on SqliteBackend');
 
-type SqlBackend = 'postgres' | 'mysql' | 'sqlite-file' | 'sqlite-database';
+export type SqlBackend = 'postgres' | 'mysql' | 'sqlite-file' | 'sqlite-database';
 
 const BACKENDS: Record<
   SqlBackend,
@@ -76,6 +77,18 @@ const ADAPTERS: AdapterUnderTest[] = [
     backends: ['postgres', 'sqlite-file'],
   },
   {
+    name: 'NestJS 11 on express',
+    label: 'nest_express',
+    createServer: createNestServerFactory('express'),
+    backends: ['postgres', 'sqlite-file'],
+  },
+  {
+    name: 'NestJS 11 on fastify',
+    label: 'nest_fastify',
+    createServer: createNestServerFactory('fastify'),
+    backends: ['mysql', 'sqlite-database'],
+  },
+  {
     name: 'node:http withIdempotency',
     label: 'node',
     createServer: createNodeServerFactory(),
@@ -83,16 +96,21 @@ const ADAPTERS: AdapterUnderTest[] = [
   },
 ];
 
-for (const { name, label, createServer, backends } of ADAPTERS) {
-  describe(`${name} on the SQL backends`, () => {
-    for (const which of backends) {
-      const backend = BACKENDS[which];
-      describe.runIf(backend.up)(backend.name, () => {
-        describeAdapterContract(`${name}, ${backend.name}`, {
-          createServer,
-          createBackend: () => backend.create(label),
+/** Declares the contract runs of every adapter on the backends `which` accepts. */
+export function describeSqlContracts(which: (backend: SqlBackend) => boolean): void {
+  for (const { name, label, createServer, backends } of ADAPTERS) {
+    const chosen = backends.filter(which);
+    if (chosen.length === 0) continue;
+    describe(`${name} on the SQL backends`, () => {
+      for (const kind of chosen) {
+        const backend = BACKENDS[kind];
+        describe.runIf(backend.up)(backend.name, () => {
+          describeAdapterContract(`${name}, ${backend.name}`, {
+            createServer,
+            createBackend: () => backend.create(label),
+          });
         });
-      });
-    }
-  });
+      }
+    });
+  }
 }
