@@ -182,8 +182,8 @@ function idempotencyOnSend(
   // The reply waits below, so to Fastify it is not sent yet: a handler's promise that resolves meanwhile without
   // having awaited its reply (Nest's `@Redirect()` routes, an async handler that calls `reply.send()` and returns
   // nothing) makes Fastify send again, an empty reply that would go out ahead of the held one, which then fails
-  // with ERR_HTTP_HEADERS_SENT as an unhandled rejection. Without the wait the reply would be out and Fastify would
-  // send nothing more: neither is anything sent here.
+  // with ERR_HTTP_HEADERS_SENT as an unhandled rejection. Without the wait the reply would be out, and Fastify
+  // would send nothing more: nor is anything sent here.
   if (isHolding(request)) return;
   const state = runningOf(request);
   if (state === undefined || state.ticket.settled) return next(null, asReplyText(request, payload));
