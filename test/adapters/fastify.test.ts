@@ -224,6 +224,27 @@ describe('Fastify plugin specifics', () => {
       });
     }
 
+    it('refuses a keyed upload on a route declared before the multipart parser was registered, which leaves fields without the bytes, with a clear error', async () => {
+      const backend = new MemoryBackend();
+      backends.push(backend);
+      const app = Fastify();
+      apps.push(app);
+      await app.register(idempotencyHeader, { backend });
+      // Not awaited: the route is declared before `@fastify/multipart` is loaded, so no trace of the bytes is kept.
+      app.register(multipart, { attachFieldsToBody: true });
+      let runs = 0;
+      app.post('/uploads', async (_request, reply) => reply.code(201).send({ run: ++runs }));
+      const response = await upload(app, randomUUID(), 'b', 'scan');
+      expect(response.statusCode).toBe(500);
+      expect(response.json()).toMatchObject({
+        code: 'ERR_IDEMPOTENCY_BODY',
+        message: expect.stringMatching(/multipart.*before declaring the routes/),
+      });
+      expect(runs).toBe(0);
+      // Without a key the upload is left alone.
+      expect((await upload(app, undefined, 'b', 'scan')).statusCode).toBe(201);
+    });
+
     it('answers a keyed multipart request whose body is empty, with or without chunked framing, under a raw multipart parser', async () => {
       const app = await build();
       // A parser that reads the whole body, as a raw-body parser for uploads does.

@@ -9,7 +9,8 @@ import type {
 } from 'fastify';
 import { captureBody, type HeaderRecordValue, handlerHeaders, watchConnection } from '../../core/capture.js';
 import { type BeginResult, type IdempotencyEngine, isPromise, type Ticket } from '../../core/engine.js';
-import type { RequestBody } from '../../core/fingerprint.js';
+import { IdempotencyError } from '../../core/errors.js';
+import { isMultipart, type RequestBody } from '../../core/fingerprint.js';
 import { createMediaTypeMatcher, JSON_MEDIA_TYPES } from '../../core/media-type.js';
 import { ownSymbol } from '../../core/own-symbol.js';
 import { type EngineReply, headerValue, REMOVED_HEADER } from '../../core/responses.js';
@@ -77,7 +78,8 @@ const EMPTY = new Uint8Array(0);
 /**
  * What a keyed request's fingerprint hashes: `parsed` (the body Fastify's parser produced), or, when no parser
  * took the body (`parsed` is nothing or the stream itself, and the stream is unread), its bytes, read and put back
- * for the handler; rejects with `BODY_TOO_LARGE` past `limit` bytes.
+ * for the handler; rejects with `BODY_TOO_LARGE` past `limit` bytes. A multipart body a parser turned into fields
+ * is refused: fields hold no trace of the bytes, and two uploads that differ only in their files would look alike.
  */
 export function fingerprintBody(
   request: FastifyRequest,
@@ -87,7 +89,31 @@ export function fingerprintBody(
   const raw = request.raw;
   const leftInStream =
     (parsed === undefined || parsed === raw) && hasBody(raw) && !raw.readableEnded && !raw.readableDidRead;
-  return leftInStream ? readRequestBody(raw, limit) : parsed;
+  if (leftInStream) return readRequestBody(raw, limit);
+  if (isParsedFields(parsed) && isMultipart(request.headers['content-type']))
+    return Promise.reject(parsedMultipart());
+  return parsed;
+}
+
+/** Whether a parsed body is a parser's value (fields), not bytes or text that stand for the body itself. */
+function isParsedFields(parsed: RequestBody): boolean {
+  return (
+    typeof parsed === 'object' &&
+    parsed !== null &&
+    !ArrayBuffer.isView(parsed) &&
+    !(parsed instanceof ArrayBuffer)
+  );
+}
+
+/**
+ * The plugin reads a multipart body in `preParsing` on the routes declared once a multipart parser was
+ * registered; a route declared before gets the parser's fields only.
+ */
+function parsedMultipart(): IdempotencyError {
+  return new IdempotencyError(
+    'ERR_IDEMPOTENCY_BODY',
+    'The multipart request body was parsed into fields before the idempotency plugin could read it, so it cannot be fingerprinted: register the multipart parser (such as `@fastify/multipart`, awaited) before declaring the routes, or pass a `fingerprint` function',
+  );
 }
 
 /**
