@@ -1,4 +1,5 @@
 import type { Sha256 } from './digest.js';
+import { IdempotencyError } from './errors.js';
 import type { Awaitable } from './types.js';
 
 /**
@@ -125,9 +126,15 @@ function rawBytes(body: object | null): Uint8Array | undefined {
  * integer-like key, which objects always list first) is written member by member.
  */
 export function canonicalJson(value: unknown): string {
-  const ordered = inKeyOrder(value);
-  if (ordered === UNORDERABLE) return canonicalJsonByHand(value);
-  return JSON.stringify(ordered) ?? 'null';
+  try {
+    const ordered = inKeyOrder(value);
+    if (ordered === UNORDERABLE) return canonicalJsonByHand(value);
+    return JSON.stringify(ordered) ?? 'null';
+  } catch (error) {
+    // Nested deeper than the call stack goes: a body parser accepts `[[[…]]]` thousands deep in a few kilobytes.
+    if (error instanceof RangeError) return canonicalJsonWithoutRecursion(value);
+    throw error;
+  }
 }
 
 /** What {@link inKeyOrder} returns for a value `JSON.stringify` cannot be trusted to write in canonical form. */
@@ -224,4 +231,86 @@ function canonicalJsonMember(value: unknown): string {
   return value === undefined || typeof value === 'function' || typeof value === 'symbol'
     ? 'null'
     : canonicalJsonByHand(value);
+}
+
+/** An array or object being written by {@link canonicalJsonWithoutRecursion}: where it is up to. */
+type OpenValue =
+  | { readonly items: readonly unknown[]; next: number }
+  | {
+      readonly record: Record<string, unknown>;
+      readonly names: readonly string[];
+      next: number;
+      first: boolean;
+    };
+
+/**
+ * {@link canonicalJsonByHand}'s output, written with a stack of its own instead of the call stack: for values
+ * nested too deeply to recurse into. A value that contains itself cannot be written, and is refused.
+ */
+export function canonicalJsonWithoutRecursion(value: unknown): string {
+  const open: OpenValue[] = [];
+  const onPath = new Set<object>();
+  let out = '';
+  let pending: unknown = value;
+  let hasPending = true;
+  for (;;) {
+    if (hasPending) {
+      hasPending = false;
+      let current = pending;
+      while (current !== null && typeof current === 'object') {
+        const toJson = (current as { toJSON?: () => unknown }).toJSON;
+        if (typeof toJson !== 'function') break;
+        current = toJson.call(current);
+      }
+      if (current === null || typeof current !== 'object') out += JSON.stringify(current) ?? 'null';
+      else {
+        if (onPath.has(current)) {
+          throw new IdempotencyError(
+            'ERR_IDEMPOTENCY_BODY',
+            'The parsed request body contains itself, so it cannot be fingerprinted: pass a `fingerprint` function',
+          );
+        }
+        onPath.add(current);
+        if (Array.isArray(current)) {
+          out += '[';
+          open.push({ items: current, next: 0 });
+        } else {
+          const record = current as Record<string, unknown>;
+          out += '{';
+          open.push({ record, names: Object.keys(record).sort(), next: 0, first: true });
+        }
+      }
+    }
+    const top = open.at(-1);
+    if (top === undefined) return out;
+    if ('items' in top) {
+      if (top.next === top.items.length) {
+        out += ']';
+        onPath.delete(top.items);
+        open.pop();
+        continue;
+      }
+      const item = top.items[top.next];
+      if (top.next++ > 0) out += ',';
+      if (isSkipped(item)) out += 'null';
+      else [pending, hasPending] = [item, true];
+      continue;
+    }
+    while (top.next < top.names.length && isSkipped(top.record[top.names[top.next]!])) top.next++;
+    if (top.next === top.names.length) {
+      out += '}';
+      onPath.delete(top.record);
+      open.pop();
+      continue;
+    }
+    const name = top.names[top.next++]!;
+    out += `${top.first ? '' : ','}${JSON.stringify(name)}:`;
+    top.first = false;
+    [pending, hasPending] = [top.record[name], true];
+  }
+}
+
+/** Members `JSON.stringify` leaves out of an object, and writes as `null` in an array. */
+function isSkipped(value: unknown): boolean {
+  return value === undefined || typeof value === 'function' || typeof value === 'symbol';
 }

@@ -957,6 +957,22 @@ export function describeAdapterContract(name: string, config: AdapterContractCon
         expect(app.runs('/slow')).toBe(1);
       });
 
+      it('fingerprints a JSON body nested deeper than the call stack goes, as the body parser accepts it', async () => {
+        const app = await start();
+        const key = randomUUID();
+        // 40 kB: well within every body limit, 20 000 levels deep.
+        const deep = (leaf: number) => ({
+          key,
+          headers: { 'content-type': 'application/json' },
+          body: `${'['.repeat(20_000)}${leaf}${']'.repeat(20_000)}`,
+        });
+        const first = await app.send('/orders', deep(1));
+        expectFresh(first, 201);
+        expectReplayOf(await app.send('/orders', deep(1)), first);
+        expectJsonError(await app.send('/orders', deep(2)), 422, /different request/);
+        expect(app.runs('/orders')).toBe(1);
+      });
+
       it('replays whatever the request when fingerprint is false', async () => {
         const app = await start({ fingerprint: false });
         const key = randomUUID();

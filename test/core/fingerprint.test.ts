@@ -5,6 +5,7 @@ import { webSha256 } from '../../src/core/digest.js';
 import {
   canonicalJson,
   canonicalJsonByHand,
+  canonicalJsonWithoutRecursion,
   computeFingerprint as fingerprintWith,
   multipartBoundary,
   type RequestBody,
@@ -253,9 +254,11 @@ describe('canonicalJson', () => {
     fc.assert(
       fc.property(document, (value) => {
         expect(canonicalJson(value)).toBe(canonicalJsonByHand(value));
+        expect(canonicalJsonWithoutRecursion(value)).toBe(canonicalJsonByHand(value));
         // As a body parser hands it over: `__proto__` as an own key, numbers as JSON has them.
         const parsed = JSON.parse(JSON.stringify(value)) as unknown;
         expect(canonicalJson(parsed)).toBe(canonicalJsonByHand(parsed));
+        expect(canonicalJsonWithoutRecursion(parsed)).toBe(canonicalJsonByHand(parsed));
       }),
       { numRuns: 2000 },
     );
@@ -278,7 +281,35 @@ describe('canonicalJson', () => {
       JSON.parse('{"b":1,"__proto__":{"d":1,"c":2},"a":2}'),
       { b: 1, '2': 'x', '10': 'y', a: { '1': 1, '0': 0 } },
     ];
-    for (const value of values) expect(canonicalJson(value)).toBe(canonicalJsonByHand(value));
+    for (const value of values) {
+      expect(canonicalJson(value)).toBe(canonicalJsonByHand(value));
+      expect(canonicalJsonWithoutRecursion(value)).toBe(canonicalJsonByHand(value));
+    }
+    for (const value of [undefined, () => 1, 'x', 1.5, null, [undefined, () => 1, Symbol('s')]]) {
+      expect(canonicalJsonWithoutRecursion(value)).toBe(canonicalJsonByHand(value));
+    }
+  });
+
+  it('writes a value nested deeper than the call stack goes, as a body parser accepts it', () => {
+    const depth = 50_000;
+    const arrays = '['.repeat(depth) + ']'.repeat(depth);
+    expect(canonicalJson(JSON.parse(arrays))).toBe(arrays);
+    const objects = `${'{"b":1,"a":'.repeat(depth)}0${'}'.repeat(depth)}`;
+    expect(canonicalJson(JSON.parse(objects))).toBe(`${'{"a":'.repeat(depth)}0${',"b":1}'.repeat(depth)}`);
+  });
+
+  it('refuses a value that contains itself, naming the error', () => {
+    const value: Record<string, unknown> = { a: 1 };
+    value.self = { back: [value] };
+    expect(() => canonicalJson(value)).toThrow(
+      expect.objectContaining({
+        code: 'ERR_IDEMPOTENCY_BODY',
+        message: expect.stringMatching(/contains itself/),
+      }),
+    );
+    // Shared, not circular: written twice, as JSON.stringify writes it.
+    const shared = { x: 1 };
+    expect(canonicalJsonWithoutRecursion({ b: shared, a: [shared] })).toBe('{"a":[{"x":1}],"b":{"x":1}}');
   });
 
   it('is valid JSON that parses back to an equal value', () => {
