@@ -109,6 +109,14 @@ export function requestTarget(url: string): string {
   return hash === -1 ? url.slice(path) : url.slice(path, hash);
 }
 
+/**
+ * Whether a body is a value a parser produced (an object or array of fields), rather than the body's own bytes or
+ * text.
+ */
+export function isParsedValue(body: RequestBody): boolean {
+  return typeof body === 'object' && body !== null && rawBytes(body) === undefined;
+}
+
 /** The bytes of a raw body; other byte containers count too, as parsed values they would all serialise to `{}`. */
 function rawBytes(body: object | null): Uint8Array | undefined {
   if (body instanceof Uint8Array) return body;
@@ -220,7 +228,7 @@ export function canonicalJsonByHand(value: unknown): string {
   let first = true;
   for (const name of Object.keys(record).sort()) {
     const member = record[name];
-    if (member === undefined || typeof member === 'function' || typeof member === 'symbol') continue;
+    if (isSkipped(member)) continue;
     out += `${first ? '' : ','}${JSON.stringify(name)}:${canonicalJsonByHand(member)}`;
     first = false;
   }
@@ -228,10 +236,11 @@ export function canonicalJsonByHand(value: unknown): string {
 }
 
 function canonicalJsonMember(value: unknown): string {
-  return value === undefined || typeof value === 'function' || typeof value === 'symbol'
-    ? 'null'
-    : canonicalJsonByHand(value);
+  return isSkipped(value) ? 'null' : canonicalJsonByHand(value);
 }
+
+/** {@link canonicalJsonWithoutRecursion}'s mark for no value waiting to be written. */
+const NOTHING: unique symbol = Symbol('nothing');
 
 /** An array or object being written by {@link canonicalJsonWithoutRecursion}: where it is up to. */
 type OpenValue =
@@ -252,11 +261,10 @@ export function canonicalJsonWithoutRecursion(value: unknown): string {
   const onPath = new Set<object>();
   let out = '';
   let pending: unknown = value;
-  let hasPending = true;
   for (;;) {
-    if (hasPending) {
-      hasPending = false;
+    if (pending !== NOTHING) {
       let current = pending;
+      pending = NOTHING;
       while (current !== null && typeof current === 'object') {
         const toJson = (current as { toJSON?: () => unknown }).toJSON;
         if (typeof toJson !== 'function') break;
@@ -293,7 +301,7 @@ export function canonicalJsonWithoutRecursion(value: unknown): string {
       const item = top.items[top.next];
       if (top.next++ > 0) out += ',';
       if (isSkipped(item)) out += 'null';
-      else [pending, hasPending] = [item, true];
+      else pending = item;
       continue;
     }
     while (top.next < top.names.length && isSkipped(top.record[top.names[top.next]!])) top.next++;
@@ -306,7 +314,7 @@ export function canonicalJsonWithoutRecursion(value: unknown): string {
     const name = top.names[top.next++]!;
     out += `${top.first ? '' : ','}${JSON.stringify(name)}:`;
     top.first = false;
-    [pending, hasPending] = [top.record[name], true];
+    pending = top.record[name];
   }
 }
 

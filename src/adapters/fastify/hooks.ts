@@ -10,7 +10,7 @@ import type {
 import { captureBody, type HeaderRecordValue, handlerHeaders, watchConnection } from '../../core/capture.js';
 import { type BeginResult, type IdempotencyEngine, isPromise, type Ticket } from '../../core/engine.js';
 import { IdempotencyError } from '../../core/errors.js';
-import { isMultipart, type RequestBody } from '../../core/fingerprint.js';
+import { isMultipart, isParsedValue, type RequestBody } from '../../core/fingerprint.js';
 import { createMediaTypeMatcher, JSON_MEDIA_TYPES } from '../../core/media-type.js';
 import { ownSymbol } from '../../core/own-symbol.js';
 import { type EngineReply, headerValue, REMOVED_HEADER } from '../../core/responses.js';
@@ -90,19 +90,9 @@ export function fingerprintBody(
   const leftInStream =
     (parsed === undefined || parsed === raw) && hasBody(raw) && !raw.readableEnded && !raw.readableDidRead;
   if (leftInStream) return readRequestBody(raw, limit);
-  if (isParsedFields(parsed) && isMultipart(request.headers['content-type']))
+  if (isParsedValue(parsed) && isMultipart(request.headers['content-type']))
     return Promise.reject(parsedMultipart());
   return parsed;
-}
-
-/** Whether a parsed body is a parser's value (fields), not bytes or text that stand for the body itself. */
-function isParsedFields(parsed: RequestBody): boolean {
-  return (
-    typeof parsed === 'object' &&
-    parsed !== null &&
-    !ArrayBuffer.isView(parsed) &&
-    !(parsed instanceof ArrayBuffer)
-  );
 }
 
 /**
