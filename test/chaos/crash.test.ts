@@ -50,7 +50,7 @@ describe('chaos: processes that crash or run long (Express, 2 processes)', () =>
     beforeAll(async () => {
       if (!enabled) return;
       ledger = createLedger('crash');
-      shared = await setup('chaos-crash');
+      shared = await setup('chaos_crash');
       const env = { ...shared.env, LEDGER: ledger.path, LOCK_TIMEOUT: String(LOCK_S) };
       [a, b] = await Promise.all([startExample(env, FIXTURE), startExample(env, FIXTURE)]);
       expect([a.backend, b.backend]).toEqual([reported, reported]);

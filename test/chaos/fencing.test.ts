@@ -116,7 +116,7 @@ const BACKENDS: { name: string; enabled: boolean; setup: () => Promise<Setup> }[
   ...(await sharedBackends('Chaos: fenced background writes')).map(({ name, enabled, setup }) => ({
     name,
     enabled,
-    setup: () => setup('chaos-fencing'),
+    setup: () => setup('chaos_fencing'),
   })),
 ];
 

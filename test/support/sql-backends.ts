@@ -17,11 +17,22 @@ import {
   uniqueTable,
 } from './sql.js';
 
+/** A {@link BackendHandle} on a SQL database, with the table its keys live in. */
+export interface SqlBackendHandle extends BackendHandle {
+  readonly table: string;
+}
+
+/** A {@link SqlBackendHandle} on a SQLite file, with the file's path. */
+export interface SqliteFileHandle extends SqlBackendHandle {
+  readonly path: string;
+}
+
 /** `PostgresBackend` on a pool of its own, on a table named after `label`. */
-export async function createPostgresBackend(label: string): Promise<BackendHandle> {
+export async function createPostgresBackend(label: string): Promise<SqlBackendHandle> {
   const pool = postgresPool();
   const table = uniqueTable(`${label}_pg`);
   return {
+    table,
     backend: new PostgresBackend({ pool, table }),
     async teardown() {
       await dropPostgresTable(pool, table);
@@ -31,10 +42,11 @@ export async function createPostgresBackend(label: string): Promise<BackendHandl
 }
 
 /** `MysqlBackend` on a pool of its own, on a table named after `label`. */
-export async function createMysqlBackend(label: string): Promise<BackendHandle> {
+export async function createMysqlBackend(label: string): Promise<SqlBackendHandle> {
   const pool = mysqlPool();
   const table = uniqueTable(`${label}_my`);
   return {
+    table,
     backend: new MysqlBackend({ pool, table }),
     async teardown() {
       await dropMysqlTable(pool, table);
@@ -44,10 +56,14 @@ export async function createMysqlBackend(label: string): Promise<BackendHandle> 
 }
 
 /** SQLite on a file the backend opens itself, as several processes on one machine would share it. */
-export async function createSqlitePathBackend(label: string): Promise<BackendHandle> {
+export async function createSqlitePathBackend(label: string): Promise<SqliteFileHandle> {
   const directory = sqliteDirectory(`${label}-sqlite`);
-  const backend = new SqliteBackend({ database: directory.path('idempotency.db') });
+  const path = directory.path('idempotency.db');
+  const table = uniqueTable(`${label}_sq`);
+  const backend = new SqliteBackend({ database: path, table });
   return {
+    path,
+    table,
     backend,
     async teardown() {
       backend.close();

@@ -3,26 +3,15 @@
  * each set up for one run: the chaos fixture server's environment to reach it, a backend on the same keys in the
  * test's own process, and the clean-up of what the run created, and only that.
  */
-import { Redis } from 'ioredis';
-import { MysqlBackend } from '../../../src/backends/mysql.js';
-import { PostgresBackend } from '../../../src/backends/postgres.js';
-import { RedisBackend } from '../../../src/backends/redis.js';
-import { SqliteBackend } from '../../../src/backends/sqlite.js';
 import type { Backend } from '../../../src/core/types.js';
-import { deleteKeysWithPrefix, REDIS_URL, requireRedis, uniquePrefix } from '../../support/redis.js';
+import { REDIS_URL, requireRedis } from '../../support/redis.js';
+import { createIoredisBackend } from '../../support/redis-handle.js';
+import { MYSQL_URL, POSTGRES_URL, requireMysql, requirePostgres, requireSqlite } from '../../support/sql.js';
 import {
-  dropMysqlTable,
-  dropPostgresTable,
-  MYSQL_URL,
-  mysqlPool,
-  POSTGRES_URL,
-  postgresPool,
-  requireMysql,
-  requirePostgres,
-  requireSqlite,
-  sqliteDirectory,
-  uniqueTable,
-} from '../../support/sql.js';
+  createMysqlBackend,
+  createPostgresBackend,
+  createSqlitePathBackend,
+} from '../../support/sql-backends.js';
 
 /** One backend set up for a run. */
 export interface SharedBackend {
@@ -40,7 +29,7 @@ export interface SharedBackendKind {
   reported: string;
   /** Whether its service answers (or its driver loads); when not, a suite on it is skipped, loudly. */
   enabled: boolean;
-  /** Sets it up for one run; `label` names the run's keys, table or file. */
+  /** Sets it up for one run; `label` (letters, digits, `_`) names the run's keys, table or file. */
   setup(label: string): Promise<SharedBackend>;
 }
 
@@ -52,17 +41,11 @@ export async function sharedBackends(what: string): Promise<SharedBackendKind[]>
       reported: 'RedisBackend',
       enabled: await requireRedis(`${what} on Redis`),
       async setup(label) {
-        const redis = new Redis(REDIS_URL, { lazyConnect: true, maxRetriesPerRequest: 1 });
-        redis.on('error', () => {});
-        await redis.connect();
-        const prefix = uniquePrefix(label);
+        const { backend, prefix, teardown } = await createIoredisBackend(label);
         return {
           env: { CHAOS_BACKEND: 'ioredis', REDIS_URL, IDEMPOTENCY_PREFIX: prefix },
-          backend: new RedisBackend({ redis, prefix }),
-          async close() {
-            await deleteKeysWithPrefix(redis, prefix);
-            redis.disconnect();
-          },
+          backend,
+          close: teardown,
         };
       },
     },
@@ -71,16 +54,9 @@ export async function sharedBackends(what: string): Promise<SharedBackendKind[]>
       reported: 'PostgresBackend',
       enabled: await requirePostgres(`${what} on PostgreSQL`),
       async setup(label) {
-        const pool = postgresPool({ max: 4 });
-        const table = uniqueTable(tableLabel(label));
-        return {
-          env: { CHAOS_BACKEND: 'postgres', DATABASE_URL: POSTGRES_URL, IDEMPOTENCY_TABLE: table },
-          backend: new PostgresBackend({ pool, table }),
-          async close() {
-            await dropPostgresTable(pool, table);
-            await pool.end();
-          },
-        };
+        const { backend, table, teardown } = await createPostgresBackend(label);
+        const env = { CHAOS_BACKEND: 'postgres', DATABASE_URL: POSTGRES_URL, IDEMPOTENCY_TABLE: table };
+        return { env, backend, close: teardown };
       },
     },
     {
@@ -88,15 +64,11 @@ export async function sharedBackends(what: string): Promise<SharedBackendKind[]>
       reported: 'MysqlBackend',
       enabled: await requireMysql(`${what} on MariaDB`),
       async setup(label) {
-        const pool = mysqlPool({ connectionLimit: 4 });
-        const table = uniqueTable(tableLabel(label));
+        const { backend, table, teardown } = await createMysqlBackend(label);
         return {
           env: { CHAOS_BACKEND: 'mysql', MYSQL_URL, IDEMPOTENCY_TABLE: table },
-          backend: new MysqlBackend({ pool, table }),
-          async close() {
-            await dropMysqlTable(pool, table);
-            await pool.end();
-          },
+          backend,
+          close: teardown,
         };
       },
     },
@@ -105,24 +77,13 @@ export async function sharedBackends(what: string): Promise<SharedBackendKind[]>
       reported: 'SqliteBackend',
       enabled: await requireSqlite(`${what} on SQLite`),
       async setup(label) {
-        const directory = sqliteDirectory(label);
-        const path = directory.path('idempotency.db');
-        const table = uniqueTable(tableLabel(label));
-        const backend = new SqliteBackend({ database: path, table });
+        const { backend, path, table, teardown } = await createSqlitePathBackend(label);
         return {
           env: { CHAOS_BACKEND: 'sqlite', SQLITE_PATH: path, IDEMPOTENCY_TABLE: table },
           backend,
-          async close() {
-            backend.close();
-            directory.remove();
-          },
+          close: teardown,
         };
       },
     },
   ];
-}
-
-/** A run's label as part of a table name. */
-function tableLabel(label: string): string {
-  return label.replaceAll('-', '_');
 }
