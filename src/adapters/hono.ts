@@ -63,17 +63,18 @@ export function idempotencyHeader(options: HonoIdempotencyOptions): MiddlewareHa
     const method = c.req.method;
     if (!engine.handles(method)) return next();
     const startedAt = performance.now();
-    const key = engine.readKey(method, requestHeader(c, engine.headerName));
+    const incoming = nodeRequest(c);
+    const key = engine.readKey(method, requestHeader(c, incoming, engine.headerName));
     if (key === undefined) return next();
     if (typeof key !== 'string') return reply(c, key);
     let body: Uint8Array | string | undefined;
     if (engine.needsBody) {
-      const read = await readRequestBody(c, engine.maxRequestBytes);
+      const read = await readRequestBody(c, incoming, engine.maxRequestBytes);
       if (read === TOO_LARGE) return reply(c, engine.bodyTooLarge(method, startedAt));
       body = read;
     }
-    const contentType = body instanceof Uint8Array ? singleHeader(c, 'content-type') : undefined;
-    const begun = engine.begin(c, method, c.req.url, key, body, startedAt, contentType);
+    const contentType = body instanceof Uint8Array ? singleHeader(c, incoming, 'content-type') : undefined;
+    const begun = engine.begin(c, method, requestUrl(c, incoming), key, body, startedAt, contentType);
     const result = isPromise(begun) ? await begun : begun;
     if (result.kind === 'pass') return next();
     if (result.kind === 'reply') return reply(c, result);
@@ -107,25 +108,46 @@ export function idempotencyHeader(options: HonoIdempotencyOptions): MiddlewareHa
  * that reads no header never pays. Node.js joins repeated lines with `, `: a value with a comma is read line by
  * line, as `Headers` cannot.
  */
-function requestHeader(c: Context, name: string): string | string[] | undefined {
-  const incoming = nodeRequest(c);
+function requestHeader(
+  c: Context,
+  incoming: NodeRequestHeaders | undefined,
+  name: string,
+): string | string[] | undefined {
   if (incoming === undefined) return c.req.raw.headers.get(name) ?? undefined;
   return nodeRequestHeader(incoming, name);
 }
 
 /** What `@hono/node-server` puts in `c.env.incoming`: the `node:http` request; `undefined` elsewhere. */
-function nodeRequest(c: Context): NodeRequestHeaders | undefined {
-  const incoming = (c.env as { incoming?: Partial<NodeRequestHeaders> } | undefined)?.incoming;
+function nodeRequest(c: Context): NodeRequest | undefined {
+  const incoming = (c.env as { incoming?: Partial<NodeRequest> } | undefined)?.incoming;
   if (typeof incoming?.headers !== 'object' || incoming.headers === null) return undefined;
-  return incoming as NodeRequestHeaders;
+  return incoming as NodeRequest;
+}
+
+/** The `node:http` request's headers, and its target as the request line gave it. */
+interface NodeRequest extends NodeRequestHeaders {
+  url?: string;
+}
+
+/**
+ * The request's URL for the fingerprint, which takes its path and query string. On `@hono/node-server` the
+ * request line's own target, a path already: `c.req.url` is that target behind a scheme and host, which the
+ * fingerprint would only search for and cut off again.
+ */
+function requestUrl(c: Context, incoming: NodeRequest | undefined): string {
+  const target = incoming?.url;
+  return typeof target === 'string' && target.charCodeAt(0) === 47 /* / */ ? target : c.req.url;
 }
 
 /**
  * A request header Node.js keeps once however often it is sent (`content-length`, `content-type`): read straight
  * from the `node:http` request's headers where there is one.
  */
-function singleHeader(c: Context, name: 'content-length' | 'content-type'): string | undefined {
-  const incoming = nodeRequest(c);
+function singleHeader(
+  c: Context,
+  incoming: NodeRequestHeaders | undefined,
+  name: 'content-length' | 'content-type',
+): string | undefined {
   if (incoming === undefined) return c.req.raw.headers.get(name) ?? undefined;
   const value = incoming.headers[name];
   return typeof value === 'string' ? value : undefined;
@@ -205,15 +227,16 @@ function reply(c: Context, answer: EngineReply): Response {
  */
 function readRequestBody(
   c: Context,
+  incoming: NodeRequestHeaders | undefined,
   limit: number,
 ): Promise<Uint8Array | string | typeof TOO_LARGE> | typeof TOO_LARGE {
   // Hono keeps promises in its cache (typed as the methods that make them).
   const cache = c.req.bodyCache as Record<string, unknown>;
   for (const _read in cache) return c.req.arrayBuffer().then((read) => new Uint8Array(read));
-  const length = singleHeader(c, 'content-length') ?? null;
+  const length = singleHeader(c, incoming, 'content-length') ?? null;
   if (length !== null && Number(length) > limit) return TOO_LARGE;
   // Hono's own promise, handed on as it is: wrapping it would cost the request more turns of the event loop.
-  if (length !== null && isJsonBody(singleHeader(c, 'content-type'))) return c.req.text();
+  if (length !== null && isJsonBody(singleHeader(c, incoming, 'content-type'))) return c.req.text();
   return readBytes(c, cache, length, limit);
 }
 

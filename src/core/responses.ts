@@ -78,7 +78,27 @@ const UNSTORED_HEADERS = new Set([
  * only. For adapters that build the header list themselves and can leave such headers out at once.
  */
 export function isStoredHeader(lowerName: string): boolean {
-  return !UNSTORED_HEADERS.has(lowerName);
+  return !isUnstored(lowerName);
+}
+
+/**
+ * The lengths of the names in {@link UNSTORED_HEADERS}, one bit each: most names are told apart by their length
+ * alone, without hashing them for the set (a name built per response has no hash yet).
+ */
+const UNSTORED_LENGTHS = [...UNSTORED_HEADERS].reduce((bits, name) => bits | (1 << name.length), 0);
+
+function isUnstored(lowerName: string): boolean {
+  const length = lowerName.length;
+  return length < 32 && ((UNSTORED_LENGTHS >>> length) & 1) === 1 && UNSTORED_HEADERS.has(lowerName);
+}
+
+/** Whether a header name has no upper-case ASCII letter: a loop, cheaper than a lower-cased copy to compare. */
+function isLowerCase(name: string): boolean {
+  for (let i = 0; i < name.length; i++) {
+    const code = name.charCodeAt(i);
+    if (code >= 65 && code <= 90) return false;
+  }
+  return true;
 }
 
 /**
@@ -87,13 +107,13 @@ export function isStoredHeader(lowerName: string): boolean {
  */
 export function storedHeaders(headers: readonly HeaderPair[]): HeaderPair[] {
   for (const [name, value] of headers) {
-    if (!isStoredPair(name, value) || name !== name.toLowerCase()) return filterHeaders(headers);
+    if (!isStoredPair(name, value) || !isLowerCase(name)) return filterHeaders(headers);
   }
   return headers as HeaderPair[];
 }
 
 function isStoredPair(name: string, value: string): boolean {
-  return name === REMOVED_HEADER ? !UNSTORED_HEADERS.has(value) : !UNSTORED_HEADERS.has(name);
+  return name === REMOVED_HEADER ? !isUnstored(value) : !isUnstored(name);
 }
 
 function filterHeaders(headers: readonly HeaderPair[]): HeaderPair[] {

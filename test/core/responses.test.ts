@@ -1,0 +1,55 @@
+import { describe, expect, it } from 'vitest';
+import { isStoredHeader, REMOVED_HEADER, storedHeaders } from '../../src/core/responses.js';
+import type { HeaderPair } from '../../src/core/types.js';
+
+const UNSTORED = [
+  'connection',
+  'keep-alive',
+  'proxy-authenticate',
+  'proxy-authorization',
+  'proxy-connection',
+  'te',
+  'trailer',
+  'transfer-encoding',
+  'upgrade',
+  'set-cookie',
+  'date',
+  'content-length',
+];
+
+/** Names of the same lengths as unstored ones, and others: each must be stored. */
+const STORED = ['content-type', 'etag', 'vary', 'location', 'x-trailer', 'tE-x', 'dates', 'x-upgrade', 'link', 'age'];
+
+describe('storedHeaders', () => {
+  it.each(UNSTORED)('leaves out %s, in any case, and its removal', (name) => {
+    expect(isStoredHeader(name)).toBe(false);
+    const pairs: HeaderPair[] = [
+      ['content-type', 'application/json'],
+      [name, 'x'],
+      [name.toUpperCase(), 'y'],
+      [REMOVED_HEADER, name],
+    ];
+    expect(storedHeaders(pairs)).toEqual([['content-type', 'application/json']]);
+  });
+
+  it.each(STORED)('keeps %s, lower-cased', (name) => {
+    expect(isStoredHeader(name.toLowerCase())).toBe(true);
+    expect(storedHeaders([[name, 'v']])).toEqual([[name.toLowerCase(), 'v']]);
+    expect(storedHeaders([[REMOVED_HEADER, name.toLowerCase()]])).toEqual([[REMOVED_HEADER, name.toLowerCase()]]);
+  });
+
+  it('returns a list that is already as stored unchanged, the same array', () => {
+    const pairs: HeaderPair[] = [
+      ['content-type', 'application/json'],
+      ['x-request-id', '1'],
+      [REMOVED_HEADER, 'x-powered-by'],
+    ];
+    expect(storedHeaders(pairs)).toBe(pairs);
+  });
+
+  it('lower-cases a name with one upper-case letter anywhere in it', () => {
+    for (const name of ['Etag', 'etaG', 'x-Id', 'X-ID']) {
+      expect(storedHeaders([[name, 'v']])).toEqual([[name.toLowerCase(), 'v']]);
+    }
+  });
+});
