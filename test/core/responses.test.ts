@@ -18,7 +18,18 @@ const UNSTORED = [
 ];
 
 /** Names of the same lengths as unstored ones, and others: each must be stored. */
-const STORED = ['content-type', 'etag', 'vary', 'location', 'x-trailer', 'tE-x', 'dates', 'x-upgrade', 'link', 'age'];
+const STORED = [
+  'content-type',
+  'etag',
+  'vary',
+  'location',
+  'x-trailer',
+  'tE-x',
+  'dates',
+  'x-upgrade',
+  'link',
+  'age',
+];
 
 describe('storedHeaders', () => {
   it.each(UNSTORED)('leaves out %s, in any case, and its removal', (name) => {
@@ -35,7 +46,9 @@ describe('storedHeaders', () => {
   it.each(STORED)('keeps %s, lower-cased', (name) => {
     expect(isStoredHeader(name.toLowerCase())).toBe(true);
     expect(storedHeaders([[name, 'v']])).toEqual([[name.toLowerCase(), 'v']]);
-    expect(storedHeaders([[REMOVED_HEADER, name.toLowerCase()]])).toEqual([[REMOVED_HEADER, name.toLowerCase()]]);
+    expect(storedHeaders([[REMOVED_HEADER, name.toLowerCase()]])).toEqual([
+      [REMOVED_HEADER, name.toLowerCase()],
+    ]);
   });
 
   it('returns a list that is already as stored unchanged, the same array', () => {
