@@ -3,7 +3,7 @@
  * Hono has (`app.request()`, the body cache, `c.error`, `c.get('idempotency')`).
  */
 import { randomUUID } from 'node:crypto';
-import { createServer } from 'node:http';
+import { createServer, request as httpRequest } from 'node:http';
 import { getRequestListener } from '@hono/node-server';
 import { Hono } from 'hono';
 import { bodyLimit } from 'hono/body-limit';
@@ -220,6 +220,53 @@ describe('Hono middleware specifics', () => {
       }
       expect((await send(key, body.replace('2', '3'), 'application/json')).status).toBe(422);
       expect(runs).toBe(1);
+    } finally {
+      await server.close();
+    }
+  });
+
+  it('on @hono/node-server, fingerprints the path and query string alike for origin-form and absolute-form targets', async () => {
+    const hono = app();
+    let runs = 0;
+    hono.post('/orders', (c) => c.json({ run: ++runs, query: c.req.query('x') }, 201));
+    const server = await listen(createServer(getRequestListener(hono.fetch)));
+    try {
+      const { port } = new URL(server.url);
+      // A request line with an absolute URL, as a client sends it to a forward proxy (RFC 9112 §3.2.2).
+      const send = (key: string, target: string) =>
+        new Promise<{ status: number; replayed: string | undefined; text: string }>((resolve, reject) => {
+          const request = httpRequest(
+            { host: '127.0.0.1', port, method: 'POST', path: target, headers: { 'idempotency-key': key } },
+            (response) => {
+              let text = '';
+              response.setEncoding('utf8');
+              response.on('data', (chunk: string) => {
+                text += chunk;
+              });
+              response.on('end', () =>
+                resolve({
+                  status: response.statusCode ?? 0,
+                  replayed: response.headers['idempotent-replayed'] as string | undefined,
+                  text,
+                }),
+              );
+            },
+          );
+          request.on('error', reject);
+          request.end();
+        });
+      const key = randomUUID();
+      const first = await send(key, `http://127.0.0.1:${port}/orders?x=1`);
+      expect(first.status).toBe(201);
+      const replay = await send(key, '/orders?x=1');
+      expect(replay.replayed).toBe('true');
+      expect(replay.text).toBe(first.text);
+      expect((await send(key, `http://127.0.0.1:${port}/orders?x=2`)).status).toBe(422);
+      expect((await send(key, '/orders?x=2')).status).toBe(422);
+      const other = randomUUID();
+      expect((await send(other, '/orders?x=3')).status).toBe(201);
+      expect((await send(other, `http://127.0.0.1:${port}/orders?x=3`)).replayed).toBe('true');
+      expect(runs).toBe(2);
     } finally {
       await server.close();
     }
