@@ -325,4 +325,45 @@ describe('fingerprints that cannot merge two requests', () => {
     expect(JSON.parse(result.text)).toEqual({ code: 'ERR_IDEMPOTENCY_BODY' });
     expect(runs).toBe(0);
   });
+
+  it('refuses a multipart body a parser consumed first, its fields in req.body and its files elsewhere, naming why', async () => {
+    const app = express();
+    // As multer does: the stream read, the fields in req.body, the files in req.files.
+    app.use((req, _res, next) => {
+      req.on('data', () => {});
+      req.on('end', () => {
+        req.body = { note: 'scan' };
+        next();
+      });
+    });
+    app.use(idempotencyHeader({ backend: new MemoryBackend() }));
+    let runs = 0;
+    app.post('/uploads', (_req, res) => {
+      runs++;
+      res.status(201).json({ run: runs });
+    });
+    app.use(
+      (
+        error: { code?: string; message?: string },
+        _req: express.Request,
+        res: express.Response,
+        _next: express.NextFunction,
+      ) => {
+        res.status(500).json({ code: error.code, message: error.message });
+      },
+    );
+    const server = await serve(app);
+    const boundary = '----formdata-undici-0123';
+    const result = await send(`${server.url}/uploads`, {
+      key: randomUUID(),
+      headers: { 'content-type': `multipart/form-data; boundary=${boundary}` },
+      body: `--${boundary}\r\nContent-Disposition: form-data; name="note"\r\n\r\nscan\r\n--${boundary}--\r\n`,
+    });
+    expect(result.status).toBe(500);
+    expect(JSON.parse(result.text)).toEqual({
+      code: 'ERR_IDEMPOTENCY_BODY',
+      message: expect.stringMatching(/multipart.*files.*mount the idempotency middleware before that parser/),
+    });
+    expect(runs).toBe(0);
+  });
 });

@@ -3,7 +3,7 @@ import type { Context, Middleware, Next } from 'koa';
 import { captureBody, finishWithBody, handlerHeaders, watchConnection } from '../core/capture.js';
 import type { IdempotencyEngine, RequestIdempotency, Ticket } from '../core/engine.js';
 import { IdempotencyError } from '../core/errors.js';
-import { isMultipart, type RequestBody } from '../core/fingerprint.js';
+import { consumedMultipart, isMultipart, type RequestBody } from '../core/fingerprint.js';
 import { nodeRequestHeader } from '../core/key.js';
 import type { IdempotencyOptions } from '../core/options.js';
 import { type EngineReply, REMOVED_HEADER } from '../core/responses.js';
@@ -120,13 +120,11 @@ async function requestBody(ctx: Context, limit: number): Promise<RequestBody | t
   // A parser that ran first took the stream and left the value it parsed; one that skipped this content type
   // (`@koa/bodyparser` leaves `{}` then) left the stream as it was, and the bytes are read from it.
   if (req.readableEnded) {
-    const multipart = isMultipart(req.headers['content-type']);
-    if (request.body !== undefined && !multipart) return request.body as RequestBody;
+    if (isMultipart(req.headers['content-type'])) throw consumedMultipart();
+    if (request.body !== undefined) return request.body as RequestBody;
     throw new IdempotencyError(
       'ERR_IDEMPOTENCY_BODY',
-      multipart
-        ? 'The multipart request body was consumed by a parser that keeps its fields but not its files, so it cannot be fingerprinted: mount the idempotency middleware before that parser, or pass a `fingerprint` function'
-        : 'The request body was consumed by a middleware that left neither `ctx.request.body` nor `ctx.request.rawBody`, so it cannot be fingerprinted: mount the idempotency middleware before it, or pass a `fingerprint` function',
+      'The request body was consumed by a middleware that left neither `ctx.request.body` nor `ctx.request.rawBody`, so it cannot be fingerprinted: mount the idempotency middleware before it, or pass a `fingerprint` function',
     );
   }
   if (Number(req.headers['content-length']) > limit) return BODY_TOO_LARGE;

@@ -50,6 +50,20 @@ export function isMultipart(contentType: string | undefined): boolean {
   return contentType !== undefined && MULTIPART.test(contentType);
 }
 
+/**
+ * The error for a multipart body a parser consumed before the adapter could read it: what the parser left (its
+ * fields) holds no trace of the files, and two uploads that differ only in their files would look alike.
+ * `remedy` says, in the framework's terms, how to let the adapter read the body first.
+ */
+export function consumedMultipart(
+  remedy = 'mount the idempotency middleware before that parser',
+): IdempotencyError {
+  return new IdempotencyError(
+    'ERR_IDEMPOTENCY_BODY',
+    `The multipart request body was consumed by a parser before the idempotency middleware could read it, and what the parser left holds no trace of its files, so it cannot be fingerprinted: ${remedy}, or pass a \`fingerprint\` function`,
+  );
+}
+
 /** The `boundary` parameter of a multipart `Content-Type` (RFC 2046), or `undefined` for any other type. */
 export function multipartBoundary(contentType: string | undefined): string | undefined {
   if (contentType === undefined || !isMultipart(contentType)) return undefined;

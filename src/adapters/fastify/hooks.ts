@@ -9,8 +9,7 @@ import type {
 } from 'fastify';
 import { captureBody, type HeaderRecordValue, handlerHeaders, watchConnection } from '../../core/capture.js';
 import { type BeginResult, type IdempotencyEngine, isPromise, type Ticket } from '../../core/engine.js';
-import { IdempotencyError } from '../../core/errors.js';
-import { isMultipart, isParsedValue, type RequestBody } from '../../core/fingerprint.js';
+import { consumedMultipart, isMultipart, isParsedValue, type RequestBody } from '../../core/fingerprint.js';
 import { createMediaTypeMatcher, JSON_MEDIA_TYPES } from '../../core/media-type.js';
 import { ownSymbol } from '../../core/own-symbol.js';
 import { type EngineReply, headerValue, REMOVED_HEADER } from '../../core/responses.js';
@@ -90,20 +89,16 @@ export function fingerprintBody(
   const leftInStream =
     (parsed === undefined || parsed === raw) && hasBody(raw) && !raw.readableEnded && !raw.readableDidRead;
   if (leftInStream) return readRequestBody(raw, limit);
-  if (isParsedValue(parsed) && isMultipart(request.headers['content-type']))
-    return Promise.reject(parsedMultipart());
+  // The plugin reads a multipart body in `preParsing` on the routes declared once a multipart parser was
+  // registered; a route declared before gets the parser's fields only.
+  if (isParsedValue(parsed) && isMultipart(request.headers['content-type'])) {
+    return Promise.reject(
+      consumedMultipart(
+        'register the multipart parser (such as `@fastify/multipart`, awaited) before declaring the routes',
+      ),
+    );
+  }
   return parsed;
-}
-
-/**
- * The plugin reads a multipart body in `preParsing` on the routes declared once a multipart parser was
- * registered; a route declared before gets the parser's fields only.
- */
-function parsedMultipart(): IdempotencyError {
-  return new IdempotencyError(
-    'ERR_IDEMPOTENCY_BODY',
-    'The multipart request body was parsed into fields before the idempotency plugin could read it, so it cannot be fingerprinted: register the multipart parser (such as `@fastify/multipart`, awaited) before declaring the routes, or pass a `fingerprint` function',
-  );
 }
 
 /**

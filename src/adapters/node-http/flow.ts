@@ -1,7 +1,7 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { type BeginResult, IdempotencyEngine, isPromise } from '../../core/engine.js';
 import { IdempotencyError } from '../../core/errors.js';
-import type { RequestBody } from '../../core/fingerprint.js';
+import { consumedMultipart, isMultipart, type RequestBody } from '../../core/fingerprint.js';
 import { nodeRequestHeader } from '../../core/key.js';
 import type { IdempotencyOptions } from '../../core/options.js';
 import { type EngineReply, REMOVED_HEADER } from '../../core/responses.js';
@@ -58,7 +58,8 @@ export function handleNodeRequest<Req extends IncomingMessage>(
     return begin(engine, req, res, url, key, seen, startedAt, next, fail, answer);
   }
   if (!hasBody(req)) return begin(engine, req, res, url, key, EMPTY_BODY, startedAt, next, fail, answer);
-  if (req.readableEnded) return fail(unseenBody());
+  if (req.readableEnded)
+    return fail(isMultipart(req.headers['content-type']) ? consumedMultipart() : unseenBody());
   const limit = engine.maxRequestBytes;
   if (Number(req.headers['content-length']) > limit) {
     return answer(res, engine.bodyTooLarge(method, startedAt));

@@ -55,8 +55,11 @@ export async function sharedBackends(what: string): Promise<SharedBackendKind[]>
       enabled: await requirePostgres(`${what} on PostgreSQL`),
       async setup(label) {
         const { backend, table, teardown } = await createPostgresBackend(label);
-        const env = { CHAOS_BACKEND: 'postgres', DATABASE_URL: POSTGRES_URL, IDEMPOTENCY_TABLE: table };
-        return { env, backend, close: teardown };
+        return {
+          env: { CHAOS_BACKEND: 'postgres', DATABASE_URL: POSTGRES_URL, IDEMPOTENCY_TABLE: table },
+          backend,
+          close: teardown,
+        };
       },
     },
     {
