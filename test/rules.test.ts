@@ -298,63 +298,27 @@ describe('fingerprints that cannot merge two requests', () => {
   });
 
   it('refuses to guess a body a parser consumed without a trace, rather than fingerprinting it as empty', async () => {
-    const app = express();
-    app.use((req, _res, next) => {
+    const { url, handler } = await serveWithParserFirst('/orders', (req, _res, next) => {
       req.on('data', () => {});
       req.on('end', () => next());
     });
-    app.use(idempotencyHeader({ backend: new MemoryBackend() }));
-    let runs = 0;
-    app.post('/orders', (_req, res) => {
-      runs++;
-      res.status(201).json({ run: runs });
-    });
-    app.use(
-      (
-        error: { code?: string },
-        _req: express.Request,
-        res: express.Response,
-        _next: express.NextFunction,
-      ) => {
-        res.status(500).json({ code: error.code });
-      },
-    );
-    const server = await serve(app);
-    const result = await send(`${server.url}/orders`, { key: randomUUID(), body: { amount: 1 } });
+    const result = await send(`${url}/orders`, { key: randomUUID(), body: { amount: 1 } });
     expect(result.status).toBe(500);
-    expect(JSON.parse(result.text)).toEqual({ code: 'ERR_IDEMPOTENCY_BODY' });
-    expect(runs).toBe(0);
+    expect(JSON.parse(result.text).code).toBe('ERR_IDEMPOTENCY_BODY');
+    expect(handler.runs).toBe(0);
   });
 
   it('refuses a multipart body a parser consumed first, its fields in req.body and its files elsewhere, naming why', async () => {
-    const app = express();
     // As multer does: the stream read, the fields in req.body, the files in req.files.
-    app.use((req, _res, next) => {
+    const { url, handler } = await serveWithParserFirst('/uploads', (req, _res, next) => {
       req.on('data', () => {});
       req.on('end', () => {
         req.body = { note: 'scan' };
         next();
       });
     });
-    app.use(idempotencyHeader({ backend: new MemoryBackend() }));
-    let runs = 0;
-    app.post('/uploads', (_req, res) => {
-      runs++;
-      res.status(201).json({ run: runs });
-    });
-    app.use(
-      (
-        error: { code?: string; message?: string },
-        _req: express.Request,
-        res: express.Response,
-        _next: express.NextFunction,
-      ) => {
-        res.status(500).json({ code: error.code, message: error.message });
-      },
-    );
-    const server = await serve(app);
     const boundary = '----formdata-undici-0123';
-    const result = await send(`${server.url}/uploads`, {
+    const result = await send(`${url}/uploads`, {
       key: randomUUID(),
       headers: { 'content-type': `multipart/form-data; boundary=${boundary}` },
       body: `--${boundary}\r\nContent-Disposition: form-data; name="note"\r\n\r\nscan\r\n--${boundary}--\r\n`,
@@ -364,6 +328,36 @@ describe('fingerprints that cannot merge two requests', () => {
       code: 'ERR_IDEMPOTENCY_BODY',
       message: expect.stringMatching(/multipart.*files.*mount the idempotency middleware before that parser/),
     });
-    expect(runs).toBe(0);
+    expect(handler.runs).toBe(0);
   });
 });
+
+/**
+ * An Express app with `parser` mounted before the middleware and one POST route at `path`, whose error handler
+ * answers 500 with the error's code and message; `handler.runs` counts the route's runs.
+ */
+async function serveWithParserFirst(
+  path: string,
+  parser: express.RequestHandler,
+): Promise<{ url: string; handler: { runs: number } }> {
+  const app = express();
+  app.use(parser);
+  app.use(idempotencyHeader({ backend: new MemoryBackend() }));
+  const handler = { runs: 0 };
+  app.post(path, (_req, res) => {
+    handler.runs++;
+    res.status(201).json({ run: handler.runs });
+  });
+  app.use(
+    (
+      error: { code?: string; message?: string },
+      _req: express.Request,
+      res: express.Response,
+      _next: express.NextFunction,
+    ) => {
+      res.status(500).json({ code: error.code, message: error.message });
+    },
+  );
+  const server = await serve(app);
+  return { url: server.url, handler };
+}

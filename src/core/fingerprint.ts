@@ -145,16 +145,17 @@ function rawBytes(body: object | null): Uint8Array | undefined {
  * A parsed body is made of plain objects and arrays, most often already in order or a few keys away from it: it
  * is then serialised by one native `JSON.stringify` of the value itself, or of a copy with its keys inserted in
  * order, several times faster than building the string here. Anything else (a `toJSON`, a class instance, an
- * integer-like key, which objects always list first) is written member by member.
+ * integer-like key, which objects always list first) is written member by member, as is a value nested deeper
+ * than the call stack goes.
  */
 export function canonicalJson(value: unknown): string {
   try {
     const ordered = inKeyOrder(value);
-    if (ordered === UNORDERABLE) return canonicalJsonByHand(value);
+    if (ordered === UNORDERABLE) return canonicalJsonByMember(value);
     return JSON.stringify(ordered) ?? 'null';
   } catch (error) {
     // Nested deeper than the call stack goes: a body parser accepts `[[[…]]]` thousands deep in a few kilobytes.
-    if (error instanceof RangeError) return canonicalJsonWithoutRecursion(value);
+    if (error instanceof RangeError) return canonicalJsonByMember(value);
     throw error;
   }
 }
@@ -224,39 +225,10 @@ function isDigit(code: number): boolean {
   return code >= 48 && code <= 57;
 }
 
-/**
- * {@link canonicalJson}, built member by member: for values `JSON.stringify` would not write in key order, and the
- * plain form the faster one is tested against.
- */
-export function canonicalJsonByHand(value: unknown): string {
-  if (value === null || typeof value !== 'object') return JSON.stringify(value) ?? 'null';
-  const withToJson = value as { toJSON?: () => unknown };
-  if (typeof withToJson.toJSON === 'function') return canonicalJsonByHand(withToJson.toJSON());
-  if (Array.isArray(value)) {
-    let out = '[';
-    for (let i = 0; i < value.length; i++) out += (i === 0 ? '' : ',') + canonicalJsonMember(value[i]);
-    return `${out}]`;
-  }
-  const record = value as Record<string, unknown>;
-  let out = '{';
-  let first = true;
-  for (const name of Object.keys(record).sort()) {
-    const member = record[name];
-    if (isSkipped(member)) continue;
-    out += `${first ? '' : ','}${JSON.stringify(name)}:${canonicalJsonByHand(member)}`;
-    first = false;
-  }
-  return `${out}}`;
-}
-
-function canonicalJsonMember(value: unknown): string {
-  return isSkipped(value) ? 'null' : canonicalJsonByHand(value);
-}
-
-/** {@link canonicalJsonWithoutRecursion}'s mark for no value waiting to be written. */
+/** {@link canonicalJsonByMember}'s mark for no value waiting to be written. */
 const NOTHING: unique symbol = Symbol('nothing');
 
-/** An array or object being written by {@link canonicalJsonWithoutRecursion}: where it is up to. */
+/** An array or object being written by {@link canonicalJsonByMember}: where it is up to. */
 type OpenValue =
   | { readonly items: readonly unknown[]; next: number }
   | {
@@ -267,10 +239,11 @@ type OpenValue =
     };
 
 /**
- * {@link canonicalJsonByHand}'s output, written with a stack of its own instead of the call stack: for values
- * nested too deeply to recurse into. A value that contains itself cannot be written, and is refused.
+ * {@link canonicalJson}, written member by member with a stack of its own rather than the call stack, so that no
+ * depth of nesting is too deep: for values `JSON.stringify` would not write in key order, and those nested too
+ * deeply for {@link inKeyOrder} to recurse into. A value that contains itself cannot be written, and is refused.
  */
-export function canonicalJsonWithoutRecursion(value: unknown): string {
+export function canonicalJsonByMember(value: unknown): string {
   const open: OpenValue[] = [];
   const onPath = new Set<object>();
   let out = '';

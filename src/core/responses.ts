@@ -82,14 +82,18 @@ export function isStoredHeader(lowerName: string): boolean {
 }
 
 /**
- * The lengths of the names in {@link UNSTORED_HEADERS}, one bit each: most names are told apart by their length
- * alone, without hashing them for the set (a name built per response has no hash yet).
+ * The lengths of the names in {@link UNSTORED_HEADERS}, one bit each (a name of 31 units or more sets the last
+ * bit): most names are told apart by their length alone, without hashing them for the set (a name built per
+ * response has no hash yet).
  */
-const UNSTORED_LENGTHS = [...UNSTORED_HEADERS].reduce((bits, name) => bits | (1 << name.length), 0);
+const UNSTORED_LENGTHS = [...UNSTORED_HEADERS].reduce((bits, name) => bits | lengthBit(name.length), 0);
+
+function lengthBit(length: number): number {
+  return 1 << Math.min(length, 31);
+}
 
 function isUnstored(lowerName: string): boolean {
-  const length = lowerName.length;
-  return length < 32 && ((UNSTORED_LENGTHS >>> length) & 1) === 1 && UNSTORED_HEADERS.has(lowerName);
+  return (UNSTORED_LENGTHS & lengthBit(lowerName.length)) !== 0 && UNSTORED_HEADERS.has(lowerName);
 }
 
 /** Whether a header name has no upper-case ASCII letter: a loop, cheaper than a lower-cased copy to compare. */

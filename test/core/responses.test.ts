@@ -29,6 +29,9 @@ const STORED = [
   'x-upgrade',
   'link',
   'age',
+  // Longer than the length bits go: 31 units and more.
+  'x-a-header-name-of-31-code-unit',
+  'access-control-allow-credentials',
 ];
 
 describe('storedHeaders', () => {
