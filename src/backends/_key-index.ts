@@ -1,5 +1,5 @@
 /**
- * Where {@link MemoryBackend} finds each key's entry: a hash table of small integers in typed arrays, not a `Map`
+ * Where {@link MemoryBackend} finds each key's entry: a hash table of small integers in a typed array, not a `Map`
  * of strings.
  *
  * A key lives as long as its record, often for a day. Kept as a `Map` key, each one was a string the young
@@ -41,8 +41,12 @@ export function hashKey(key: string): number {
 export class KeyIndex {
   readonly #owner: KeyOwner;
   readonly #hash: (key: string) => number;
-  #hashes = new Int32Array(FIRST_CAPACITY);
-  #values = new Int32Array(FIRST_CAPACITY);
+  /**
+   * The slots, each two numbers side by side: the key's hash at `2 * slot`, its entry's number after it. One
+   * array rather than two, so that a lookup in a table larger than the CPU's caches misses once, not twice.
+   */
+  #slots = new Int32Array(2 * FIRST_CAPACITY);
+  /** Slots in the table, less one: a hash's slot is `hash & mask`. */
   #mask = FIRST_CAPACITY - 1;
   /** Entries in the table. */
   #count = 0;
@@ -64,7 +68,7 @@ export class KeyIndex {
   /** The key's entry number, `undefined` when the key has none. */
   get(key: string): number | undefined {
     const slot = this.#slotOf(key, this.#hashOf(key));
-    if (slot !== -1) return this.#values[slot];
+    if (slot !== -1) return this.#slots[2 * slot + 1];
     return this.#overflow.size === 0 ? undefined : this.#overflow.get(key);
   }
 
@@ -73,7 +77,7 @@ export class KeyIndex {
     const hash = this.#hashOf(key);
     const slot = this.#slotOf(key, hash);
     if (slot !== -1) {
-      this.#values[slot] = value;
+      this.#slots[2 * slot + 1] = value;
       return;
     }
     const overflow = this.#overflow;
@@ -81,7 +85,7 @@ export class KeyIndex {
       overflow.set(key, value);
       return;
     }
-    if ((this.#count + 1) * 2 > this.#hashes.length) this.#grow();
+    if ((this.#count + 1) * 2 > this.#mask + 1) this.#grow();
     if (this.#place(hash, value)) this.#count++;
     else overflow.set(key, value);
   }
@@ -97,16 +101,14 @@ export class KeyIndex {
   /** Every entry number, in no particular order. Change the index only after. */
   values(): number[] {
     const values: number[] = [];
-    const hashes = this.#hashes;
-    for (let slot = 0; slot < hashes.length; slot++)
-      if (hashes[slot] !== EMPTY) values.push(this.#values[slot]!);
+    const slots = this.#slots;
+    for (let at = 0; at < slots.length; at += 2) if (slots[at] !== EMPTY) values.push(slots[at + 1]!);
     for (const value of this.#overflow.values()) values.push(value);
     return values;
   }
 
   clear(): void {
-    this.#hashes = new Int32Array(FIRST_CAPACITY);
-    this.#values = new Int32Array(FIRST_CAPACITY);
+    this.#slots = new Int32Array(2 * FIRST_CAPACITY);
     this.#mask = FIRST_CAPACITY - 1;
     this.#count = 0;
     this.#overflow = new Map();
@@ -126,24 +128,24 @@ export class KeyIndex {
 
   /** The slot that holds the key, or -1. */
   #slotOf(key: string, hash: number): number {
-    const hashes = this.#hashes;
+    const slots = this.#slots;
     const mask = this.#mask;
     for (let probe = 0, slot = hash & mask; probe < MOST_PROBES; probe++, slot = (slot + 1) & mask) {
-      const found = hashes[slot];
+      const found = slots[2 * slot];
       if (found === EMPTY) return -1;
-      if (found === hash && this.#owner.isKeyOf(this.#values[slot]!, key)) return slot;
+      if (found === hash && this.#owner.isKeyOf(slots[2 * slot + 1]!, key)) return slot;
     }
     return -1;
   }
 
   /** Puts an entry in the first empty slot near its hash's; whether there was one. */
   #place(hash: number, value: number): boolean {
-    const hashes = this.#hashes;
+    const slots = this.#slots;
     const mask = this.#mask;
     for (let probe = 0, slot = hash & mask; probe < MOST_PROBES; probe++, slot = (slot + 1) & mask) {
-      if (hashes[slot] === EMPTY) {
-        hashes[slot] = hash;
-        this.#values[slot] = value;
+      if (slots[2 * slot] === EMPTY) {
+        slots[2 * slot] = hash;
+        slots[2 * slot + 1] = value;
         return true;
       }
     }
@@ -155,36 +157,34 @@ export class KeyIndex {
    * so that no lookup meets an empty slot before the entry it looks for.
    */
   #remove(slot: number): void {
-    const hashes = this.#hashes;
-    const values = this.#values;
+    const slots = this.#slots;
     const mask = this.#mask;
     let free = slot;
-    for (let next = (slot + 1) & mask; hashes[next] !== EMPTY; next = (next + 1) & mask) {
-      const home = hashes[next]! & mask;
+    for (let next = (slot + 1) & mask; slots[2 * next] !== EMPTY; next = (next + 1) & mask) {
+      const home = slots[2 * next]! & mask;
       // The entry stays when its home lies after the free slot, up to where it is (cyclically).
       const stays = free <= next ? free < home && home <= next : free < home || home <= next;
       if (stays) continue;
-      hashes[free] = hashes[next]!;
-      values[free] = values[next]!;
+      slots[2 * free] = slots[2 * next]!;
+      slots[2 * free + 1] = slots[2 * next + 1]!;
       free = next;
     }
-    hashes[free] = EMPTY;
+    slots[2 * free] = EMPTY;
     this.#count--;
   }
 
   /** Doubles the table; an entry that finds no slot near its hash's in the new one goes to the overflow map. */
   #grow(): void {
-    const hashes = this.#hashes;
-    const values = this.#values;
-    this.#hashes = new Int32Array(hashes.length * 2);
-    this.#values = new Int32Array(hashes.length * 2);
-    this.#mask = hashes.length * 2 - 1;
+    const slots = this.#slots;
+    this.#slots = new Int32Array(slots.length * 2);
+    this.#mask = slots.length - 1;
     this.#count = 0;
-    for (let slot = 0; slot < hashes.length; slot++) {
-      const hash = hashes[slot]!;
+    for (let at = 0; at < slots.length; at += 2) {
+      const hash = slots[at]!;
       if (hash === EMPTY) continue;
-      if (this.#place(hash, values[slot]!)) this.#count++;
-      else this.#overflow.set(this.#owner.keyOf(values[slot]!), values[slot]!);
+      const value = slots[at + 1]!;
+      if (this.#place(hash, value)) this.#count++;
+      else this.#overflow.set(this.#owner.keyOf(value), value);
     }
   }
 }
