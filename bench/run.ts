@@ -11,11 +11,15 @@
  * every variant, in reverse order every other round, so that drift in the machine falls on all of them; each
  * figure is the median over rounds, its ratio the median of ratios to the bare framework in the same round.
  * Beside it, a race check: 20 simultaneous identical POSTs per variant, and how many times the handler ran.
- * Parts (`*-noop`, `*-nostore`, `*-keysonly`), measured only when named with --variants and in `fresh` mode only,
- * show where the cost of ours lies: any middleware at all, the engine and adapter alone, a Map of every key.
+ * Parts (`*-noop`, `*-nostore`, `*-keysonly`, `hono-skeleton`, `hono-lockonly`), measured only when named with
+ * --variants and in `fresh` mode only, show where the cost of ours lies: any middleware at all, the engine and
+ * adapter alone, a Map of every key; on Hono, a middleware doing what ours does around the handler without the
+ * engine, and `MemoryBackend` taking each key's lock but storing no record. With --rate the load is fixed (that
+ * many requests a second over all connections) rather than as fast as the server answers: every server then meets
+ * the same client, and the server CPU per request is the figure to compare.
  *
  * Usage: npm run bench [-- --quick] [-- --variants express-redis,powertools-redis --modes fresh,replay]
- *   [--rounds 2 --warmup 3 --duration 8 --connections 50] [--no-race] [--redis-url redis://…] [--out path]
+ *   [--rounds 2 --warmup 3 --duration 8 --connections 50] [--rate 25000] [--no-race] [--redis-url redis://…] [--out path]
  *   [--dist dir] (another build of the package, e.g. of an earlier commit, to compare)
  * Writes <out>.md, <out>.svg and <out>.json (default bench/results/latest; bench/results/partial for a --quick
  * or filtered run).
@@ -168,6 +172,8 @@ const VARIANTS: Variant[] = [
       ['hono-nostore', 'ours, Hono + a backend keeping nothing'],
       ['fastify-keysonly', 'ours, Fastify + a backend keeping only keys'],
       ['hono-keysonly', 'ours, Hono + a backend keeping only keys'],
+      ['hono-skeleton', 'Hono + a middleware doing what ours does around the handler'],
+      ['hono-lockonly', 'ours, Hono + MemoryBackend storing no record'],
     ] as const
   ).map(
     ([name, label]): Variant => ({
@@ -217,6 +223,7 @@ const { values } = parseArgs({
     warmup: { type: 'string' },
     duration: { type: 'string' },
     connections: { type: 'string' },
+    rate: { type: 'string' },
     'no-race': { type: 'boolean', default: false },
     'redis-url': { type: 'string' },
     out: { type: 'string' },
@@ -236,6 +243,8 @@ const rounds = Math.floor(positive('rounds', values.rounds, quick ? QUICK.rounds
 const warmup = positive('warmup', values.warmup, quick ? QUICK.warmup : DEFAULTS.warmup);
 const duration = positive('duration', values.duration, quick ? QUICK.duration : DEFAULTS.duration);
 const connections = Math.floor(positive('connections', values.connections, DEFAULTS.connections));
+/** Requests a second over all connections, when the load is fixed rather than as fast as the server answers. */
+const rate = values.rate === undefined ? undefined : Math.floor(positive('rate', values.rate, 1));
 const modes = (values.modes?.split(',') ?? (quick ? QUICK.modes : [...MODES])) as Mode[];
 for (const mode of modes) if (!MODES.includes(mode)) throw new Error(`unknown mode ${mode}; known: ${MODES}`);
 const wanted =
@@ -620,6 +629,7 @@ function load(port: number, seconds: number, nextKey: () => string): Promise<aut
     url: `http://127.0.0.1:${port}/orders`,
     method: 'POST',
     connections,
+    ...(rate === undefined ? {} : { overallRate: rate }),
     duration: seconds,
     timeout: 30,
     headers: { 'content-type': 'application/json' },
@@ -1076,7 +1086,7 @@ async function main(): Promise<void> {
   const md = [
     `Measured ${started.toISOString().slice(0, 16).replace('T', ' ')} UTC on ${machineText()}, commit ${gitDescribe()}, with \`${command}\`.`,
     '',
-    `Method: each variant in its own server process on 127.0.0.1, loaded by autocannon from the bench process with ${connections} connections; per measurement a new process, ${warmup} s of warm-up, then ${duration} s measured; ${rounds > 1 ? `${rounds} rounds, every other one in reverse order` : '1 round'}. Figures are medians over rounds; × bare is the median of the ratios to the bare framework measured in the same round and mode. Redis: ${redisPrivate ? 'a private redis-server started by the bench' : redisUrl || '—'}.`,
+    `Method: each variant in its own server process on 127.0.0.1, loaded by autocannon from the bench process with ${connections} connections${rate === undefined ? '' : ` at a fixed ${rate} requests a second`}; per measurement a new process, ${warmup} s of warm-up, then ${duration} s measured; ${rounds > 1 ? `${rounds} rounds, every other one in reverse order` : '1 round'}. Figures are medians over rounds; × bare is the median of the ratios to the bare framework measured in the same round and mode. Redis: ${redisPrivate ? 'a private redis-server started by the bench' : redisUrl || '—'}.`,
     '',
     `Load from other processes during the measured windows: ${median(others).toFixed(2)} cores median (min ${Math.min(...others).toFixed(2)}, max ${Math.max(...others).toFixed(2)}) of ${cpus().length}; load average ${load1.toFixed(2)} at the start, ${loadavg()[0]!.toFixed(2)} at the end.`,
     '',

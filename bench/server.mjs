@@ -182,6 +182,17 @@ function partBackend(keepKeys) {
   };
 }
 
+/** `MemoryBackend` taking and releasing each key's lock, but storing no record: a store that never grows. */
+async function lockOnlyBackend() {
+  const memory = await memoryBackend();
+  return {
+    acquire: (key, fingerprint, leaseMs) => memory.acquire(key, fingerprint, leaseMs),
+    complete: (key, token) => memory.release(key, token),
+    release: (key, token) => memory.release(key, token),
+    renew: (key, token, leaseMs) => memory.renew(key, token, leaseMs),
+  };
+}
+
 const BACKENDS = {
   memory: memoryBackend,
   redis: redisBackend,
@@ -238,12 +249,24 @@ async function honoApp(backend) {
   const { getRequestListener } = await import('@hono/node-server');
   const app = new Hono();
   if (backend === 'noop') app.use('/orders', (_c, next) => next());
+  else if (backend === 'skeleton') app.use('/orders', honoSkeleton);
   else if (backend) {
     const { idempotencyHeader } = await ours('hono');
     app.use('/orders', idempotencyHeader({ backend }));
   }
   app.post('/orders', async (c) => c.json(await work(await c.req.json()), 201));
   return getRequestListener(app.fetch);
+}
+
+/**
+ * What the Hono middleware does around the handler, without the engine: the body read through Hono's cache, a
+ * context variable set, the handler awaited and its response read.
+ */
+async function honoSkeleton(c, next) {
+  await c.req.text();
+  c.set('idempotency', undefined);
+  await next();
+  if (c.res === undefined) throw new Error('no response');
 }
 
 async function koaApp(backend) {
@@ -430,6 +453,8 @@ const VARIANTS = {
   'hono-nostore': () => honoApp(partBackend(false)),
   'fastify-keysonly': () => fastifyApp(partBackend(true)),
   'hono-keysonly': () => honoApp(partBackend(true)),
+  'hono-skeleton': () => honoApp('skeleton'),
+  'hono-lockonly': async () => honoApp(await lockOnlyBackend()),
 };
 
 const build = VARIANTS[variant];
