@@ -19,8 +19,8 @@
  * the same client, and the server CPU per request is the figure to compare.
  *
  * Usage: npm run bench [-- --quick] [-- --variants express-redis,powertools-redis --modes fresh,replay]
- *   [--rounds 2 --warmup 3 --duration 8 --connections 50] [--rate 25000] [--no-race] [--redis-url redis://…] [--out path]
- *   [--dist dir] (another build of the package, e.g. of an earlier commit, to compare)
+ *   [--rounds 2 --warmup 3 --duration 8 --connections 50] [--rate 25000] [--no-race] [--redis-url redis://…]
+ *   [--out path] [--dist dir] (another build of the package, e.g. of an earlier commit, to compare)
  * Writes <out>.md, <out>.svg and <out>.json (default bench/results/latest; bench/results/partial for a --quick
  * or filtered run).
  */
