@@ -82,19 +82,20 @@ export function isStoredHeader(lowerName: string): boolean {
 }
 
 /**
- * The lengths of the names in {@link UNSTORED_HEADERS}, one bit each (a name of 31 units or more sets the last
- * bit): most names are told apart by their length alone, without hashing them for the set (a name built per
+ * Membership in `names`, told apart by length first: one bit per length of the names in it (a name of 31 units or
+ * more sets the last bit), so that most names are answered without hashing them for the set (a name built per
  * response has no hash yet).
  */
-const UNSTORED_LENGTHS = [...UNSTORED_HEADERS].reduce((bits, name) => bits | lengthBit(name.length), 0);
+export function setMembership(names: ReadonlySet<string>): (name: string) => boolean {
+  const lengths = [...names].reduce((bits, name) => bits | lengthBit(name.length), 0);
+  return (name) => (lengths & lengthBit(name.length)) !== 0 && names.has(name);
+}
 
 function lengthBit(length: number): number {
   return 1 << Math.min(length, 31);
 }
 
-function isUnstored(lowerName: string): boolean {
-  return (UNSTORED_LENGTHS & lengthBit(lowerName.length)) !== 0 && UNSTORED_HEADERS.has(lowerName);
-}
+const isUnstored = setMembership(UNSTORED_HEADERS);
 
 /** Whether a header name has no upper-case ASCII letter: a loop, cheaper than a lower-cased copy to compare. */
 function isLowerCase(name: string): boolean {

@@ -98,6 +98,27 @@ describe('KeyIndex', () => {
     );
   });
 
+  it('answers as a Map does once grown, with clusters across the end of the grown table', () => {
+    // 1 500 keys grow the table to 4 096 slots; their hashes point at slots 3 000 to 5 047, so that in the grown
+    // table clusters wrap around its end, and deletes move entries back across it.
+    const hash = (key: string) => 3000 + (hashKey(key) & 2047);
+    const pool = Array.from({ length: 1500 }, (_, i) => `grown-${i}`);
+    const poolKeys = fc.nat(pool.length - 1).map((i) => pool[i]!);
+    const mixed = fc.array(
+      fc.oneof(
+        { weight: 2, arbitrary: poolKeys.map((key) => ({ kind: 'set' as const, key })) },
+        { weight: 2, arbitrary: poolKeys.map((key) => ({ kind: 'get' as const, key })) },
+        { weight: 3, arbitrary: poolKeys.map((key) => ({ kind: 'delete' as const, key })) },
+      ),
+      { minLength: 1000, maxLength: 2000 },
+    );
+    const fill: Operation[] = pool.map((key) => ({ kind: 'set', key }));
+    fc.assert(
+      fc.property(mixed, (sequence) => matchesMap(hash, [...fill, ...sequence])),
+      { numRuns: 10 },
+    );
+  });
+
   it('holds 200 000 keys, growing, and finds each with about one comparison', () => {
     const { index, number, asked } = indexWith();
     const all = Array.from(

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { isStoredHeader, REMOVED_HEADER, storedHeaders } from '../../src/core/responses.js';
+import { isStoredHeader, REMOVED_HEADER, setMembership, storedHeaders } from '../../src/core/responses.js';
 import type { HeaderPair } from '../../src/core/types.js';
 
 const UNSTORED = [
@@ -33,6 +33,25 @@ const STORED = [
   'x-a-header-name-of-31-code-unit',
   'access-control-allow-credentials',
 ];
+
+describe('setMembership', () => {
+  it('finds names of every length, those past the length bits (31 units and more) included', () => {
+    const lengths = [1, 2, 30, 31, 32, 33, 64, 200];
+    const names = lengths.map((length) => 'n'.repeat(length));
+    const isMember = setMembership(new Set(names));
+    for (const name of names) expect(isMember(name), `${name.length} units`).toBe(true);
+    // Same lengths, other names; and lengths no member has.
+    for (const length of lengths) expect(isMember('m'.repeat(length)), `${length} units`).toBe(false);
+    for (const length of [0, 3, 29]) expect(isMember('n'.repeat(length)), `${length} units`).toBe(false);
+  });
+
+  it('answers no for a long name when the set holds only short ones', () => {
+    const isMember = setMembership(new Set(['te', 'date']));
+    expect(isMember('x'.repeat(31))).toBe(false);
+    expect(isMember('x'.repeat(40))).toBe(false);
+    expect(isMember('te')).toBe(true);
+  });
+});
 
 describe('storedHeaders', () => {
   it.each(UNSTORED)('leaves out %s, in any case, and its removal', (name) => {
