@@ -66,7 +66,14 @@ const plugin: FastifyPluginCallback<FastifyIdempotencyOptions> = function idempo
   // Fastify's own registration options are not the engine's.
   const { prefix, logLevel, logSerializers, ...pluginOptions } = options as FastifyIdempotencyOptions &
     Record<'prefix' | 'logLevel' | 'logSerializers', unknown>;
-  const engine = createNodeEngine<FastifyRequest>(pluginOptions);
+  // An invalid option is reported through `done`: thrown here, it would escape `register()` and `ready()` (Fastify
+  // calls a callback plugin outside their promises) and crash the process instead.
+  let engine: Engine;
+  try {
+    engine = createNodeEngine<FastifyRequest>(pluginOptions);
+  } catch (error) {
+    return done(error as Error);
+  }
   const routeEngines = new WeakMap<FastifyRouteIdempotencyOptions, Engine>();
   const engineFor = (override: false | FastifyRouteIdempotencyOptions | undefined): Engine | undefined => {
     if (override === undefined) return engine;

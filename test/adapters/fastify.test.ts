@@ -116,6 +116,30 @@ describe('Fastify plugin specifics', () => {
     );
   });
 
+  it('rejects register() and ready() with the option named when the plugin options are invalid, instead of throwing past them', async () => {
+    const uncaught: unknown[] = [];
+    const onUncaught = (error: unknown) => uncaught.push(error);
+    process.on('uncaughtException', onUncaught);
+    try {
+      const app = Fastify();
+      await expect(
+        app.register(idempotencyHeader, { backend: new MemoryBackend(), expiry: 0 }),
+      ).rejects.toMatchObject({
+        code: 'ERR_IDEMPOTENCY_OPTION',
+        message: expect.stringMatching(/`expiry`/),
+      });
+      const other = Fastify();
+      other.register(idempotencyHeader, {} as never);
+      await expect(other.ready()).rejects.toMatchObject({
+        code: 'ERR_IDEMPOTENCY_OPTION',
+        message: expect.stringMatching(/`backend`/),
+      });
+      expect(uncaught).toEqual([]);
+    } finally {
+      process.off('uncaughtException', onUncaught);
+    }
+  });
+
   it('sends replays through reply, so onSend and onResponse hooks see them', async () => {
     const app = await build();
     const sent: string[] = [];
