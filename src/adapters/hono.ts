@@ -3,9 +3,9 @@ import type { ContentfulStatusCode } from 'hono/utils/http-status';
 import { type ClosingResponse, stopWatchingConnection, watchConnection } from '../core/capture.js';
 import { IdempotencyEngine, isPromise, type RequestIdempotency, type Ticket } from '../core/engine.js';
 import { type NodeRequestHeaders, nodeRequestHeader } from '../core/key.js';
-import { createMediaTypeMatcher, JSON_MEDIA_TYPES } from '../core/media-type.js';
 import type { IdempotencyOptions } from '../core/options.js';
 import { type EngineReply, REMOVED_HEADER } from '../core/responses.js';
+import type { Awaitable } from '../core/types.js';
 import { builtinSha256 } from '../runtime/builtin-sha256.js';
 import { captureResponse, readBody, responseInHand, TOO_LARGE } from './web/response.js';
 
@@ -39,11 +39,10 @@ export interface HonoIdempotencyEnv {
  * runs gets 409, and a key reused for a different request gets 422. Web-standard APIs only (`Request`,
  * `Response`, `crypto.subtle`): it runs on Node.js (`@hono/node-server`), Bun, Deno and Cloudflare Workers.
  *
- * Mount it after authentication and before the routes it protects. It reads the body for the fingerprint through
- * Hono's body cache (`c.req.text()` for a JSON body, as `c.req.json()` reads it; `c.req.arrayBuffer()` for
- * others), so the handler's `c.req.json()`, `c.req.text()` or a validator read it as usual, up to
- * `maxRequestBytes`. The fingerprint's path is the request URL's path and query string. A
- * handler that throws leaves the key free for a retry; the app's `onError` answers as before.
+ * Mount it after authentication and before the routes it protects. It reads the body's bytes for the fingerprint,
+ * up to `maxRequestBytes`, and leaves them for the handler: `c.req.json()`, `c.req.text()`, a validator, and
+ * `c.req.raw.json()` or `c.req.raw.body` read it as usual. The fingerprint's path is the request URL's path and
+ * query string. A handler that throws leaves the key free for a retry; the app's `onError` answers as before.
  *
  * @example
  * ```ts
@@ -127,6 +126,11 @@ function nodeRequest(c: Context): NodeRequest | undefined {
 /** The `node:http` request's headers, and its target as the request line gave it. */
 interface NodeRequest extends NodeRequestHeaders {
   url?: string;
+  /** The body, where the host or this middleware read it first: `@hono/node-server` reads it from here then. */
+  rawBody?: unknown;
+  readableDidRead?: boolean;
+  readableEnded?: boolean;
+  on?: unknown;
 }
 
 /**
@@ -218,29 +222,92 @@ function reply(c: Context, answer: EngineReply): Response {
 }
 
 /**
- * The request body for the fingerprint, read the way the handler will read it: through Hono's body cache, so
- * that `c.req.json()` and validators find it there. A JSON body with a length is read as text, which is what
- * `c.req.json()` parses: no `ArrayBuffer` is made for it, and the handler's read finds the text in the cache (its
- * fingerprint is the UTF-8 of that text: the body's own bytes when they are UTF-8, as JSON must be). A body that
- * announces no length (chunked) is read from the stream within the limit and put in the cache; a body an earlier
- * middleware read comes from the cache, under that middleware's own limit.
+ * The request body's bytes for the fingerprint, left for the handler to read as if nobody had (`c.req.json()`, a
+ * validator, `c.req.raw.json()`, `c.req.raw.body`), up to `maxRequestBytes`. A body an earlier middleware read
+ * comes from Hono's cache, under that middleware's own limit. The bytes as they came, never text decoded and
+ * encoded again: two bodies that differ only in bytes that are not UTF-8 are two requests.
  */
 function readRequestBody(
   c: Context,
-  incoming: NodeRequestHeaders | undefined,
+  incoming: NodeRequest | undefined,
   limit: number,
-): Promise<Uint8Array | string | typeof TOO_LARGE> | typeof TOO_LARGE {
+): Awaitable<Uint8Array | typeof TOO_LARGE> {
   // Hono keeps promises in its cache (typed as the methods that make them).
   const cache = c.req.bodyCache as Record<string, unknown>;
   for (const _read in cache) return c.req.arrayBuffer().then((read) => new Uint8Array(read));
   const length = singleHeader(c, incoming, 'content-length') ?? null;
   if (length !== null && Number(length) > limit) return TOO_LARGE;
-  // Hono's own promise, handed on as it is: wrapping it would cost the request more turns of the event loop.
-  if (length !== null && isJsonBody(singleHeader(c, incoming, 'content-type'))) return c.req.text();
-  return readBytes(c, cache, length, limit);
+  return (incoming !== undefined && readNodeBody(incoming, limit)) || readBytes(c, cache, length, limit);
 }
 
-/** A body that is not JSON with a length: its bytes, through the cache or from the stream within the limit. */
+/**
+ * On `@hono/node-server`: the body read from the `node:http` request and kept as its `rawBody`, which
+ * `@hono/node-server` serves every later read of the request from (`c.req.text()`, `c.req.raw.json()`,
+ * `c.req.raw.body`, `formData()`), as it does for hosts that read the body first (Google Cloud Functions). A
+ * `rawBody` already there is used as it is. `undefined` when the stream is not there to read (not Node.js's, or
+ * read by someone else): the body is then read through the `Request`.
+ */
+function readNodeBody(
+  incoming: NodeRequest,
+  limit: number,
+): Uint8Array | typeof TOO_LARGE | Promise<Uint8Array | typeof TOO_LARGE> | undefined {
+  const kept = incoming.rawBody;
+  if (kept instanceof Uint8Array) return kept.byteLength > limit ? TOO_LARGE : kept;
+  if (
+    typeof incoming.on !== 'function' ||
+    incoming.readableDidRead !== false ||
+    incoming.readableEnded !== false
+  ) {
+    return undefined;
+  }
+  const stream = incoming as NodeRequest & NodeStream;
+  return new Promise((resolve, reject) => {
+    const chunks: Uint8Array[] = [];
+    let size = 0;
+    const stop = () => {
+      stream.off('data', onData);
+      stream.off('end', onEnd);
+      stream.off('error', onError);
+      stream.off('close', onClose);
+    };
+    const onData = (chunk: Uint8Array) => {
+      size += chunk.byteLength;
+      if (size <= limit) return void chunks.push(chunk);
+      // The rest is left to @hono/node-server, which drains a body its app did not read once the 413 is sent.
+      stop();
+      resolve(TOO_LARGE);
+    };
+    const onEnd = () => {
+      stop();
+      // A Buffer, as `@hono/node-server` takes a `rawBody` only as one. Node.js's own: on `@hono/node-server` only.
+      const body = chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks, size);
+      stream.rawBody = body;
+      resolve(body);
+    };
+    const onError = (error: Error) => {
+      stop();
+      reject(error);
+    };
+    const onClose = () =>
+      onError(new Error('The client closed the connection before the request body was complete'));
+    stream.on('data', onData);
+    stream.on('end', onEnd);
+    stream.on('error', onError);
+    stream.on('close', onClose);
+  });
+}
+
+/** What {@link readNodeBody} uses of a `node:http` request as a stream. */
+interface NodeStream {
+  on(event: string, listener: (...args: never[]) => void): unknown;
+  off(event: string, listener: (...args: never[]) => void): unknown;
+}
+
+/**
+ * The body's bytes through the `Request` (a runtime other than Node.js, or `app.request()`): through Hono's cache
+ * for a body with a length, from the stream within the limit otherwise. `c.req.raw` is then a copy holding the
+ * bytes, as Hono's `bodyLimit` leaves it, so that the handler can still read it, and the cache offers the text.
+ */
 async function readBytes(
   c: Context,
   cache: Record<string, unknown>,
@@ -260,19 +327,10 @@ async function readBytes(
         ? bytes.buffer
         : bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength);
     cache.arrayBuffer = Promise.resolve(exact);
-    // A request of unknown length is what Hono's `bodyLimit` reads from `c.req.raw` itself rather than through the
-    // cache: given back a body to read, as `bodyLimit` does after reading one.
-    c.req.raw = new Request(raw, { body: bytes as Uint8Array<ArrayBuffer> });
   }
+  if (raw.body !== null) c.req.raw = new Request(raw, { body: bytes as Uint8Array<ArrayBuffer> });
   offerText(cache, bytes);
   return bytes;
-}
-
-const matchesJson = createMediaTypeMatcher(JSON_MEDIA_TYPES);
-
-/** Whether a request's `Content-Type` is JSON (`application/json`, `+json`), which is UTF-8 text by definition. */
-function isJsonBody(contentType: string | undefined): boolean {
-  return contentType !== undefined && matchesJson(contentType);
 }
 
 const decoder = new TextDecoder();

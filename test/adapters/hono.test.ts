@@ -147,6 +147,151 @@ describe('Hono middleware specifics', () => {
     expect(runs).toBe(2);
   });
 
+  describe('leaves the body for a handler that reads c.req.raw, as without the middleware', () => {
+    const routes = (hono: Hono<{ Variables: IdempotencyVariables }>) => {
+      let runs = 0;
+      hono.post('/json', async (c) => c.json({ run: ++runs, body: await c.req.raw.json() }, 201));
+      hono.post('/text', async (c) => c.json({ run: ++runs, body: await c.req.raw.text() }, 201));
+      hono.post('/bytes', async (c) =>
+        c.json({ run: ++runs, hex: Buffer.from(await c.req.raw.arrayBuffer()).toString('hex') }, 201),
+      );
+      hono.post('/stream', async (c) =>
+        c.json({ run: ++runs, body: await new Response(c.req.raw.body).text() }, 201),
+      );
+      return () => runs;
+    };
+    const cases = [
+      ['/json', { body: { a: 1 } }],
+      ['/text', { body: '{"a":1}' }],
+      ['/bytes', { hex: Buffer.from('{"a":1}').toString('hex') }],
+      ['/stream', { body: '{"a":1}' }],
+    ] as const;
+
+    it('through app.request(), with and without a length', async () => {
+      const hono = app();
+      const runs = routes(hono);
+      for (const [path, expected] of cases) {
+        for (const chunked of [false, true]) {
+          const key = randomUUID();
+          const send = () =>
+            hono.request(path, {
+              method: 'POST',
+              body: chunked ? new Blob(['{"a":1}']).stream() : '{"a":1}',
+              headers: {
+                'content-type': 'application/json',
+                'idempotency-key': key,
+                ...(chunked ? {} : { 'content-length': '7' }),
+              },
+              duplex: 'half',
+            } as RequestInit);
+          const first = await send();
+          expect([path, chunked, first.status, await first.json()]).toEqual([
+            path,
+            chunked,
+            201,
+            { run: runs(), ...expected },
+          ]);
+          const replay = await send();
+          expect(replay.headers.get('idempotent-replayed'), `${path} ${chunked}`).toBe('true');
+        }
+      }
+    });
+
+    it('on @hono/node-server, with and without a length', async () => {
+      const hono = app();
+      const runs = routes(hono);
+      const server = await listen(createServer(getRequestListener(hono.fetch)));
+      try {
+        for (const [path, expected] of cases) {
+          for (const chunked of [false, true]) {
+            const key = randomUUID();
+            const headers = { 'content-type': 'application/json', 'idempotency-key': key };
+            const send = () =>
+              postRaw(
+                `${server.url}${path}`,
+                chunked
+                  ? { ...headers, 'transfer-encoding': 'chunked' }
+                  : { ...headers, 'content-length': 7 },
+                ['{"a":', '1}'],
+              );
+            const first = await send();
+            expect([path, chunked, first.status, JSON.parse(first.text)]).toEqual([
+              path,
+              chunked,
+              201,
+              { run: runs(), ...expected },
+            ]);
+            expect(await send(), `${path} ${chunked}`).toEqual(first);
+          }
+        }
+      } finally {
+        await server.close();
+      }
+    });
+  });
+
+  it('fingerprints the body’s bytes, not their text, and hands the handler the bytes as they came', async () => {
+    const hono = app();
+    let runs = 0;
+    hono.post('/upload', async (c) =>
+      c.json({ run: ++runs, hex: Buffer.from(await c.req.arrayBuffer()).toString('hex') }, 201),
+    );
+    const server = await listen(createServer(getRequestListener(hono.fetch)));
+    try {
+      const send = (key: string, hex: string) =>
+        fetch(`${server.url}/upload`, {
+          method: 'POST',
+          headers: { 'content-type': 'application/json', 'idempotency-key': key },
+          body: Buffer.from(hex, 'hex'),
+        });
+      // Bytes that are not UTF-8, and a byte order mark: text would replace the first and drop the second.
+      for (const hex of ['fffe22', 'efbbbf7b7d']) {
+        const first = await send(randomUUID(), hex);
+        expect(await first.json()).toEqual({ run: runs, hex });
+      }
+      // Two bodies whose bytes differ only where they are not UTF-8 decode to the same text: two requests still.
+      const key = randomUUID();
+      expect((await send(key, '228022')).status).toBe(201);
+      const other = await send(key, '22ff22');
+      expect([other.status, other.headers.get('idempotent-replayed')]).toEqual([422, null]);
+      expect((await send(key, '228022')).headers.get('idempotent-replayed')).toBe('true');
+      expect(runs).toBe(3);
+    } finally {
+      await server.close();
+    }
+  });
+
+  it('on @hono/node-server, fingerprints a rawBody the host read first, and leaves it for the handler', async () => {
+    const hono = app();
+    let runs = 0;
+    hono.post('/orders', async (c) => c.json({ run: ++runs, body: await c.req.json() }, 201));
+    const listener = getRequestListener(hono.fetch);
+    // As Google Cloud Functions and Firebase do: the body read before the app runs, kept as `rawBody`.
+    const server = await listen(
+      createServer((req, res) => {
+        const chunks: Buffer[] = [];
+        req.on('data', (chunk: Buffer) => chunks.push(chunk));
+        req.on('end', () => {
+          Object.assign(req, { rawBody: Buffer.concat(chunks) });
+          listener(req, res);
+        });
+      }),
+    );
+    try {
+      const key = randomUUID();
+      const send = (body: string) =>
+        postRaw(`${server.url}/orders`, { 'content-type': 'application/json', 'idempotency-key': key }, [
+          body,
+        ]);
+      expect(await send('{"a":1}')).toEqual({ status: 201, text: '{"run":1,"body":{"a":1}}' });
+      expect(await send('{"a":1}')).toEqual({ status: 201, text: '{"run":1,"body":{"a":1}}' });
+      expect((await send('{"a":2}')).status).toBe(422);
+      expect(runs).toBe(1);
+    } finally {
+      await server.close();
+    }
+  });
+
   it('releases the key when the handler throws, and sends the app’s onError answer', async () => {
     const hono = app();
     hono.onError((error, c) => c.json({ error: error.message }, 418));
@@ -182,7 +327,7 @@ describe('Hono middleware specifics', () => {
     expect(replay.headers.get('x-request-id')).toBe('req-2');
   });
 
-  it('on @hono/node-server, reads a JSON body as the text c.req.json() parses, with the fingerprint of its bytes', async () => {
+  it('on @hono/node-server, fingerprints a JSON body by its bytes, whether it comes with a length or chunked, and its type', async () => {
     const hono = app();
     let runs = 0;
     hono.post('/orders', async (c) =>
