@@ -1,7 +1,9 @@
+import { subscribe } from 'node:diagnostics_channel';
+import type { ServerResponse } from 'node:http';
 import type { NextFunction, Request, Response } from 'express';
 import type { RequestIdempotency } from '../core/engine.js';
 import type { IdempotencyOptions } from '../core/options.js';
-import { ticketOf } from './node-http/capture.js';
+import { markHandlerFailed, ticketOf } from './node-http/capture.js';
 import { createNodeEngine, handleNodeRequest } from './node-http/flow.js';
 import { parsedBodyOf } from './node-http/parsed-body.js';
 
@@ -38,6 +40,7 @@ export type ExpressIdempotencyMiddleware = (req: Request, res: Response, next: N
  */
 export function idempotencyHeader(options: ExpressIdempotencyOptions): ExpressIdempotencyMiddleware {
   const engine = createNodeEngine<Request>(options);
+  watchHandlerErrors();
   return function idempotencyHeader(req, res, next) {
     handleNodeRequest(engine, req, res, req.originalUrl ?? req.url, parsedBodyOf(req), next, next);
   };
@@ -59,4 +62,24 @@ export function idempotencyHeader(options: ExpressIdempotencyOptions): ExpressId
  */
 export function idempotencyOf(req: Request): RequestIdempotency | undefined {
   return ticketOf(req.res);
+}
+
+/**
+ * Where Express 5's router (`router` 2.3 and later) reports an error at its origin: a handler or middleware that
+ * throws, rejects, or passes an error to `next`. Express's error handling answers such a request, and the middleware
+ * cannot tell that answer from one the handler sent: it learns of the failure here, so that the key is released
+ * and the answer not stored, whatever its status (a 500 with `cacheServerErrors`, a 4xx an error handler maps an
+ * error to), as a handler that throws is treated everywhere else. Express 4's router reports nothing.
+ */
+const ROUTER_ERRORS = 'tracing:express.router.request:error';
+
+let watchingHandlerErrors = false;
+
+function watchHandlerErrors(): void {
+  if (watchingHandlerErrors) return;
+  watchingHandlerErrors = true;
+  subscribe(ROUTER_ERRORS, (message) => {
+    const res = (message as { res?: unknown } | null)?.res;
+    if (typeof res === 'object' && res !== null) markHandlerFailed(res as ServerResponse);
+  });
 }

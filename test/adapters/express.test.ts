@@ -316,4 +316,78 @@ describe('Express 5: async route handlers', () => {
       backend.close();
     }
   });
+
+  describe('a handler that fails is released, whatever Express’s error handling answers', () => {
+    const errorHandlers = [
+      ['Express’s final handler (HTML 500)', 500, undefined],
+      [
+        'a JSON 500',
+        500,
+        (_error: unknown, _req: express.Request, res: express.Response, _next: express.NextFunction) => {
+          res.status(500).json({ error: 'failed' });
+        },
+      ],
+      [
+        'a 404 mapped from the error',
+        404,
+        (_error: unknown, _req: express.Request, res: express.Response, _next: express.NextFunction) => {
+          res.status(404).json({ error: 'not found' });
+        },
+      ],
+    ] as const;
+    const failures = [
+      ['throws', () => Promise.reject(new Error('boom'))],
+      ['passes an error to next', undefined],
+    ] as const;
+
+    for (const [answer, status, errorHandler] of errorHandlers) {
+      for (const [how, fail] of failures) {
+        it(`${how}, answered by ${answer}, with cacheServerErrors and every type stored`, async () => {
+          const backend = new MemoryBackend();
+          const app = express();
+          app.use(idempotencyHeader({ backend, cacheServerErrors: true, cacheableContentTypes: '*' }));
+          let runs = 0;
+          app.post('/orders', async (_req, res, next) => {
+            runs++;
+            if (runs === 1) {
+              if (fail === undefined) return next(new Error('boom'));
+              await fail();
+            }
+            res.status(201).json({ run: runs });
+          });
+          // An explicit 500 is a response like any other: stored with cacheServerErrors.
+          app.post('/explicit', (_req, res) => {
+            runs++;
+            res.status(500).json({ run: runs });
+          });
+          if (errorHandler !== undefined) app.use(errorHandler);
+          app.set('env', 'test');
+          const server = await listen(createServer(app));
+          try {
+            const key = randomUUID();
+            const first = await send(`${server.url}/orders`, { key });
+            expect([first.status, first.headers.get(REPLAYED)]).toEqual([status, null]);
+            const retry = await send(`${server.url}/orders`, { key });
+            expect([retry.status, retry.headers.get(REPLAYED), JSON.parse(retry.text)]).toEqual([
+              201,
+              null,
+              { run: 2 },
+            ]);
+            const explicitKey = randomUUID();
+            const explicit = await send(`${server.url}/explicit`, { key: explicitKey });
+            const replay = await send(`${server.url}/explicit`, { key: explicitKey });
+            expect([replay.status, replay.headers.get(REPLAYED), replay.text]).toEqual([
+              500,
+              'true',
+              explicit.text,
+            ]);
+            expect(runs).toBe(3);
+          } finally {
+            await server.close();
+            backend.close();
+          }
+        });
+      }
+    }
+  });
 });

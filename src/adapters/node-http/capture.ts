@@ -72,6 +72,8 @@ class ResponseCapture {
   heldBytes = 0;
   /** The application destroyed the connection while the ended response waited: done right after it goes out. */
   destroyAfterFlush = false;
+  /** The handler failed and the framework's error handling answers: released, not stored, once it ends. */
+  failed = false;
 
   constructor(
     readonly engine: IdempotencyEngine<never>,
@@ -406,11 +408,13 @@ function settle(res: ServerResponse, capture: ResponseCapture, kept: boolean): v
     : undefined;
   capture.chunks = [];
   if (res.destroyed) capture.engine.clientLeft(capture.ticket);
-  const settled = capture.engine.finish(capture.ticket, {
-    status: head.status,
-    headers: handlerHeaders(head.headers, capture.before),
-    body,
-  });
+  const settled = capture.failed
+    ? capture.engine.fail(capture.ticket)
+    : capture.engine.finish(capture.ticket, {
+        status: head.status,
+        headers: handlerHeaders(head.headers, capture.before),
+        body,
+      });
   if (isPromise(settled)) settled.then(() => done(res, capture));
   else done(res, capture);
 }
@@ -511,6 +515,17 @@ function cutByApplication(capture: ResponseCapture): void {
  */
 export function ticketOf(res: ServerResponse | undefined): Ticket | undefined {
   return res === undefined ? undefined : captures.get(res)?.ticket;
+}
+
+/**
+ * The handler failed, and the framework's error handling answers for it (Express, which reports the failure on
+ * its router's diagnostics channel): the response it sends goes out as usual, but is not stored, whatever its
+ * status, and the key is released before its last byte, as for a handler that throws anywhere else. Nothing
+ * changes for a response that had ended before the failure (it is stored) or that was not captured.
+ */
+export function markHandlerFailed(res: ServerResponse): void {
+  const capture = captures.get(res);
+  if (capture !== undefined && capture.state < SETTLING) capture.failed = true;
 }
 
 /**
