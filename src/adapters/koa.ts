@@ -158,8 +158,8 @@ function reply(ctx: Context, answer: EngineReply): void {
 
 /**
  * Hands the response to the engine as Koa's `respond()` will send it, and waits until the engine settled, so that
- * it is stored before any byte goes out. A stream body is read whole when it is stored (and replaced by its bytes),
- * or relayed with its end held back otherwise.
+ * it is stored before any byte goes out. A stream body is read whole when it is stored (and replaced by a stream
+ * of its bytes), or relayed with its end held back otherwise.
  */
 async function finishResponse(
   engine: IdempotencyEngine<never>,
@@ -191,8 +191,11 @@ async function finishResponse(
   if (stream === undefined) return finishWithBody(engine, ticket, head, Buffer.from(JSON.stringify(body)));
   const captured = await captureWithoutEarlyErrors(ctx, () => captureBody(engine, ticket, head, stream));
   if (captured.kind === 'kept') {
+    // Sent as a stream again, so that Koa frames it as it would have the handler's (chunked, no length).
     const bytes = captured.body;
-    ctx.body = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+    ctx.body = Readable.from([Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength)], {
+      objectMode: false,
+    });
   } else {
     // Read as the client reads, no further ahead: the bytes already read go out before a failure of the source
     // reaches Koa, which answers a failure before the first byte with a 500 and leaves one after it cut short.

@@ -365,6 +365,16 @@ const cases = numberedCases(CORPUS);
 
 const backends = await differentialBackends('Hono');
 
+/**
+ * `@hono/node-server` frames a streamed body by timing: it reads the stream for a moment without waiting, and sends a
+ * `Content-Length` when the stream ended by then, chunks otherwise. A stored body is in hand at once, and ends at
+ * once.
+ */
+const HONO_FRAMING = {
+  streamedFramingNotCompared:
+    '@hono/node-server sends a Content-Length for a stream that ended within its first reads, which a stored body always has',
+};
+
 describe('Hono: the first response equals bare Hono’s on @hono/node-server, byte for byte', () => {
   it('has a corpus of at least 20 behaviours', () => {
     expect(CORPUS.length).toBeGreaterThanOrEqual(20);
@@ -372,14 +382,20 @@ describe('Hono: the first response equals bare Hono’s on @hono/node-server, by
 
   for (const backendSetup of backends) {
     for (const stack of STACKS) {
-      describeDifferential(`Hono 4, ${stack}`, backendSetup, cases, async (backend, onEvent) => {
-        const options: IdempotencyOptions<Context> = { backend, onEvent };
-        const bare = await listenOn(createServer(getRequestListener(honoApp(stack).fetch)));
-        const idempotent = await listenOn(
-          createServer(getRequestListener(honoApp(stack, idempotencyHeader(options)).fetch)),
-        );
-        return { bare, idempotent };
-      });
+      describeDifferential(
+        `Hono 4, ${stack}`,
+        backendSetup,
+        cases,
+        async (backend, onEvent) => {
+          const options: IdempotencyOptions<Context> = { backend, onEvent };
+          const bare = await listenOn(createServer(getRequestListener(honoApp(stack).fetch)));
+          const idempotent = await listenOn(
+            createServer(getRequestListener(honoApp(stack, idempotencyHeader(options)).fetch)),
+          );
+          return { bare, idempotent };
+        },
+        HONO_FRAMING,
+      );
     }
   }
 });

@@ -354,8 +354,11 @@ function captureReply(
   return captureBody(engine as IdempotencyEngine<never>, ticket, { status, headers: stored }, stream).then(
     (captured) => {
       if (captured.kind === 'stream') return Readable.from(captured.chunks, { objectMode: false });
+      // A stream again, so that Fastify frames it as it would have the handler's (chunked, no length).
       const { body } = captured;
-      return Buffer.from(body.buffer, body.byteOffset, body.byteLength);
+      return Readable.from([Buffer.from(body.buffer, body.byteOffset, body.byteLength)], {
+        objectMode: false,
+      });
     },
   );
 }

@@ -170,7 +170,7 @@ async function captureInHand(
   // in the same order and case. Its status text is not kept: `@hono/node-server` never writes one.
   const captured = await captureBody(engine, ticket, head, chunksOf(body));
   const sent = { status, headers: init as ResponseInit['headers'] };
-  if (captured.kind === 'kept') return new Response(captured.body as Uint8Array<ArrayBuffer>, sent);
+  if (captured.kind === 'kept') return new Response(streamOfBytes(captured.body), sent);
   return new Response(streamOf(captured.chunks), sent);
 }
 
@@ -193,7 +193,7 @@ async function captureStreamed(
     statusText: response.statusText,
     headers: response.headers,
   };
-  if (captured.kind === 'kept') return new Response(captured.body as Uint8Array<ArrayBuffer>, init);
+  if (captured.kind === 'kept') return new Response(streamOfBytes(captured.body), init);
   return new Response(streamOf(captured.chunks), init);
 }
 
@@ -216,6 +216,19 @@ async function* chunksOf(stream: ReadableStream<Uint8Array>): AsyncGenerator<Uin
   } finally {
     if (!done) await reader.cancel().catch(() => {});
   }
+}
+
+/**
+ * A stored body sent as the stream it came as: a runtime frames a stream as it did the handler's (chunked, unless
+ * the handler gave a `Content-Length`), where bytes in hand would get a `Content-Length` of the runtime's own.
+ */
+function streamOfBytes(bytes: Uint8Array): ReadableStream<Uint8Array> {
+  return new ReadableStream<Uint8Array>({
+    start(controller) {
+      if (bytes.byteLength > 0) controller.enqueue(bytes);
+      controller.close();
+    },
+  });
 }
 
 /** Chunks as a byte stream pulled one at a time, so that a slow client slows the source down as before. */
