@@ -189,13 +189,13 @@ async function finishResponse(
   if (Buffer.isBuffer(body)) return finishWithBody(engine, ticket, head, body);
   const stream = bodyStream(ctx, body);
   if (stream === undefined) return finishWithBody(engine, ticket, head, Buffer.from(JSON.stringify(body)));
+  // Koa gives a `Blob` (and a `Response` that has one) a `Content-Length`, and a stream none: chunked.
+  const withLength = ctx.res.hasHeader('content-length');
   const captured = await captureWithoutEarlyErrors(ctx, () => captureBody(engine, ticket, head, stream));
   if (captured.kind === 'kept') {
-    // Sent as a stream again, so that Koa frames it as it would have the handler's (chunked, no length).
-    const bytes = captured.body;
-    ctx.body = Readable.from([Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength)], {
-      objectMode: false,
-    });
+    // Framed as Koa would have framed the handler's body: bytes get their length, a stream of them goes chunked.
+    const bytes = Buffer.from(captured.body.buffer, captured.body.byteOffset, captured.body.byteLength);
+    ctx.body = withLength ? bytes : Readable.from([bytes], { objectMode: false });
   } else {
     // Read as the client reads, no further ahead: the bytes already read go out before a failure of the source
     // reaches Koa, which answers a failure before the first byte with a 500 and leaves one after it cut short.

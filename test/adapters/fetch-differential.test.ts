@@ -11,6 +11,7 @@ import { withIdempotency } from '../../src/adapters/fetch.js';
 import {
   describeDifferential,
   differentialBackends,
+  FETCH_NODE_SERVER_FRAMING,
   failOnUnexpectedErrors,
   listenOn,
   numberedCases,
@@ -228,11 +229,17 @@ describe('fetch handlers: the first response equals the bare handler’s on @hon
   });
 
   for (const backendSetup of backends) {
-    describeDifferential('withIdempotency', backendSetup, cases, async (backend, onEvent) => {
-      const wrapped = withIdempotency(handlerFor, { backend, onEvent });
-      const bare = await listenOn(createServer(getRequestListener(handlerFor)));
-      const idempotent = await listenOn(createServer(getRequestListener(wrapped)));
-      return { bare, idempotent };
-    });
+    describeDifferential(
+      'withIdempotency',
+      backendSetup,
+      cases,
+      async (backend, onEvent) => {
+        const wrapped = withIdempotency(handlerFor, { backend, onEvent });
+        const bare = await listenOn(createServer(getRequestListener(handlerFor)));
+        const idempotent = await listenOn(createServer(getRequestListener(wrapped)));
+        return { bare, idempotent };
+      },
+      FETCH_NODE_SERVER_FRAMING,
+    );
   }
 });

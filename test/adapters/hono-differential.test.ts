@@ -22,6 +22,7 @@ import {
   describeDifferential,
   differentialBackends,
   failOnUnexpectedErrors,
+  HONO_NODE_SERVER_FRAMING,
   listenOn,
   numberedCases,
 } from '../support/differential.js';
@@ -365,16 +366,6 @@ const cases = numberedCases(CORPUS);
 
 const backends = await differentialBackends('Hono');
 
-/**
- * `@hono/node-server` frames a streamed body by timing: it reads the stream for a moment without waiting, and sends a
- * `Content-Length` when the stream ended by then, chunks otherwise. A stored body is in hand at once, and ends at
- * once.
- */
-const HONO_FRAMING = {
-  streamedFramingNotCompared:
-    '@hono/node-server sends a Content-Length for a stream that ended within its first reads, which a stored body always has',
-};
-
 describe('Hono: the first response equals bare Hono’s on @hono/node-server, byte for byte', () => {
   it('has a corpus of at least 20 behaviours', () => {
     expect(CORPUS.length).toBeGreaterThanOrEqual(20);
@@ -394,7 +385,7 @@ describe('Hono: the first response equals bare Hono’s on @hono/node-server, by
           );
           return { bare, idempotent };
         },
-        HONO_FRAMING,
+        HONO_NODE_SERVER_FRAMING,
       );
     }
   }
