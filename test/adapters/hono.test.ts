@@ -109,6 +109,39 @@ describe('Hono middleware specifics', () => {
     expect(large.status).toBe(413);
   });
 
+  it('on @hono/node-server, refuses a body over maxRequestBytes with 413, with or without a length, and serves the next request', async () => {
+    const hono = app({ maxRequestBytes: 16 });
+    let runs = 0;
+    hono.post('/echo', async (c) => c.json({ run: ++runs, body: await c.req.json() }, 201));
+    const server = await listen(createServer(getRequestListener(hono.fetch)));
+    try {
+      const large = `{"a":"${'x'.repeat(32)}"}`;
+      const headers = { 'content-type': 'application/json', 'idempotency-key': randomUUID() };
+      const withLength = await postRaw(`${server.url}/echo`, { ...headers, 'content-length': large.length }, [
+        large,
+      ]);
+      expect(withLength.status).toBe(413);
+      const chunked = await postRaw(`${server.url}/echo`, { ...headers, 'transfer-encoding': 'chunked' }, [
+        large.slice(0, 10),
+        large.slice(10),
+      ]);
+      expect(chunked.status).toBe(413);
+      const small = await postRaw(
+        `${server.url}/echo`,
+        {
+          'content-type': 'application/json',
+          'idempotency-key': randomUUID(),
+          'transfer-encoding': 'chunked',
+        },
+        ['{"a":', '1}'],
+      );
+      expect(small).toEqual({ status: 201, text: '{"run":1,"body":{"a":1}}' });
+      expect(runs).toBe(1);
+    } finally {
+      await server.close();
+    }
+  });
+
   it('leaves a body of unknown length readable for Hono’s bodyLimit on the route, which reads c.req.raw itself', async () => {
     const hono = app();
     let runs = 0;
