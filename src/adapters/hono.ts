@@ -66,13 +66,13 @@ export function idempotencyHeader(options: HonoIdempotencyOptions): MiddlewareHa
     const key = engine.readKey(method, requestHeader(c, incoming, engine.headerName));
     if (key === undefined) return next();
     if (typeof key !== 'string') return reply(c, key);
-    let body: Uint8Array | string | undefined;
+    let body: Uint8Array | undefined;
     if (engine.needsBody) {
       const read = await readRequestBody(c, incoming, engine.maxRequestBytes);
       if (read === TOO_LARGE) return reply(c, engine.bodyTooLarge(method, startedAt));
       body = read;
     }
-    const contentType = body instanceof Uint8Array ? singleHeader(c, incoming, 'content-type') : undefined;
+    const contentType = body === undefined ? undefined : singleHeader(c, incoming, 'content-type');
     const begun = engine.begin(c, method, requestUrl(c, incoming), key, body, startedAt, contentType);
     const result = isPromise(begun) ? await begun : begun;
     if (result.kind === 'pass') return next();

@@ -48,6 +48,19 @@ describe('Hono middleware specifics', () => {
     return hono;
   }
 
+  /** Runs `check` against the app served on `@hono/node-server` over a real `node:http` listener, closed after. */
+  async function onNodeServer(
+    hono: { fetch: Hono['fetch'] },
+    check: (url: string) => Promise<void>,
+  ): Promise<void> {
+    const server = await listen(createServer(getRequestListener(hono.fetch)));
+    try {
+      await check(server.url);
+    } finally {
+      await server.close();
+    }
+  }
+
   const post = (hono: Hono<never>, path: string, key: string | undefined, body: string = '{"a":1}') =>
     hono.request(path, {
       method: 'POST',
@@ -113,21 +126,20 @@ describe('Hono middleware specifics', () => {
     const hono = app({ maxRequestBytes: 16 });
     let runs = 0;
     hono.post('/echo', async (c) => c.json({ run: ++runs, body: await c.req.json() }, 201));
-    const server = await listen(createServer(getRequestListener(hono.fetch)));
-    try {
+    await onNodeServer(hono, async (url) => {
       const large = `{"a":"${'x'.repeat(32)}"}`;
       const headers = { 'content-type': 'application/json', 'idempotency-key': randomUUID() };
-      const withLength = await postRaw(`${server.url}/echo`, { ...headers, 'content-length': large.length }, [
+      const withLength = await postRaw(`${url}/echo`, { ...headers, 'content-length': large.length }, [
         large,
       ]);
       expect(withLength.status).toBe(413);
-      const chunked = await postRaw(`${server.url}/echo`, { ...headers, 'transfer-encoding': 'chunked' }, [
+      const chunked = await postRaw(`${url}/echo`, { ...headers, 'transfer-encoding': 'chunked' }, [
         large.slice(0, 10),
         large.slice(10),
       ]);
       expect(chunked.status).toBe(413);
       const small = await postRaw(
-        `${server.url}/echo`,
+        `${url}/echo`,
         {
           'content-type': 'application/json',
           'idempotency-key': randomUUID(),
@@ -137,9 +149,7 @@ describe('Hono middleware specifics', () => {
       );
       expect(small).toEqual({ status: 201, text: '{"run":1,"body":{"a":1}}' });
       expect(runs).toBe(1);
-    } finally {
-      await server.close();
-    }
+    });
   });
 
   it('leaves a body of unknown length readable for Hono’s bodyLimit on the route, which reads c.req.raw itself', async () => {
@@ -233,15 +243,14 @@ describe('Hono middleware specifics', () => {
     it('on @hono/node-server, with and without a length', async () => {
       const hono = app();
       const runs = routes(hono);
-      const server = await listen(createServer(getRequestListener(hono.fetch)));
-      try {
+      await onNodeServer(hono, async (url) => {
         for (const [path, expected] of cases) {
           for (const chunked of [false, true]) {
             const key = randomUUID();
             const headers = { 'content-type': 'application/json', 'idempotency-key': key };
             const send = () =>
               postRaw(
-                `${server.url}${path}`,
+                `${url}${path}`,
                 chunked
                   ? { ...headers, 'transfer-encoding': 'chunked' }
                   : { ...headers, 'content-length': 7 },
@@ -257,9 +266,7 @@ describe('Hono middleware specifics', () => {
             expect(await send(), `${path} ${chunked}`).toEqual(first);
           }
         }
-      } finally {
-        await server.close();
-      }
+      });
     });
   });
 
@@ -269,10 +276,9 @@ describe('Hono middleware specifics', () => {
     hono.post('/upload', async (c) =>
       c.json({ run: ++runs, hex: Buffer.from(await c.req.arrayBuffer()).toString('hex') }, 201),
     );
-    const server = await listen(createServer(getRequestListener(hono.fetch)));
-    try {
+    await onNodeServer(hono, async (url) => {
       const send = (key: string, hex: string) =>
-        fetch(`${server.url}/upload`, {
+        fetch(`${url}/upload`, {
           method: 'POST',
           headers: { 'content-type': 'application/json', 'idempotency-key': key },
           body: Buffer.from(hex, 'hex'),
@@ -289,9 +295,7 @@ describe('Hono middleware specifics', () => {
       expect([other.status, other.headers.get('idempotent-replayed')]).toEqual([422, null]);
       expect((await send(key, '228022')).headers.get('idempotent-replayed')).toBe('true');
       expect(runs).toBe(3);
-    } finally {
-      await server.close();
-    }
+    });
   });
 
   it('on @hono/node-server, fingerprints a rawBody the host read first, and leaves it for the handler', async () => {
@@ -366,11 +370,10 @@ describe('Hono middleware specifics', () => {
     hono.post('/orders', async (c) =>
       c.json({ run: ++runs, json: await c.req.json(), bytes: (await c.req.arrayBuffer()).byteLength }, 201),
     );
-    const server = await listen(createServer(getRequestListener(hono.fetch)));
-    try {
+    await onNodeServer(hono, async (url) => {
       const body = '{"item":"b\u00fcch","quantity":2}';
       const send = (key: string, text: string, contentType: string, chunked = false) =>
-        fetch(`${server.url}/orders`, {
+        fetch(`${url}/orders`, {
           method: 'POST',
           headers: { 'content-type': contentType, 'idempotency-key': key },
           // A stream has no length: the body is read as bytes, the path other content types take too.
@@ -398,18 +401,15 @@ describe('Hono middleware specifics', () => {
       }
       expect((await send(key, body.replace('2', '3'), 'application/json')).status).toBe(422);
       expect(runs).toBe(1);
-    } finally {
-      await server.close();
-    }
+    });
   });
 
   it('on @hono/node-server, fingerprints the path and query string alike for origin-form and absolute-form targets', async () => {
     const hono = app();
     let runs = 0;
     hono.post('/orders', (c) => c.json({ run: ++runs, query: c.req.query('x') }, 201));
-    const server = await listen(createServer(getRequestListener(hono.fetch)));
-    try {
-      const { port } = new URL(server.url);
+    await onNodeServer(hono, async (url) => {
+      const { port } = new URL(url);
       // A request line with an absolute URL, as a client sends it to a forward proxy (RFC 9112 §3.2.2).
       const send = (key: string, target: string) =>
         new Promise<{ status: number; replayed: string | undefined; text: string }>((resolve, reject) => {
@@ -445,8 +445,6 @@ describe('Hono middleware specifics', () => {
       expect((await send(other, '/orders?x=3')).status).toBe(201);
       expect((await send(other, `http://127.0.0.1:${port}/orders?x=3`)).replayed).toBe('true');
       expect(runs).toBe(2);
-    } finally {
-      await server.close();
-    }
+    });
   });
 });

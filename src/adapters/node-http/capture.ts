@@ -529,8 +529,8 @@ export function markHandlerFailed(res: ServerResponse): void {
 }
 
 /**
- * The handler failed before it ended its response (the `node:http` adapter knows; Express answers through its
- * own error handling, which the capture sees as a 5xx or a cut connection). Tells the engine, which releases
+ * The handler failed before it ended its response, and the adapter answers for it (the `node:http` adapter; where
+ * the framework's error handling answers, see {@link markHandlerFailed}). Tells the engine, which releases
  * the key or, if the client had gone, leaves it to lapse; then, once that settled, `reply` runs if the head is
  * not sent yet, and the connection is cut otherwise, as it would be without the middleware. A response the
  * handler had ended goes out as usual. Returns `false` when the response was not being captured.
