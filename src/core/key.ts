@@ -25,8 +25,13 @@ export function hasSeveralValues(value: string): boolean {
   if (value.charCodeAt(i) !== 34 /* " */) return true;
   for (i++; i < value.length; i++) {
     const code = value.charCodeAt(i);
-    if (code === 92 /* \ */) i++;
-    else if (code === 34) break;
+    if (code === 92 /* \ */) {
+      // RFC 8941 escapes only `\"` and `\\`: with any other escape the value is no quoted string, and its commas
+      // may separate lines (`"a\b` and `"` arrive as `"a\b, "`).
+      const escaped = value.charCodeAt(i + 1);
+      if (escaped !== 34 && escaped !== 92) return true;
+      i++;
+    } else if (code === 34) break;
   }
   if (i >= value.length) return true;
   for (i++; i < value.length; i++) {

@@ -251,6 +251,9 @@ describe('IdempotencyEngine.readKey', () => {
       ['a line with a quote inside a bare key, then another line', 'ab"c, d'],
       ['a line with a stray quote and backslashes, then two more', 'Ã©b\\\\b" ab, , order-1'],
       ['a closed quoted key followed by more text', '"a,b"c'],
+      // An escape RFC 8941 does not have (`\a`) makes no quoted string: the `"` line after it does not close one.
+      ['a line with an escape RFC 8941 has not, then a line holding a quote', String.raw`"xa \\\"b,\"\a, "`],
+      ['an escaped letter, then another line', String.raw`"a\b, "`],
     ];
 
     it.each(several)('answers 400 to %s', (_, value) => {
@@ -259,6 +262,10 @@ describe('IdempotencyEngine.readKey', () => {
       expect(bodyText(reply)).toBe(
         `{"detail":"'Idempotency-Key' header must be sent once, with one key (a key containing a comma must be a quoted string)"}`,
       );
+    });
+
+    it('still takes a quoted key with a comma and the escapes RFC 8941 has as one key', () => {
+      expect(engineWith().readKey('POST', String.raw`"a, \"b\" \\c"`)).toBe(String.raw`a, "b" \c`);
     });
 
     it('answers 400 to several values handed over as an array', () => {
