@@ -10,6 +10,7 @@ import type {
 import fp from 'fastify-plugin';
 import { type BeginResult, isPromise, type RequestIdempotency } from '../core/engine.js';
 import { multipartBoundary, type RequestBody } from '../core/fingerprint.js';
+import { isHeld } from '../core/held.js';
 import { nodeRequestHeader } from '../core/key.js';
 import type { IdempotencyOptions } from '../core/options.js';
 import { ownSymbol } from '../core/own-symbol.js';
@@ -122,11 +123,13 @@ const plugin: FastifyPluginCallback<FastifyIdempotencyOptions> = function idempo
     const own = route.preParsing;
     route.preParsing = own === undefined ? [preParsing] : [...(Array.isArray(own) ? own : [own]), preParsing];
   });
-  fastify.decorateRequest('idempotency', null);
+  // Registered a second time (in a plugin of its own, say), the decoration is there already.
+  if (!fastify.hasRequestDecorator('idempotency')) fastify.decorateRequest('idempotency', null);
 
   fastify.addHook('preHandler', function idempotencyPreHandler(request, reply, next) {
-    // `reply.callNotFound()` runs the 404 route's `preHandler` hooks for a request that already holds its key.
-    if (isRunning(request)) return next();
+    // `reply.callNotFound()` runs the 404 route's `preHandler` hooks for a request that already holds its key;
+    // a request another instance of the plugin (a second registration) took is left to it.
+    if (isRunning(request) || isHeld(request.raw)) return next();
     const engine = engineFor(routeConfig(request)?.idempotency);
     const method = request.method;
     if (engine === undefined || !engine.handles(method)) return next();

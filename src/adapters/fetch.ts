@@ -1,4 +1,5 @@
 import { IdempotencyEngine, type RequestIdempotency } from '../core/engine.js';
+import { isHeld, markHeld } from '../core/held.js';
 import type { IdempotencyOptions } from '../core/options.js';
 import { builtinSha256 } from '../runtime/builtin-sha256.js';
 import { captureResponse, readBody, replyResponse, TOO_LARGE } from './web/response.js';
@@ -71,7 +72,8 @@ export function withIdempotency<Req extends Request = Request, Rest extends unkn
   const engine = new IdempotencyEngine<Req>(options, sha256 === undefined ? {} : { sha256 });
   return async function idempotentHandler(request, ...rest) {
     const method = request.method;
-    if (!engine.handles(method)) return handler(request, ...rest);
+    // Another instance on this request's path (a handler wrapped twice) took its key: it handles the request.
+    if (!engine.handles(method) || isHeld(request)) return handler(request, ...rest);
     const startedAt = performance.now();
     const key = engine.readKey(method, request.headers.get(engine.headerName));
     if (key === undefined) return handler(request, ...rest);
@@ -91,6 +93,7 @@ export function withIdempotency<Req extends Request = Request, Rest extends unkn
     if (result.kind === 'pass') return handler(request, ...rest);
     if (result.kind === 'reply') return replyResponse(result);
     running.set(request, result);
+    markHeld(request);
     // The client going away changes nothing for the request; the engine only notes when it happened.
     const clientLeft = () => engine.clientLeft(result);
     request.signal?.addEventListener('abort', clientLeft, { once: true });

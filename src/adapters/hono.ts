@@ -2,6 +2,7 @@ import type { Context, MiddlewareHandler } from 'hono';
 import type { ContentfulStatusCode } from 'hono/utils/http-status';
 import { type ClosingResponse, stopWatchingConnection, watchConnection } from '../core/capture.js';
 import { IdempotencyEngine, isPromise, type RequestIdempotency, type Ticket } from '../core/engine.js';
+import { isHeld, markHeld } from '../core/held.js';
 import { type NodeRequestHeaders, nodeRequestHeader } from '../core/key.js';
 import type { IdempotencyOptions } from '../core/options.js';
 import { type EngineReply, REMOVED_HEADER } from '../core/responses.js';
@@ -61,8 +62,10 @@ export function idempotencyHeader(options: HonoIdempotencyOptions): MiddlewareHa
   return async function idempotencyHeader(c, next) {
     const method = c.req.method;
     if (!engine.handles(method)) return next();
-    const startedAt = performance.now();
     const incoming = nodeRequest(c);
+    // Another instance of the middleware on this request's path took its key: it handles the request.
+    if (isHeld(incoming ?? c.req.raw)) return next();
+    const startedAt = performance.now();
     const key = engine.readKey(method, requestHeader(c, incoming, engine.headerName));
     if (key === undefined) return next();
     if (typeof key !== 'string') return reply(c, key);
@@ -77,6 +80,9 @@ export function idempotencyHeader(options: HonoIdempotencyOptions): MiddlewareHa
     const result = isPromise(begun) ? await begun : begun;
     if (result.kind === 'pass') return next();
     if (result.kind === 'reply') return reply(c, result);
+    // Both, so that a fetch handler wrapped with `withIdempotency` inside the app sees the mark too.
+    markHeld(c.req.raw);
+    if (incoming !== undefined) markHeld(incoming);
     const before = headersSetBefore(c);
     c.set('idempotency', result);
     const unwatch = watchClient(c, engine, result);

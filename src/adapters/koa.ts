@@ -4,6 +4,7 @@ import { captureBody, finishWithBody, handlerHeaders, watchConnection } from '..
 import type { IdempotencyEngine, RequestIdempotency, Ticket } from '../core/engine.js';
 import { IdempotencyError } from '../core/errors.js';
 import { consumedMultipart, isMultipart, type RequestBody } from '../core/fingerprint.js';
+import { isHeld, markHeld } from '../core/held.js';
 import { nodeRequestHeader } from '../core/key.js';
 import type { IdempotencyOptions } from '../core/options.js';
 import { type EngineReply, REMOVED_HEADER } from '../core/responses.js';
@@ -64,7 +65,8 @@ export function idempotencyHeader(options: KoaIdempotencyOptions): Middleware {
   const engine = createNodeEngine<Context>(options);
   return async function idempotencyHeader(ctx: Context, next: Next): Promise<void> {
     const method = ctx.method;
-    if (!engine.handles(method)) return next();
+    // Another instance of the middleware on this request's path took its key: it handles the request.
+    if (!engine.handles(method) || isHeld(ctx.req)) return next();
     const startedAt = performance.now();
     const key = engine.readKey(method, nodeRequestHeader(ctx.req, engine.headerName));
     if (key === undefined) return next();
@@ -87,6 +89,7 @@ export function idempotencyHeader(options: KoaIdempotencyOptions): Middleware {
     if (result.kind === 'pass') return next();
     if (result.kind === 'reply') return reply(ctx, result);
     const ticket = result;
+    markHeld(ctx.req);
     const res = ctx.res;
     // What middleware mounted before this one set so far: set again by it on a replay, so not stored.
     const before = res.getHeaders();

@@ -28,6 +28,7 @@ import {
 } from '../core/engine.js';
 import { IdempotencyError } from '../core/errors.js';
 import type { RequestBody } from '../core/fingerprint.js';
+import { isHeld } from '../core/held.js';
 import { nodeRequestHeader } from '../core/key.js';
 import { type IdempotencyOptions, KNOWN_OPTIONS } from '../core/options.js';
 import type { EngineReply } from '../core/responses.js';
@@ -486,6 +487,8 @@ function beginExpress(
   res: ServerResponse,
   started: (start: Start) => void,
 ) {
+  // Taken by an instance of the middleware mounted on the app: it handles the request.
+  if (isHeld(req)) return started({ kind: 'pass' });
   const url = (req as IncomingMessage & { originalUrl?: string }).originalUrl ?? req.url ?? '/';
   handleNodeRequest(
     engine as IdempotencyEngine<IncomingMessage>,
@@ -511,7 +514,7 @@ function beginFastify(
 ) {
   const method = request.method;
   // Running already: the Fastify plugin registered on Nest's instance took the key.
-  if (isRunning(request) || !engine.handles(method)) return started({ kind: 'pass' });
+  if (isRunning(request) || isHeld(request.raw) || !engine.handles(method)) return started({ kind: 'pass' });
   const startedAt = performance.now();
   const key = engine.readKey(method, nodeRequestHeader(request.raw, engine.headerName));
   if (key === undefined) return started({ kind: 'pass' });

@@ -10,6 +10,7 @@ import type {
 import { captureBody, type HeaderRecordValue, handlerHeaders, watchConnection } from '../../core/capture.js';
 import { type BeginResult, type IdempotencyEngine, isPromise, type Ticket } from '../../core/engine.js';
 import { consumedMultipart, isMultipart, isParsedValue, type RequestBody } from '../../core/fingerprint.js';
+import { markHeld } from '../../core/held.js';
 import { createMediaTypeMatcher, JSON_MEDIA_TYPES } from '../../core/media-type.js';
 import { ownSymbol } from '../../core/own-symbol.js';
 import { type EngineReply, headerValue, REMOVED_HEADER } from '../../core/responses.js';
@@ -137,6 +138,7 @@ export function startRun(
   ticket: Ticket,
 ): void {
   setRunning(request, { engine, ticket, before: replyHeaders(reply), failed: false });
+  markHeld(request.raw);
   // A reply that goes out without passing `onSend` (hijacked) releases the key; a client that leaves changes nothing.
   watchConnection(reply.raw, engine, ticket);
 }

@@ -2,6 +2,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import { type BeginResult, IdempotencyEngine, isPromise } from '../../core/engine.js';
 import { IdempotencyError } from '../../core/errors.js';
 import { consumedMultipart, isMultipart, type RequestBody } from '../../core/fingerprint.js';
+import { isHeld, markHeld } from '../../core/held.js';
 import { nodeRequestHeader } from '../../core/key.js';
 import type { IdempotencyOptions } from '../../core/options.js';
 import { type EngineReply, REMOVED_HEADER } from '../../core/responses.js';
@@ -48,7 +49,8 @@ export function handleNodeRequest<Req extends IncomingMessage>(
   answer: Answer = sendReply,
 ): void {
   const method = req.method ?? 'GET';
-  if (!engine.handles(method)) return next();
+  // Another instance of the middleware on this request's path took its key: it handles the request.
+  if (!engine.handles(method) || isHeld(req)) return next();
   const startedAt = performance.now();
   const key = engine.readKey(method, nodeRequestHeader(req, engine.headerName));
   if (key === undefined) return next();
@@ -105,12 +107,13 @@ function begin<Req extends IncomingMessage>(
   } catch (error) {
     return fail(error);
   }
-  if (isPromise(result)) result.then((settled) => dispatch(engine, res, settled, next, answer), fail);
-  else dispatch(engine, res, result, next, answer);
+  if (isPromise(result)) result.then((settled) => dispatch(engine, req, res, settled, next, answer), fail);
+  else dispatch(engine, req, res, result, next, answer);
 }
 
 function dispatch(
   engine: IdempotencyEngine<never>,
+  req: IncomingMessage,
   res: ServerResponse,
   result: BeginResult,
   next: Continue,
@@ -118,6 +121,7 @@ function dispatch(
 ): void {
   if (result.kind === 'pass') return next();
   if (result.kind === 'reply') return answer(res, result);
+  markHeld(req);
   captureResponse(res, engine, result);
   next();
 }
