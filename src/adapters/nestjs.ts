@@ -30,7 +30,7 @@ import { IdempotencyError } from '../core/errors.js';
 import type { RequestBody } from '../core/fingerprint.js';
 import { isHeld } from '../core/held.js';
 import { nodeRequestHeader } from '../core/key.js';
-import { type IdempotencyOptions, KNOWN_OPTIONS } from '../core/options.js';
+import { checkOverrides, type IdempotencyOptions, KNOWN_OPTIONS } from '../core/options.js';
 import type { EngineReply } from '../core/responses.js';
 import {
   addCaptureHooks,
@@ -280,6 +280,8 @@ export function Idempotent<Req = NestRequest>(
       );
     }
   }
+  // Values too, when the class is declared, as the module's are at start-up: not on the route's first request.
+  checkOverrides(options as Partial<IdempotencyOptions<never>>);
   return applyDecorators(SetMetadata(IDEMPOTENT_METADATA, options), UseInterceptors(IdempotencyInterceptor));
 }
 

@@ -94,7 +94,7 @@ export interface IdempotencyOptions<Req = unknown> {
    */
   enforceUuid4Formatting?: boolean;
   /**
-   * Seconds a completed response is replayed for; `null` keeps it forever.
+   * Seconds a completed response is replayed for, at most 100 years; `null` keeps it forever.
    * @default 86400
    */
   expiry?: number | null;
@@ -117,7 +117,7 @@ export interface IdempotencyOptions<Req = unknown> {
   /** Namespaces keys, e.g. by tenant, user or API key id, so that two clients' keys never meet. */
   scope?: (req: Req) => string | undefined;
   /**
-   * Seconds of the in-flight lock's lease, at least 1. It is renewed every third of it while the handler runs,
+   * Seconds of the in-flight lock's lease, at least 1 and at most 100 years. It is renewed every third of it while the handler runs,
    * so it lapses only when the process holding it died (or, once the client has gone away, when the handler has
    * not finished within another `lockTimeout`); then a retry runs.
    * @default 60
@@ -351,6 +351,27 @@ export function resolveOptions<Req>(options: IdempotencyOptions<Req>): ResolvedO
   };
 }
 
+/** Stands in for the backend of options that are checked but never used to run: see {@link checkOverrides}. */
+const UNUSED_BACKEND: Backend = {
+  acquire: unused,
+  complete: unused,
+  release: unused,
+  renew: unused,
+};
+
+function unused(): never {
+  throw new Error('This backend only stands in while options are checked');
+}
+
+/**
+ * Checks options that override others later (a route's own, merged with its module's on first use) as
+ * {@link resolveOptions} checks a whole set: names and values, so that a bad one fails where it is written, not on
+ * the route's first request. Without a `backend` of their own, the module's is assumed.
+ */
+export function checkOverrides(overrides: Partial<IdempotencyOptions<never>>): void {
+  resolveOptions({ backend: UNUSED_BACKEND, ...overrides });
+}
+
 function backendOption(backend: unknown): Backend {
   const candidate = backend as Partial<Backend> | null | undefined;
   if (
@@ -399,7 +420,11 @@ function lockTimeoutOption(value: unknown): number {
     `a number of seconds, at least ${MIN_LOCK_TIMEOUT}`,
   );
   if (seconds < MIN_LOCK_TIMEOUT) {
-    throw invalidOption('lockTimeout', `a number of seconds, at least ${MIN_LOCK_TIMEOUT}`, value);
+    throw invalidOption(
+      'lockTimeout',
+      `a number of seconds, at least ${MIN_LOCK_TIMEOUT}, at most ${MAX_SECONDS} (100 years)`,
+      value,
+    );
   }
   return seconds * 1000;
 }
@@ -415,6 +440,13 @@ function statusesOption(value: unknown): ReadonlySet<number> {
   return new Set(value as number[]);
 }
 
+/**
+ * Longest time an option accepts, in seconds: 100 years. A longer one cannot be stored by every backend (a MySQL
+ * `DATETIME` ends in 9999, Redis counts milliseconds in 64 bits), and a store that fails leaves a request that ran
+ * to run again once its lease lapses; `expiry: null` is what keeps a response forever.
+ */
+export const MAX_SECONDS = 100 * 365.25 * 24 * 60 * 60;
+
 function positiveSeconds(
   name: string,
   value: unknown,
@@ -422,8 +454,8 @@ function positiveSeconds(
   expected = 'a positive number of seconds',
 ) {
   if (value === undefined) return fallback;
-  if (typeof value !== 'number' || !Number.isFinite(value) || value <= 0)
-    throw invalidOption(name, expected, value);
+  if (typeof value !== 'number' || !Number.isFinite(value) || value <= 0 || value > MAX_SECONDS)
+    throw invalidOption(name, `${expected}, at most ${MAX_SECONDS} (100 years)`, value);
   return value;
 }
 

@@ -15,6 +15,7 @@ import { randomBytes, randomUUID } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { storageKeyOf } from '../core/engine.js';
 import { forgetKey, inspectKey } from '../core/operator.js';
+import { MAX_SECONDS } from '../core/options.js';
 import type {
   AcquireResult,
   Awaitable,
@@ -649,6 +650,18 @@ export function describeBackendContract(
         assert.equal((await backend.acquire(key, FINGERPRINT, LONG_LEASE_MS)).state, 'completed');
         await sleep(SHORT_TTL_MS + LAPSE_WAIT_MS);
         expectAcquired(await backend.acquire(key, FINGERPRINT, LONG_LEASE_MS));
+      });
+
+      it('stores a record and holds a lease for the longest time the options accept (100 years)', async () => {
+        const backend = current();
+        const longest = MAX_SECONDS * 1000;
+        const key = newKey();
+        const token = expectAcquired(await backend.acquire(key, FINGERPRINT, longest));
+        assert.equal((await backend.acquire(key, FINGERPRINT, LONG_LEASE_MS)).state, 'in-flight');
+        assert.equal(await backend.renew(key, token, longest), true);
+        const record = makeRecord();
+        assert.equal(await backend.complete(key, token, record, longest), true);
+        expectCompletedWith(await backend.acquire(key, FINGERPRINT, LONG_LEASE_MS), record);
       });
 
       it('keeps a record stored with ttlMs null after a short ttl beside it has expired', async () => {

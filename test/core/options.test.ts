@@ -50,6 +50,8 @@ const INVALID: readonly [string, unknown][] = [
   ['expiry', Number.NaN],
   ['expiry', Number.POSITIVE_INFINITY],
   ['expiry', false],
+  ['expiry', 1e13],
+  ['expiry', 3.2e9],
   ['applicableMethods', []],
   ['applicableMethods', ['PO ST']],
   ['applicableMethods', 'POST'],
@@ -70,6 +72,7 @@ const INVALID: readonly [string, unknown][] = [
   ['lockTimeout', Number.NaN],
   ['lockTimeout', null],
   ['lockTimeout', 0.5],
+  ['lockTimeout', 1e12],
   ['releaseStatuses', [99]],
   ['releaseStatuses', [1000]],
   ['releaseStatuses', ['429']],
@@ -79,6 +82,7 @@ const INVALID: readonly [string, unknown][] = [
   ['backendTimeout', 0],
   ['backendTimeout', -1],
   ['backendTimeout', '2'],
+  ['backendTimeout', 4e9],
   ['unstoredResponses', true],
   ['maxKeyLength', 1.5],
   ['maxKeyLength', 0],
@@ -114,6 +118,18 @@ const INVALID: readonly [string, unknown][] = [
 
 describe('options', () => {
   describe('invalid values fail at construction', () => {
+    it('accepts times up to 100 years, which every backend can store, and says so past it', () => {
+      const hundredYears = 100 * 365.25 * 24 * 60 * 60;
+      const { options } = construct({ backend, expiry: hundredYears, lockTimeout: hundredYears });
+      expect(options.expiryMs).toBe(hundredYears * 1000);
+      expect(options.lockTimeoutMs).toBe(hundredYears * 1000);
+      for (const name of ['expiry', 'lockTimeout', 'waitTimeout', 'backendTimeout']) {
+        const error = constructionError({ backend, [name]: hundredYears + 1 });
+        expect(error.message).toContain(`\`${name}\``);
+        expect(error.message).toContain('at most 3155760000 (100 years)');
+      }
+    });
+
     it.each(INVALID)('rejects %s = %j, naming the option', (name, value) => {
       const error = constructionError({ backend, [name]: value });
       expect(error.message).toContain(`\`${name}\``);

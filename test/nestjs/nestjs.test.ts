@@ -375,6 +375,13 @@ describe.each(['express', 'fastify'] as const)('NestJS on %s', (platform: NestPl
     it('refuses a misspelt option at once', () => {
       expect(() => Idempotent({ requird: true } as never)).toThrow(/requird/);
     });
+
+    it('refuses an invalid value at once, naming the option, rather than on the route’s first request', () => {
+      expect(() => Idempotent({ expiry: -1 })).toThrow(/Invalid option `expiry`/);
+      expect(() => Idempotent({ lockTimeout: 0 })).toThrow(/Invalid option `lockTimeout`/);
+      expect(() => Idempotent({ errorFormat: 'xml' } as never)).toThrow(/Invalid option `errorFormat`/);
+      expect(() => Idempotent({ expiry: 60, required: true })).not.toThrow();
+    });
   });
 
   describe('a client that leaves', () => {
