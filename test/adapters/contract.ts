@@ -28,6 +28,7 @@ import {
   sendWithNodeHttp,
   type TestServer,
 } from '../support/http.js';
+import { exchange, type RawRequest } from '../support/raw-http.js';
 
 /** What a contract run needs. */
 export interface AdapterContractConfig {
@@ -127,6 +128,17 @@ export const ALL_BYTES = Buffer.from(Array.from({ length: 256 }, (_, i) => i));
  */
 export function createContractRoutes(state: RouteState): Routes {
   return {
+    '/no-content': () => {
+      const run = state.run('/no-content');
+      return {
+        status: 204,
+        headers: [
+          ['content-type', 'application/json'],
+          ['x-run', String(run)],
+        ],
+        chunks: [],
+      };
+    },
     '/orders': () => {
       const run = state.run('/orders');
       const id = randomUUID();
@@ -479,6 +491,32 @@ export function describeAdapterContract(name: string, config: AdapterContractCon
     const body = { item: 'book', quantity: 2 };
 
     describe('first run and replay', () => {
+      it('replays a stored 204 as the first run went out: no body, no Content-Length', async () => {
+        // Every type: Koa drops a 204's Content-Type, as it drops its body.
+        const app = await start({ cacheableContentTypes: '*' });
+        const port = Number(new URL(app.server.url).port);
+        const request: RawRequest = {
+          method: 'POST',
+          path: '/no-content',
+          headers: [
+            ['idempotency-key', randomUUID()],
+            ['content-type', 'application/json'],
+          ],
+          body: Buffer.from('{}'),
+        };
+        const first = await exchange(port, request, undefined);
+        const replay = await exchange(port, request, undefined);
+        for (const response of [first, replay]) {
+          expect(response.status).toBe(204);
+          expect(response.framing).toBe('none');
+          expect(response.body.byteLength).toBe(0);
+          expect(response.headers.map(([name]) => name)).not.toContain('content-length');
+          expect(response.headers).toContainEqual(['x-run', '1']);
+        }
+        expect(replay.headers).toContainEqual(['idempotent-replayed', 'true']);
+        expect(app.runs('/no-content')).toBe(1);
+      });
+
       it('replays the status, headers and exact body bytes, and marks only the replay', async () => {
         const app = await start();
         const key = randomUUID();

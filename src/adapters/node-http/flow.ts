@@ -140,7 +140,15 @@ export function sendReply(res: ServerResponse, reply: EngineReply): void {
     else grouped.set(name, [value]);
   }
   for (const [name, values] of grouped) res.setHeader(name, values.length === 1 ? values[0]! : values);
-  res.setHeader('content-length', reply.body.byteLength);
+  if (hasContent(reply.status)) res.setHeader('content-length', reply.body.byteLength);
   res.writeHead(reply.status);
   res.end(reply.body);
+}
+
+/**
+ * Whether a response with this status has content, and so a `Content-Length`: a 1xx, 204 or 304 has none (RFC 9110
+ * §8.6 forbids the header on a 1xx or 204; on a 304 it would describe the representation, which is not stored).
+ */
+function hasContent(status: number): boolean {
+  return status >= 200 && status !== 204 && status !== 304;
 }
