@@ -3,6 +3,7 @@
  * `postgresql://` URL, a `mysql://` or `mariadb://` URL, or `sqlite:PATH`. The driver the value needs is an
  * optional peer dependency, loaded here on demand with a dynamic `import()`: running on Redis needs no `pg`.
  */
+import { existsSync } from 'node:fs';
 import { MemoryBackend } from '../backends/memory.js';
 import { MysqlBackend } from '../backends/mysql.js';
 import { PostgresBackend } from '../backends/postgres.js';
@@ -34,6 +35,12 @@ export interface BackendSettings {
   notifications?: boolean;
   /** Reports driver errors (connection lost, reconnecting) so that they are seen, never thrown. */
   onDriverError?: (driver: string, error: Error) => void;
+  /**
+   * SQL: create the table on first use when it is missing. `false` for commands that only read or delete keys
+   * (`inspect`, `forget`): a mistyped table is then an error, not a new empty table that holds nothing, and a
+   * SQLite file must exist. @default true
+   */
+  createTable?: boolean;
 }
 
 /** Loads a module by name: `import()` in production, a stand-in in tests. */
@@ -118,18 +125,25 @@ async function loadDriver(names: readonly string[], backendName: string, load: M
     try {
       return { name, module: (await load(name)) as Record<string, unknown> };
     } catch (error) {
-      if (!isNotFound(error, name)) {
+      if (!isNotFound(error, packageOf(name))) {
         throw new BackendSetupError(`The ${name} package could not be loaded: ${(error as Error).message}`, {
           cause: error,
         });
       }
     }
   }
-  const choices = names.map((name) => `\`${name}\``).join(' or ');
+  const packages = names.map(packageOf);
+  const choices = packages.map((name) => `\`${name}\``).join(' or ');
   throw new BackendSetupError(
     `The ${backendName} backend needs the ${choices} package, which is not installed. ` +
-      `Install it beside idempotency-header: npm install ${names[0]}`,
+      `Install it beside idempotency-header: npm install ${packages[0]}`,
   );
+}
+
+/** The package a module specifier is in: `mysql2` for `mysql2/promise`, `@scope/name` for `@scope/name/sub`. */
+function packageOf(specifier: string): string {
+  const parts = specifier.split('/');
+  return specifier.startsWith('@') ? parts.slice(0, 2).join('/') : parts[0]!;
 }
 
 function isNotFound(error: unknown, name: string): boolean {
@@ -281,6 +295,7 @@ async function openPostgres(
     pool: pool as never,
     table: settings.table,
     notifications: settings.notifications ?? false,
+    createTable: settings.createTable ?? true,
   });
   return {
     backend,
@@ -306,7 +321,11 @@ async function openMysql(url: URL, settings: BackendSettings, load: ModuleLoader
   const pool = createPool({ uri, connectTimeout: CONNECT_TIMEOUT_MS, connectionLimit: 10 });
   await waitFor(pool.query('SELECT 1').catch(() => {}));
   return {
-    backend: new MysqlBackend({ pool: pool as never, table: settings.table }),
+    backend: new MysqlBackend({
+      pool: pool as never,
+      table: settings.table,
+      createTable: settings.createTable ?? true,
+    }),
     name: 'MysqlBackend',
     location: redact(url),
     close: async () => {
@@ -325,7 +344,12 @@ async function openSqlite(
   // SqliteBackend loads better-sqlite3 itself on first use; loading it now turns a missing driver into a start-up
   // error rather than a 503 on the first request.
   await loadDriver(['better-sqlite3'], 'SQLite', load);
-  const backend = new SqliteBackend({ database: path, table: settings.table });
+  const createTable = settings.createTable ?? true;
+  // Opening a file that is not there would create it: a mistyped path would seem to hold no keys.
+  if (!createTable && !existsSync(path)) {
+    throw new BackendSetupError(`--backend sqlite:${path}: no such file`);
+  }
+  const backend = new SqliteBackend({ database: path, table: settings.table, createTable });
   return {
     backend,
     name: 'SqliteBackend',

@@ -54,6 +54,8 @@ export function isOperatorCommand(argv: readonly string[]): boolean {
 
 /** The proxy's flags this command shares, parsed exactly as the proxy parses them. */
 const SHARED_FLAGS = ['backend', 'prefix', 'table', 'scope-header'] as const;
+/** Every flag that takes a value. */
+const OPERATOR_FLAGS: ReadonlySet<string> = new Set([...SHARED_FLAGS, 'scope', 'header']);
 
 interface Draft {
   backend: string | undefined;
@@ -83,9 +85,15 @@ export function parseOperatorCommand(
   let scope = env[envName('scope')];
   const headers: Record<string, string[]> = {};
   let force = false;
+  let flagsEnded = false;
   while (args.length > 0) {
     const arg = args.shift()!;
-    if (!arg.startsWith('--')) {
+    if (arg === '--' && !flagsEnded) {
+      // What follows is the key, even when it starts with a dash.
+      flagsEnded = true;
+      continue;
+    }
+    if (flagsEnded || !arg.startsWith('--')) {
       if (key !== undefined)
         throw new UsageError(`Unexpected argument ${JSON.stringify(arg)}: one key at a time`);
       key = arg;
@@ -93,10 +101,14 @@ export function parseOperatorCommand(
     }
     const equals = arg.indexOf('=');
     const name = equals === -1 ? arg.slice(2) : arg.slice(2, equals);
-    if (name === 'force' && command === 'forget') {
-      if (equals !== -1) throw new UsageError('--force takes no value');
-      force = true;
+    if (name === 'force' || name === 'no-force') {
+      if (command !== 'forget') throw new UsageError(`--${name} is a flag of forget, not of ${command}`);
+      if (equals !== -1) throw new UsageError(`--${name} takes no value`);
+      force = name === 'force';
       continue;
+    }
+    if (!OPERATOR_FLAGS.has(name)) {
+      throw new UsageError(`Unknown flag --${name} (see idempotency-header ${command} --help)`);
     }
     const value = equals === -1 ? args.shift() : arg.slice(equals + 1);
     if (value === undefined) throw new UsageError(`--${name} needs a value`);
@@ -104,13 +116,11 @@ export function parseOperatorCommand(
       shared(name as (typeof SHARED_FLAGS)[number], value);
     } else if (name === 'scope') {
       scope = value;
-    } else if (name === 'header') {
+    } else {
       const colon = value.indexOf(':');
       if (colon <= 0) throw new UsageError(`--header must be NAME: VALUE, not ${JSON.stringify(value)}`);
       const headerName = value.slice(0, colon).trim().toLowerCase();
       headers[headerName] = [...(headers[headerName] ?? []), value.slice(colon + 1).trim()];
-    } else {
-      throw new UsageError(`Unknown flag --${name} (see idempotency-header ${command} --help)`);
     }
   }
   if (key === undefined || key === '') {
@@ -178,13 +188,17 @@ export async function runOperatorCommand(
         // --on-conflict wait look again at once. Nothing listens in this process: it costs nothing more.
         notifications: true,
         onDriverError: (driver, error) => driverErrors.push(`${driver}: ${error.message}`),
+        // Reading or deleting a key never creates a table (or a SQLite file): a mistyped one is an error.
+        createTable: false,
       },
       load,
     );
   } catch (error) {
     if (!(error instanceof BackendSetupError || error instanceof IdempotencyError)) throw error;
     output.stderr(`idempotency-header: ${error.message}\n`);
-    return error instanceof BackendSetupError ? OPERATOR_EXIT.usage : OPERATOR_EXIT.backend;
+    // An invalid --prefix or --table is a bad command line too.
+    const usage = error instanceof BackendSetupError || error.code === 'ERR_IDEMPOTENCY_OPTION';
+    return usage ? OPERATOR_EXIT.usage : OPERATOR_EXIT.backend;
   }
   const head = {
     key,

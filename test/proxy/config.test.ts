@@ -247,6 +247,29 @@ describe('main', () => {
     );
   });
 
+  it('exits 2 for a table name the backend refuses, naming the option', async () => {
+    let stderr = '';
+    const code = await main(
+      [
+        'proxy',
+        ...UPSTREAM,
+        '--backend',
+        'sqlite:/tmp/idempotency-header-never-created.db',
+        '--table',
+        'bad;name',
+      ],
+      {},
+      {
+        stdout: () => {},
+        stderr: (text) => {
+          stderr += text;
+        },
+      },
+    );
+    expect(code).toBe(2);
+    expect(stderr).toMatch(/Invalid option `table`/);
+  });
+
   it('exits 1 when the port is taken', async () => {
     const { createServer } = await import('node:net');
     const taken = createServer();
@@ -275,7 +298,9 @@ describe('openBackend', () => {
     (modules: Record<string, unknown>): ModuleLoader =>
     async (name) => {
       if (name in modules) return modules[name];
-      throw Object.assign(new Error(`Cannot find package '${name}' imported from /app/cli.mjs`), {
+      // As Node.js words it: the package, not the module within it (`mysql2` for `mysql2/promise`).
+      const pkg = name.split('/')[0];
+      throw Object.assign(new Error(`Cannot find package '${pkg}' imported from /app/cli.mjs`), {
         code: 'ERR_MODULE_NOT_FOUND',
       });
     };
@@ -289,7 +314,7 @@ describe('openBackend', () => {
   it.each([
     ['redis://127.0.0.1:6379', /needs the `ioredis` or `redis` package.*npm install ioredis/],
     ['postgres://postgres@127.0.0.1/test', /needs the `pg` package.*npm install pg/],
-    ['mysql://root@127.0.0.1/test', /needs the `mysql2\/promise` package.*npm install mysql2/],
+    ['mysql://root@127.0.0.1/test', /needs the `mysql2` package.*npm install mysql2$/],
     ['sqlite:./keys.db', /needs the `better-sqlite3` package.*npm install better-sqlite3/],
   ])('says which package to install when %s finds no driver', async (spec, message) => {
     const failure = await openBackend(spec, {}, only({})).catch((error: unknown) => error);

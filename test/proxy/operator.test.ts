@@ -4,6 +4,7 @@
  * SQLite. A memory backend cannot be reached from another process, so it is refused.
  */
 import { randomUUID } from 'node:crypto';
+import { existsSync } from 'node:fs';
 import { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { MysqlBackend } from '../../src/backends/mysql.js';
@@ -257,10 +258,82 @@ describe('inspect and forget command lines', () => {
       ['forget', 'k', '--backend', 'memory'],
       ['inspect', 'k', '--backend', REDIS_URL, '--force'],
       ['inspect', 'k', '--backend', REDIS_URL, '--header', 'x-api-key: a'],
+      ['inspect', 'k', '--backend', 'postgres://postgres@127.0.0.1:1/test', '--table', 'bad;name'],
     ]) {
       const { code, stderr } = await runCommand(args);
       expect(code, args.join(' ')).toBe(2);
       expect(stderr).toMatch(/^idempotency-header: /);
+    }
+  });
+
+  it('names the flag at fault: an unknown one even without a value, a switch of forget given to inspect', async () => {
+    const cases: [string[], RegExp][] = [
+      [['inspect', 'k', '--backend', REDIS_URL, '--bogus'], /Unknown flag --bogus/],
+      [['inspect', 'k', '--backend', REDIS_URL, '--force'], /--force is a flag of forget, not of inspect/],
+      [['forget', 'k', '--backend', REDIS_URL, '--force=yes'], /--force takes no value/],
+      [['inspect', 'k', '--backend'], /--backend needs a value/],
+    ];
+    for (const [args, message] of cases) {
+      const { code, stderr } = await runCommand(args);
+      expect(code, args.join(' ')).toBe(2);
+      expect(stderr).toMatch(message);
+    }
+  });
+
+  it.runIf(redisUp)('reads a key after --, dash and all, and takes --no-force as no force', async () => {
+    const prefix = uniquePrefix('operator-dash');
+    const redis = new Redis(REDIS_URL);
+    const backend = new RedisBackend({ redis, prefix });
+    const flags = ['--backend', REDIS_URL, '--prefix', prefix];
+    try {
+      const inspected = await operator(['inspect', ...flags, '--', '-dash']);
+      expect(inspected.code).toBe(1);
+      expect(inspected.json).toMatchObject({ key: '-dash', state: 'not-found' });
+      expect((await backend.acquire(storageKeyOf('held'), FINGERPRINT, 30_000)).state).toBe('acquired');
+      expect((await operator(['forget', 'held', ...flags, '--no-force'])).code).toBe(4);
+    } finally {
+      await deleteKeysWithPrefix(redis, prefix);
+      await redis.quit();
+    }
+  });
+
+  it.runIf(postgresUp && mysqlUp)(
+    'never creates a table it is asked to read: a missing one is an error (exit 3)',
+    async () => {
+      const postgres = postgresPool();
+      const mysql = mysqlPool();
+      const table = uniqueTable('operator_missing');
+      try {
+        for (const url of [POSTGRES_URL, MYSQL_URL]) {
+          for (const command of ['inspect', 'forget']) {
+            const { code, stderr } = await runCommand([command, 'k', '--backend', url, '--table', table]);
+            expect(code, `${command} ${url}`).toBe(3);
+            expect(stderr).toMatch(/the backend failed: .*(does not exist|doesn't exist)/);
+          }
+        }
+        const pgTables = await postgres.query('SELECT 1 FROM pg_tables WHERE tablename = $1', [table]);
+        expect(pgTables.rowCount).toBe(0);
+        const [mysqlTables] = await mysql.query('SHOW TABLES LIKE ?', [table]);
+        expect(mysqlTables).toEqual([]);
+      } finally {
+        await dropPostgresTable(postgres, table);
+        await dropMysqlTable(mysql, table);
+        await postgres.end();
+        await mysql.end();
+      }
+    },
+  );
+
+  it.runIf(sqliteUp)('never creates the SQLite file it is asked to read (exit 2, naming it)', async () => {
+    const directory = sqliteDirectory('operator-missing');
+    try {
+      const path = directory.path('typo.db');
+      const { code, stderr } = await runCommand(['inspect', 'k', '--backend', `sqlite:${path}`]);
+      expect(code).toBe(2);
+      expect(stderr).toMatch(/no such file/);
+      expect(existsSync(path)).toBe(false);
+    } finally {
+      directory.remove();
     }
   });
 
