@@ -294,7 +294,7 @@ export function Idempotent<Req = NestRequest>(
  * IdempotencyModule.forRootAsync({
  *   imports: [RedisModule],
  *   inject: [REDIS],
- *   useFactory: (redis: Redis) => ({ backend: new RedisBackend({ client: redis }), required: true }),
+ *   useFactory: (redis: Redis) => ({ backend: new RedisBackend({ redis }), required: true }),
  * });
  * ```
  */

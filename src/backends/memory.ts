@@ -1,4 +1,4 @@
-import { IdempotencyError, invalidOption } from '../core/errors.js';
+import { IdempotencyError, invalidOption, rejectUnknownOptions } from '../core/errors.js';
 import type { AcquireResult, Backend, IdempotencyRecord, KeyState } from '../core/types.js';
 import { RecordArena } from './_arena.js';
 import { KeyIndex, type KeyOwner } from './_key-index.js';
@@ -64,6 +64,9 @@ const FULL_SWEEP_INTERVAL_MS = 1000;
 
 const MISMATCH: AcquireResult = Object.freeze({ state: 'mismatch' });
 
+/** The option names the constructor takes: any other is refused, as the middleware refuses one. */
+const OPTION_NAMES: readonly string[] = ['maxEntries', 'maxBytes', 'sweepIntervalMs'];
+
 /**
  * Keeps keys, locks and responses in this process's memory. Every operation is one synchronous step with no
  * `await` between reading and writing, so it is atomic within the process.
@@ -108,6 +111,7 @@ export class MemoryBackend implements Backend {
   #lastFullSweep = 0;
 
   constructor(options: MemoryBackendOptions = {}) {
+    rejectUnknownOptions(options, OPTION_NAMES);
     const {
       maxEntries = DEFAULT_MAX_ENTRIES,
       maxBytes = DEFAULT_MAX_BYTES,

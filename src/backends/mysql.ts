@@ -1,4 +1,4 @@
-import { invalidOption } from '../core/errors.js';
+import { invalidOption, rejectUnknownOptions } from '../core/errors.js';
 import type { AcquireResult, Backend, IdempotencyRecord, KeyState } from '../core/types.js';
 import {
   bodyBuffer,
@@ -284,6 +284,9 @@ interface AcquireRow extends HeldRow {
   acquired: unknown;
 }
 
+/** The option names the constructor takes: any other is refused, as the middleware refuses one. */
+const OPTION_NAMES: readonly string[] = ['pool', 'table', 'createTable', 'returning'];
+
 /**
  * Keeps keys, locks and responses in a MySQL 8 or MariaDB 10.11+ table (InnoDB), next to the application's data,
  * shared by every process that uses the database.
@@ -321,6 +324,7 @@ export class MysqlBackend implements Backend {
   #sweeping = false;
 
   constructor(options: MysqlBackendOptions) {
+    rejectUnknownOptions(options, OPTION_NAMES);
     const {
       pool,
       table = DEFAULT_MYSQL_TABLE,

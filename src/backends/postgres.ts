@@ -1,4 +1,4 @@
-import { invalidOption } from '../core/errors.js';
+import { invalidOption, rejectUnknownOptions } from '../core/errors.js';
 import type {
   AcquireResult,
   BackendTransaction,
@@ -324,6 +324,9 @@ interface AcquireRow extends HeldRow {
   acquired: unknown;
 }
 
+/** The option names the constructor takes: any other is refused, as the middleware refuses one. */
+const OPTION_NAMES: readonly string[] = ['pool', 'table', 'createTable', 'transactional', 'notifications'];
+
 /**
  * Keeps keys, locks and responses in a PostgreSQL table, next to the application's data, shared by every process
  * that uses the database. Each operation is one statement, one round trip: a first run costs two (acquire,
@@ -362,6 +365,7 @@ export class PostgresBackend implements TransactionalBackend {
   #listenReady = false;
 
   constructor(options: PostgresBackendOptions) {
+    rejectUnknownOptions(options, OPTION_NAMES);
     const {
       pool,
       table = DEFAULT_POSTGRES_TABLE,

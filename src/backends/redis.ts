@@ -1,5 +1,5 @@
 import { createHash, randomUUID } from 'node:crypto';
-import { IdempotencyError, invalidOption } from '../core/errors.js';
+import { IdempotencyError, invalidOption, rejectUnknownOptions } from '../core/errors.js';
 import type { AcquireResult, Backend, HeaderPair, IdempotencyRecord, KeyState } from '../core/types.js';
 import { KeyWatchers } from './_watchers.js';
 
@@ -253,6 +253,9 @@ const BUFFER_REPLIES = { typeMapping: { 36: Buffer, 43: Buffer }, returnBuffers:
 
 const MISMATCH: AcquireResult = Object.freeze({ state: 'mismatch' });
 
+/** The option names the constructor takes: any other is refused, as the middleware refuses one. */
+const OPTION_NAMES: readonly string[] = ['redis', 'prefix', 'notifications'];
+
 /**
  * Keeps keys, locks and responses in Redis, shared by every process that uses the same server or cluster.
  * Each method is one atomic step on one key, in one round trip: `acquire` a plain `SET … NX PX … GET` (a Lua
@@ -319,6 +322,7 @@ export class RedisBackend implements Backend {
   #subscribeFailedAt = Number.NEGATIVE_INFINITY;
 
   constructor(options: RedisBackendOptions) {
+    rejectUnknownOptions(options, OPTION_NAMES);
     const {
       redis,
       prefix = DEFAULT_REDIS_PREFIX,

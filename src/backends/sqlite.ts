@@ -1,4 +1,4 @@
-import { IdempotencyError, invalidOption } from '../core/errors.js';
+import { IdempotencyError, invalidOption, rejectUnknownOptions } from '../core/errors.js';
 import type { AcquireResult, Awaitable, Backend, IdempotencyRecord, KeyState } from '../core/types.js';
 import {
   bodyBuffer,
@@ -243,6 +243,9 @@ type DatabaseConstructor = new (
   close(): unknown;
 };
 
+/** The option names the constructor takes: any other is refused, as the middleware refuses one. */
+const OPTION_NAMES: readonly string[] = ['database', 'table', 'createTable', 'busyTimeoutMs'];
+
 /**
  * Keeps keys, locks and responses in a SQLite file, shared by every process on one machine that opens the same
  * file: cluster workers, PM2 instances, several containers with the file on a shared local volume. No server to
@@ -283,6 +286,7 @@ export class SqliteBackend implements Backend {
   #closed = false;
 
   constructor(options: SqliteBackendOptions) {
+    rejectUnknownOptions(options, OPTION_NAMES);
     const {
       database,
       table = DEFAULT_SQLITE_TABLE,

@@ -43,6 +43,17 @@ export class IdempotencyError extends Error {
   }
 }
 
+/**
+ * Throws the construction-time error for an option name `known` does not hold, as the middleware does: a
+ * misspelt name (`prefx`, `tabel`) would otherwise be ignored and its default used in silence.
+ */
+export function rejectUnknownOptions(options: object | null | undefined, known: readonly string[]): void {
+  if (options === null || typeof options !== 'object') return;
+  for (const name of Object.keys(options)) {
+    if (!known.includes(name)) throw invalidOption(name, 'no such option (check its spelling)', name);
+  }
+}
+
 /** Builds the construction-time error for an invalid option, naming it and the value it received. */
 export function invalidOption(name: string, expected: string, received: unknown): IdempotencyError {
   return new IdempotencyError(
