@@ -1061,7 +1061,7 @@ export class IdempotencyEngine<Req = unknown> {
       outcome === 'store-failed'
         ? 'a response was sent but could not be stored; its key is left to lapse'
         : outcome === 'lease-lost'
-          ? 'a response was sent but not stored: its lease had lapsed, and a retry may have run the key again (a backend unreachable for longer than lockTimeout)'
+          ? 'a response was sent but not stored: its lease had lapsed or its key was forgotten with force, and a retry may have run the key again (a backend unreachable for longer than lockTimeout, or a forget with force by an operator)'
           : this.options.failOpen
             ? 'the backend failed; while it does, requests run without idempotency (onBackendError: fail-open)'
             : 'the backend failed; while it does, requests get 503 (onBackendError: fail-closed)';

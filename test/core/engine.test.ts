@@ -1105,7 +1105,7 @@ describe('IdempotencyEngine', () => {
       const ticket = await beginTicket(engine, 'lost');
       const warnings = await warningsDuring(() => Promise.resolve(engine.finish(ticket, response(200))));
       expect(warnings.map((warning) => warning.message)).toEqual([
-        'idempotency-header: a response was sent but not stored: its lease had lapsed, and a retry may have run the key again (a backend unreachable for longer than lockTimeout). Pass onEvent to observe every one.',
+        'idempotency-header: a response was sent but not stored: its lease had lapsed or its key was forgotten with force, and a retry may have run the key again (a backend unreachable for longer than lockTimeout, or a forget with force by an operator). Pass onEvent to observe every one.',
       ]);
     });
 
