@@ -97,18 +97,7 @@ const APPS: Readonly<Record<string, StartTwice>> = {
       await pause();
       return c.json({ run: ++counter.runs }, 201);
     });
-    return new Promise((resolve) => {
-      const server = serve({ fetch: app.fetch, port: 0, hostname: '127.0.0.1' }, (info) =>
-        resolve({
-          url: `http://127.0.0.1:${info.port}`,
-          close: () =>
-            new Promise<void>((done) => {
-              (server as unknown as { closeAllConnections(): void }).closeAllConnections();
-              server.close(() => done());
-            }),
-        }),
-      );
-    });
+    return serveFetch(app.fetch);
   },
   'Koa, two middleware in a row': (backend, counter) => {
     const app = new Koa();
@@ -133,20 +122,25 @@ const APPS: Readonly<Record<string, StartTwice>> = {
       ),
       { backend },
     );
-    return new Promise((resolve) => {
-      const server = serve({ fetch: handler, port: 0, hostname: '127.0.0.1' }, (info) =>
-        resolve({
-          url: `http://127.0.0.1:${info.port}`,
-          close: () =>
-            new Promise<void>((done) => {
-              (server as unknown as { closeAllConnections(): void }).closeAllConnections();
-              server.close(() => done());
-            }),
-        }),
-      );
-    });
+    return serveFetch(handler);
   },
 };
+
+/** Serves a fetch handler on `@hono/node-server`. */
+function serveFetch(fetchHandler: (request: Request) => Response | Promise<Response>): Promise<TestServer> {
+  return new Promise((resolve) => {
+    const server = serve({ fetch: fetchHandler, port: 0, hostname: '127.0.0.1' }, (info) =>
+      resolve({
+        url: `http://127.0.0.1:${info.port}`,
+        close: () =>
+          new Promise<void>((done) => {
+            (server as unknown as { closeAllConnections(): void }).closeAllConnections();
+            server.close(() => done());
+          }),
+      }),
+    );
+  });
+}
 
 let server: TestServer | undefined;
 afterEach(async () => {
