@@ -13,7 +13,7 @@
  * {@link wrapExpressFragment}, each SQL one on a schema, database or file of its own, where its records are then
  * counted. Every snippet must also exit on SIGTERM. All of them are also type-checked, as TypeScript
  * users paste them: with the strict settings `tsc --init` writes, the `@types/` packages of what they import and
- * `@types/node`.
+ * `@types/node`; so is the adapter of "Writing an adapter".
  */
 import { execFile } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
@@ -184,7 +184,18 @@ async function runSnippet(
   }
 }
 
+/** A `##` chapter without `###` sections, as one section (its heading, text and code blocks). */
+function chapterOf(markdown: string, chapter: string): Section {
+  const start = markdown.indexOf(`\n## ${chapter}\n`);
+  if (start === -1) throw new Error(`README has no chapter "${chapter}"`);
+  const end = markdown.indexOf('\n## ', start + 1);
+  const text = markdown.slice(start, end === -1 ? undefined : end);
+  const code = [...text.matchAll(/```ts\n([\s\S]*?)```/g)].map((match) => match[1]!);
+  return { heading: chapter, text, code };
+}
+
 const quickStart = sectionsOf(README, 'Quick start');
+const writingAnAdapter = chapterOf(README, 'Writing an adapter');
 const backendSections = sectionsOf(README, 'Backends');
 const redisSnippets = backendSections.find((section) => section.heading === 'RedisBackend');
 /** The SQL backends' first snippets, each mounting its backend on an Express `app` with the default table. */
@@ -219,6 +230,7 @@ describe('README snippets in a fresh TypeScript project', () => {
         section!,
         wrapExpressFragment(code!),
       ]),
+      [slug(writingAnAdapter.heading), writingAnAdapter, writingAnAdapter.code[0]!],
     ];
     for (const [name, section, source] of files) {
       const packages = packagesFor(section, source);
