@@ -65,6 +65,13 @@ export interface BackendContractTiming {
    * @default 350
    */
   lapseWaitMs?: number;
+  /**
+   * Longest a single backend call may take to settle. A call that never settles fails its case with a message
+   * naming the method, rather than timing the whole test out (vitest) or cancelling the cases after it
+   * (`node:test`). Keep it below the runner's own test timeout.
+   * @default 3000
+   */
+  callTimeoutMs?: number;
 }
 
 /** Options of {@link describeBackendContract}. */
@@ -111,6 +118,7 @@ const DEFAULT_TIMING: Required<BackendContractTiming> = {
   shortLeaseMs: 150,
   shortTtlMs: 200,
   lapseWaitMs: 350,
+  callTimeoutMs: 3_000,
 };
 /** A lease long enough never to lapse during a test. */
 const LONG_LEASE_MS = 30_000;
@@ -206,6 +214,48 @@ function expectCompletedWith(result: AcquireResult, expected: IdempotencyRecord)
   );
 }
 
+/** The methods of a backend the contract calls. */
+const BACKEND_METHODS = ['acquire', 'complete', 'release', 'renew', 'inspect', 'forget', 'close'] as const;
+
+/**
+ * The backend with each of its methods bounded: a call whose promise has not settled within `ms` rejects, naming
+ * the method. Its timer is not `unref()`'d: `node:test` would otherwise find the event loop empty while a case waits
+ * on a promise that never settles, and cancel every case after it without saying why. Methods the backend lacks
+ * stay absent, so that the optional ones are told apart as before.
+ */
+function withCallTimeout(backend: Backend, ms: number): Backend {
+  const bounded: Record<string, unknown> = {};
+  for (const name of BACKEND_METHODS) {
+    const method = (backend as unknown as Record<string, unknown>)[name];
+    if (typeof method !== 'function') continue;
+    bounded[name] = (...args: unknown[]) => {
+      const result: unknown = method.apply(backend, args);
+      if (!isPromiseLike(result)) return result;
+      return new Promise((resolve, reject) => {
+        const timer = setTimeout(
+          () => reject(new Error(`${name}() did not settle within ${ms} ms (timing.callTimeoutMs)`)),
+          ms,
+        );
+        result.then(
+          (value) => {
+            clearTimeout(timer);
+            resolve(value);
+          },
+          (error: unknown) => {
+            clearTimeout(timer);
+            reject(error);
+          },
+        );
+      });
+    };
+  }
+  return bounded as unknown as Backend;
+}
+
+function isPromiseLike(value: unknown): value is PromiseLike<unknown> {
+  return typeof (value as PromiseLike<unknown> | null)?.then === 'function';
+}
+
 /** Marks the running test skipped when the runner can (vitest's `skip()` throws; `node:test`'s returns). */
 function skipTest(context: unknown, reason: string): void {
   const skip = (context as { skip?: unknown } | null | undefined)?.skip;
@@ -265,6 +315,7 @@ export function describeBackendContract(
   const SHORT_LEASE_MS = positive('timing.shortLeaseMs', timing.shortLeaseMs);
   const SHORT_TTL_MS = positive('timing.shortTtlMs', timing.shortTtlMs);
   const LAPSE_WAIT_MS = positive('timing.lapseWaitMs', timing.lapseWaitMs);
+  const CALL_TIMEOUT_MS = positive('timing.callTimeoutMs', timing.callTimeoutMs);
   if (LAPSE_WAIT_MS <= SHORT_LEASE_MS) {
     throw new TypeError(
       `describeBackendContract: timing.lapseWaitMs (${LAPSE_WAIT_MS}) must be longer than timing.shortLeaseMs (${SHORT_LEASE_MS})`,
@@ -307,6 +358,13 @@ export function describeBackendContract(
         throw error;
       }
       assert.ok(context?.backend, 'setup() must resolve to { backend }');
+      context = {
+        ...context,
+        backend: withCallTimeout(context.backend, CALL_TIMEOUT_MS),
+        ...(context.peers === undefined
+          ? {}
+          : { peers: context.peers.map((peer) => withCallTimeout(peer, CALL_TIMEOUT_MS)) }),
+      };
     });
 
     afterAll.call(test, async () => {
@@ -416,7 +474,11 @@ export function describeBackendContract(
         const record = makeRecord(undefined, '');
         const key = newKey();
         const token = expectAcquired(await backend.acquire(key, '', LONG_LEASE_MS));
-        assert.equal(await backend.complete(key, token, record, TTL_MS), true);
+        assert.equal(
+          await backend.complete(key, token, record, TTL_MS),
+          true,
+          'complete() with the holding token',
+        );
         expectCompletedWith(await backend.acquire(key, '', LONG_LEASE_MS), record);
         expectMismatch(await backend.acquire(key, FINGERPRINT, LONG_LEASE_MS));
       });
@@ -523,8 +585,16 @@ export function describeBackendContract(
       it('returns false from renew with a token that does not hold the key, and leaves the lease alone', async () => {
         const backend = current();
         const { key } = await lockedKey();
-        assert.equal(await backend.renew(key, 'not-the-token', LONG_LEASE_MS), false);
-        assert.equal(await backend.renew(newKey(), 'not-the-token', LONG_LEASE_MS), false);
+        assert.equal(
+          await backend.renew(key, 'not-the-token', LONG_LEASE_MS),
+          false,
+          'renew() with a token that does not hold the key',
+        );
+        assert.equal(
+          await backend.renew(newKey(), 'not-the-token', LONG_LEASE_MS),
+          false,
+          'renew() of a key never acquired',
+        );
         expectInFlight(await backend.acquire(key, FINGERPRINT, LONG_LEASE_MS));
       });
 
@@ -532,7 +602,11 @@ export function describeBackendContract(
         const backend = current();
         const { key, token } = await lockedKey();
         const record = makeRecord();
-        assert.equal(await backend.complete(key, token, record, TTL_MS), true);
+        assert.equal(
+          await backend.complete(key, token, record, TTL_MS),
+          true,
+          'complete() with the holding token',
+        );
         assert.equal(await backend.renew(key, token, LONG_LEASE_MS), false, 'renew() after complete()');
         expectCompletedWith(await backend.acquire(key, FINGERPRINT, LONG_LEASE_MS), record);
       });
@@ -549,8 +623,8 @@ export function describeBackendContract(
         assert.equal(await backend.release(key, token), false, 'a second release() with the first token');
         // The second release did not free the new holder's key.
         expectInFlight(await backend.acquire(key, FINGERPRINT, LONG_LEASE_MS));
-        assert.equal(await backend.release(key, next), true);
-        assert.equal(await backend.release(key, next), false);
+        assert.equal(await backend.release(key, next), true, 'release() with the holding token');
+        assert.equal(await backend.release(key, next), false, 'a second release() with the same token');
       });
 
       it('returns false for a token that does not hold the key and keeps the lock', async () => {
@@ -565,7 +639,11 @@ export function describeBackendContract(
         const backend = current();
         const { key, token } = await lockedKey();
         const record = makeRecord();
-        assert.equal(await backend.complete(key, token, record, TTL_MS), true);
+        assert.equal(
+          await backend.complete(key, token, record, TTL_MS),
+          true,
+          'complete() with the holding token',
+        );
         assert.equal(await backend.release(key, token), false, 'release() after complete()');
         expectCompletedWith(await backend.acquire(key, FINGERPRINT, LONG_LEASE_MS), record);
       });
@@ -573,7 +651,7 @@ export function describeBackendContract(
       it('lets a different fingerprint take a released key', async () => {
         const backend = current();
         const { key, token } = await lockedKey();
-        assert.equal(await backend.release(key, token), true);
+        assert.equal(await backend.release(key, token), true, 'release() with the holding token');
         expectAcquired(await backend.acquire(key, OTHER_FINGERPRINT, LONG_LEASE_MS));
       });
     });
@@ -658,9 +736,17 @@ export function describeBackendContract(
         const key = newKey();
         const token = expectAcquired(await backend.acquire(key, FINGERPRINT, longest));
         assert.equal((await backend.acquire(key, FINGERPRINT, LONG_LEASE_MS)).state, 'in-flight');
-        assert.equal(await backend.renew(key, token, longest), true);
+        assert.equal(
+          await backend.renew(key, token, longest),
+          true,
+          'renew() of a 100-year lease with the holding token',
+        );
         const record = makeRecord();
-        assert.equal(await backend.complete(key, token, record, longest), true);
+        assert.equal(
+          await backend.complete(key, token, record, longest),
+          true,
+          'complete() with a 100-year ttl and the holding token',
+        );
         expectCompletedWith(await backend.acquire(key, FINGERPRINT, LONG_LEASE_MS), record);
       });
 
@@ -694,7 +780,11 @@ export function describeBackendContract(
         const backend = current();
         const { key, token } = await lockedKey();
         const first = makeRecord(Buffer.from('first'));
-        assert.equal(await backend.complete(key, token, first, TTL_MS), true);
+        assert.equal(
+          await backend.complete(key, token, first, TTL_MS),
+          true,
+          'complete() with the holding token',
+        );
         assert.equal(await backend.complete(key, token, makeRecord(Buffer.from('second')), TTL_MS), false);
         expectCompletedWith(await backend.acquire(key, FINGERPRINT, LONG_LEASE_MS), first);
       });
@@ -752,11 +842,21 @@ export function describeBackendContract(
        */
       function operator(testContext: unknown, ...needs: ('inspect' | 'forget')[]) {
         const backend = current();
-        for (const method of needs) {
-          if (typeof backend[method] === 'function') continue;
-          if (requires.has(method))
-            assert.fail(`the backend has no ${method}(), which options.requires names`);
-          skipTest(testContext, `the backend has no ${method}()`);
+        const missing = needs.filter((method) => typeof backend[method] !== 'function');
+        if (missing.length > 0) {
+          const required = needs.filter((method) => requires.has(method));
+          for (const method of missing) {
+            if (requires.has(method))
+              assert.fail(`the backend has no ${method}(), which options.requires names`);
+          }
+          // A case that checks a required method through one the backend lacks cannot be skipped in silence.
+          if (required.length > 0) {
+            assert.fail(
+              `this case checks ${required.join('() and ')}(), which options.requires names, through ` +
+                `${missing.join('() and ')}(), which the backend lacks: it needs ${missing.join('() and ')}() as well`,
+            );
+          }
+          skipTest(testContext, `the backend has no ${missing.join('() or ')}()`);
           return undefined;
         }
         return {
@@ -934,7 +1034,11 @@ export function describeBackendContract(
         for (const key of [base, `${base}:`, `${base}:a`, base.slice(0, -1)]) {
           const token = expectAcquired(await backend.acquire(key, FINGERPRINT, LONG_LEASE_MS));
           const record = makeRecord(Buffer.from(JSON.stringify({ key })));
-          assert.equal(await backend.complete(key, token, record, TTL_MS), true);
+          assert.equal(
+            await backend.complete(key, token, record, TTL_MS),
+            true,
+            'complete() with the holding token',
+          );
           stored.push({ key, record });
         }
         assert.equal(await op.forget(base, true), true);

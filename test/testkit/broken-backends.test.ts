@@ -194,6 +194,61 @@ describe('the backend contract from the testkit', () => {
     }
   });
 
+  it('fails, rather than skips, a case that checks a required forget() through an inspect() the backend lacks', async () => {
+    const toy = new ToyBackend();
+    const forgetOnly = {
+      acquire: toy.acquire.bind(toy),
+      complete: toy.complete.bind(toy),
+      release: toy.release.bind(toy),
+      renew: toy.renew.bind(toy),
+      forget: toy.forget.bind(toy),
+    };
+    const runner = collectingRunner();
+    describeBackendContract('forget required', () => ({ backend: forgetOnly }), runner.functions, {
+      requires: ['forget'],
+    });
+    const operatorCases = (await runner.run()).filter((outcome) =>
+      outcome.path.includes('(optional operator API)'),
+    );
+    const failed = operatorCases.filter((outcome) => outcome.status === 'fail');
+    expect(failed.length).toBeGreaterThanOrEqual(3);
+    for (const outcome of failed) {
+      expect(String(outcome.error), outcome.path).toMatch(
+        /checks forget\(\), which options.requires names, through inspect\(\), which the backend lacks/,
+      );
+    }
+    // What is skipped checks inspect() alone.
+    for (const outcome of operatorCases.filter((outcome) => outcome.status === 'skip')) {
+      expect(outcome.path.split(' > ').at(-1)).not.toMatch(/forget/i);
+    }
+    expect(failed.map((outcome) => outcome.path)).toContainEqual(
+      expect.stringMatching(
+        /refuses to forget a lock unless forced, and a forced forget fences its holder out$/,
+      ),
+    );
+  });
+
+  it('names a backend method that never settles, in the cases that call it, and goes on with the others', async () => {
+    const toy = new ToyBackend();
+    const hangingRenew = {
+      acquire: toy.acquire.bind(toy),
+      complete: toy.complete.bind(toy),
+      release: toy.release.bind(toy),
+      renew: () => new Promise<boolean>(() => {}),
+    };
+    const runner = collectingRunner();
+    describeBackendContract('hanging renew', () => ({ backend: hangingRenew }), runner.functions, {
+      timing: { callTimeoutMs: 200 },
+    });
+    const outcomes = await runner.run();
+    const failed = outcomes.filter((outcome) => outcome.status === 'fail');
+    expect(failed.length).toBeGreaterThanOrEqual(3);
+    for (const outcome of failed) {
+      expect(String(outcome.error), outcome.path).toMatch(/renew\(\) did not settle within 200 ms/);
+    }
+    expect(outcomes.filter((outcome) => outcome.status === 'pass').length).toBeGreaterThan(20);
+  });
+
   it('fails every case, naming the cause, when setup throws', async () => {
     const outcomes = await runContract(() => {
       throw new Error('cannot connect');
