@@ -117,9 +117,9 @@ export interface IdempotencyOptions<Req = unknown> {
   /** Namespaces keys, e.g. by tenant, user or API key id, so that two clients' keys never meet. */
   scope?: (req: Req) => string | undefined;
   /**
-   * Seconds of the in-flight lock's lease, at least 1 and at most 100 years. It is renewed every third of it while the handler runs,
-   * so it lapses only when the process holding it died (or, once the client has gone away, when the handler has
-   * not finished within another `lockTimeout`); then a retry runs.
+   * Seconds of the in-flight lock's lease, at least 1 and at most 100 years. It is renewed every third of it
+   * while the handler runs, so it lapses only when the process holding it died (or, once the client has gone
+   * away, when the handler has not finished within another `lockTimeout`); then a retry runs.
    * @default 60
    */
   lockTimeout?: number;
