@@ -7,6 +7,7 @@ import { createServer, request as httpRequest } from 'node:http';
 import { getRequestListener } from '@hono/node-server';
 import { Hono } from 'hono';
 import { bodyLimit } from 'hono/body-limit';
+import { cors } from 'hono/cors';
 import { afterEach, describe, expect, it } from 'vitest';
 import {
   type HonoIdempotencyOptions,
@@ -16,6 +17,7 @@ import {
 import { MemoryBackend } from '../../src/backends/memory.js';
 import { createHonoServerFactory } from '../support/hono.js';
 import { createMemoryBackend, listen, postRaw } from '../support/http.js';
+import { exchange, type RawRequest, type RawResponse } from '../support/raw-http.js';
 import { requireRedis } from '../support/redis.js';
 import { createIoredisBackend } from '../support/redis-handle.js';
 import { describeAdapterContract } from './contract.js';
@@ -446,5 +448,44 @@ describe('Hono middleware specifics', () => {
       expect((await send(other, `http://127.0.0.1:${port}/orders?x=3`)).replayed).toBe('true');
       expect(runs).toBe(2);
     });
+  });
+  it('on @hono/node-server, frames a first run as the bare app does when middleware after it sets a header once the handler answered', async () => {
+    const build = (withMiddleware: boolean) => {
+      const hono = withMiddleware ? (app() as unknown as Hono) : new Hono();
+      hono.use('*', cors());
+      hono.use('*', async (c, next) => {
+        await next();
+        // On a finished response Hono makes a new one of the platform's class, its body a stream.
+        c.header('x-after', '1');
+      });
+      hono.post('/orders', (c) => c.json({ ok: true, pad: 'x'.repeat(40) }, 201));
+      return hono;
+    };
+    const request = (key: string): RawRequest => ({
+      method: 'POST',
+      path: '/orders',
+      headers: [
+        ['content-type', 'application/json'],
+        ['idempotency-key', key],
+        ['origin', 'https://a.example'],
+      ],
+      body: Buffer.from('{}'),
+    });
+    const heads: RawResponse[] = [];
+    for (const withMiddleware of [false, true]) {
+      await onNodeServer(build(withMiddleware), async (url) => {
+        const port = Number(new URL(url).port);
+        heads.push(await exchange(port, request(randomUUID()), undefined));
+      });
+    }
+    const [bare, first] = heads as [RawResponse, RawResponse];
+    const framing = (response: RawResponse) => ({
+      framing: response.framing,
+      length: response.headers.find(([name]) => name === 'content-length')?.[1],
+      names: response.headers.map(([name]) => name).filter((name) => name !== 'date'),
+    });
+    expect(bare.framing).toBe('content-length');
+    expect(framing(first)).toEqual(framing(bare));
+    expect(first.body.equals(bare.body)).toBe(true);
   });
 });

@@ -193,8 +193,24 @@ async function captureStreamed(
     statusText: response.statusText,
     headers: response.headers,
   };
-  if (captured.kind === 'kept') return new Response(streamOfBytes(captured.body), init);
-  return new Response(streamOf(captured.chunks), init);
+  // Of the handler's own class, so that the runtime frames it as it would have framed the handler's.
+  const Sent = responseClassOf(response);
+  if (captured.kind === 'kept') return new Sent(streamOfBytes(captured.body), init);
+  return new Sent(streamOf(captured.chunks), init);
+}
+
+/**
+ * The class to answer with in place of a `Response` whose body is not in hand. `@hono/node-server` puts a class of
+ * its own in place of the global `Response` (the platform's is its base class) and writes a response of it that
+ * holds its body in hand as it is, a stream chunked; one backed by a platform `Response` instead (as Hono makes one
+ * when middleware sets a header on a finished response), or the platform's own, it reads a little first, and gives
+ * a `Content-Length` to a body that ends at once. Such a response is answered with the platform's class, so that it
+ * is framed as the handler's would have been; anywhere else, with `Response`.
+ */
+function responseClassOf(response: Response): typeof Response {
+  const base: unknown = Object.getPrototypeOf(Response);
+  if (typeof base !== 'function' || base === Function.prototype) return Response;
+  return response instanceof (base as typeof Response) ? (base as typeof Response) : Response;
 }
 
 /** A `ReadableStream`'s chunks; stopping early cancels the stream, as a runtime does when its client leaves. */
