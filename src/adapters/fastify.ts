@@ -19,7 +19,6 @@ import {
   beginRequest,
   type FastifyEngine,
   fingerprintBody,
-  isRunning,
   sendFastifyReply as sendReply,
   startRun,
 } from './fastify/hooks.js';
@@ -127,9 +126,9 @@ const plugin: FastifyPluginCallback<FastifyIdempotencyOptions> = function idempo
   if (!fastify.hasRequestDecorator('idempotency')) fastify.decorateRequest('idempotency', null);
 
   fastify.addHook('preHandler', function idempotencyPreHandler(request, reply, next) {
-    // `reply.callNotFound()` runs the 404 route's `preHandler` hooks for a request that already holds its key;
-    // a request another instance of the plugin (a second registration) took is left to it.
-    if (isRunning(request) || isHeld(request.raw)) return next();
+    // Taken already: by this instance (`reply.callNotFound()` runs the 404 route's `preHandler` hooks for a request
+    // that holds its key), or by another (a second registration), which handles it.
+    if (isHeld(request.raw)) return next();
     const engine = engineFor(routeConfig(request)?.idempotency);
     const method = request.method;
     if (engine === undefined || !engine.handles(method)) return next();

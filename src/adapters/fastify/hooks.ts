@@ -117,11 +117,6 @@ export function beginRequest(
   return engine.begin(request, request.method, request.url, key, body, startedAt, contentType);
 }
 
-/** Whether the request holds its key and runs its handler (its reply has not reached `onSend` yet). */
-export function isRunning(request: FastifyRequest): boolean {
-  return runningOf(request) !== undefined;
-}
-
 /** Whether the request's reply waits in `onSend` for the engine to store or release its key. */
 export function isHolding(request: FastifyRequest): boolean {
   return (request as StatefulRequest)[HOLDING] === true;
