@@ -30,7 +30,7 @@ import { IdempotencyError } from '../core/errors.js';
 import type { RequestBody } from '../core/fingerprint.js';
 import { isHeld } from '../core/held.js';
 import { nodeRequestHeader } from '../core/key.js';
-import { checkOverrides, type IdempotencyOptions, KNOWN_OPTIONS } from '../core/options.js';
+import { checkOverrides, type IdempotencyOptions } from '../core/options.js';
 import type { EngineReply } from '../core/responses.js';
 import {
   addCaptureHooks,
@@ -39,7 +39,6 @@ import {
   failRun,
   fingerprintBody,
   isHolding,
-  isRunning,
   sendFastifyReply,
   startRun,
 } from './fastify/hooks.js';
@@ -272,15 +271,7 @@ export function Idempotent<Req = NestRequest>(
       `Invalid @Idempotent() argument: expected true, false or an options object, received ${String(options)}`,
     );
   }
-  for (const name of Object.keys(options)) {
-    if (!KNOWN_OPTIONS.has(name)) {
-      throw new IdempotencyError(
-        'ERR_IDEMPOTENCY_OPTION',
-        `Invalid option \`${name}\` in @Idempotent(): no such option (check its spelling)`,
-      );
-    }
-  }
-  // Values too, when the class is declared, as the module's are at start-up: not on the route's first request.
+  // Names and values, when the class is declared, as the module's are at start-up: not on the route's first request.
   checkOverrides(options as Partial<IdempotencyOptions<never>>);
   return applyDecorators(SetMetadata(IDEMPOTENT_METADATA, options), UseInterceptors(IdempotencyInterceptor));
 }
@@ -515,8 +506,8 @@ function beginFastify(
   started: (start: Start) => void,
 ) {
   const method = request.method;
-  // Running already: the Fastify plugin registered on Nest's instance took the key.
-  if (isRunning(request) || isHeld(request.raw) || !engine.handles(method)) return started({ kind: 'pass' });
+  // Taken already: the Fastify plugin registered on Nest's instance took the key.
+  if (isHeld(request.raw) || !engine.handles(method)) return started({ kind: 'pass' });
   const startedAt = performance.now();
   const key = engine.readKey(method, nodeRequestHeader(request.raw, engine.headerName));
   if (key === undefined) return started({ kind: 'pass' });

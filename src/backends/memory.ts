@@ -65,7 +65,7 @@ const FULL_SWEEP_INTERVAL_MS = 1000;
 const MISMATCH: AcquireResult = Object.freeze({ state: 'mismatch' });
 
 /** The option names the constructor takes: any other is refused, as the middleware refuses one. */
-const OPTION_NAMES: readonly string[] = ['maxEntries', 'maxBytes', 'sweepIntervalMs'];
+const OPTION_NAMES: ReadonlySet<string> = new Set(['maxEntries', 'maxBytes', 'sweepIntervalMs']);
 
 /**
  * Keeps keys, locks and responses in this process's memory. Every operation is one synchronous step with no

@@ -285,7 +285,7 @@ interface AcquireRow extends HeldRow {
 }
 
 /** The option names the constructor takes: any other is refused, as the middleware refuses one. */
-const OPTION_NAMES: readonly string[] = ['pool', 'table', 'createTable', 'returning'];
+const OPTION_NAMES: ReadonlySet<string> = new Set(['pool', 'table', 'createTable', 'returning']);
 
 /**
  * Keeps keys, locks and responses in a MySQL 8 or MariaDB 10.11+ table (InnoDB), next to the application's data,

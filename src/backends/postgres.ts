@@ -325,7 +325,13 @@ interface AcquireRow extends HeldRow {
 }
 
 /** The option names the constructor takes: any other is refused, as the middleware refuses one. */
-const OPTION_NAMES: readonly string[] = ['pool', 'table', 'createTable', 'transactional', 'notifications'];
+const OPTION_NAMES: ReadonlySet<string> = new Set([
+  'pool',
+  'table',
+  'createTable',
+  'transactional',
+  'notifications',
+]);
 
 /**
  * Keeps keys, locks and responses in a PostgreSQL table, next to the application's data, shared by every process

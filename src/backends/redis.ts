@@ -254,7 +254,7 @@ const BUFFER_REPLIES = { typeMapping: { 36: Buffer, 43: Buffer }, returnBuffers:
 const MISMATCH: AcquireResult = Object.freeze({ state: 'mismatch' });
 
 /** The option names the constructor takes: any other is refused, as the middleware refuses one. */
-const OPTION_NAMES: readonly string[] = ['redis', 'prefix', 'notifications'];
+const OPTION_NAMES: ReadonlySet<string> = new Set(['redis', 'prefix', 'notifications']);
 
 /**
  * Keeps keys, locks and responses in Redis, shared by every process that uses the same server or cluster.

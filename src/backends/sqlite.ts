@@ -244,7 +244,7 @@ type DatabaseConstructor = new (
 };
 
 /** The option names the constructor takes: any other is refused, as the middleware refuses one. */
-const OPTION_NAMES: readonly string[] = ['database', 'table', 'createTable', 'busyTimeoutMs'];
+const OPTION_NAMES: ReadonlySet<string> = new Set(['database', 'table', 'createTable', 'busyTimeoutMs']);
 
 /**
  * Keeps keys, locks and responses in a SQLite file, shared by every process on one machine that opens the same

@@ -47,10 +47,10 @@ export class IdempotencyError extends Error {
  * Throws the construction-time error for an option name `known` does not hold, as the middleware does: a
  * misspelt name (`prefx`, `tabel`) would otherwise be ignored and its default used in silence.
  */
-export function rejectUnknownOptions(options: object | null | undefined, known: readonly string[]): void {
+export function rejectUnknownOptions(options: object | null | undefined, known: ReadonlySet<string>): void {
   if (options === null || typeof options !== 'object') return;
   for (const name of Object.keys(options)) {
-    if (!known.includes(name)) throw invalidOption(name, 'no such option (check its spelling)', name);
+    if (!known.has(name)) throw invalidOption(name, 'no such option (check its spelling)', name);
   }
 }
 

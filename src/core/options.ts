@@ -1,4 +1,4 @@
-import { invalidOption } from './errors.js';
+import { invalidOption, rejectUnknownOptions } from './errors.js';
 import { createMediaTypeMatcher, JSON_MEDIA_TYPES, type MediaTypeMatcher } from './media-type.js';
 import type { Backend } from './types.js';
 
@@ -308,9 +308,7 @@ const METHOD = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
  */
 export function resolveOptions<Req>(options: IdempotencyOptions<Req>): ResolvedOptions<Req> {
   if (options === null || typeof options !== 'object') throw invalidOption('options', 'an object', options);
-  for (const name of Object.keys(options)) {
-    if (!KNOWN_OPTIONS.has(name)) throw invalidOption(name, 'no such option (check its spelling)', name);
-  }
+  rejectUnknownOptions(options, KNOWN_OPTIONS);
   const headerName = headerNameOption(
     'idempotencyHeaderKey',
     options.idempotencyHeaderKey,
