@@ -9,6 +9,7 @@ import { MysqlBackend } from '../backends/mysql.js';
 import { PostgresBackend } from '../backends/postgres.js';
 import { RedisBackend } from '../backends/redis.js';
 import { SqliteBackend } from '../backends/sqlite.js';
+import { IdempotencyError } from '../core/errors.js';
 import type { Backend } from '../core/types.js';
 
 /** A backend ready for the proxy, and how to let go of its connections once the proxy has stopped. */
@@ -46,7 +47,10 @@ export interface BackendSettings {
 /** Loads a module by name: `import()` in production, a stand-in in tests. */
 export type ModuleLoader = (name: string) => Promise<unknown>;
 
-/** The error for a `--backend` value or a driver that is missing; its message says what to do. */
+/**
+ * The error for a `--backend` value, a driver that is missing, or a setting the backend refuses (`--prefix`,
+ * `--table`); its message says what to do.
+ */
 export class BackendSetupError extends Error {
   constructor(message: string, options?: { cause?: unknown }) {
     super(message, options);
@@ -63,7 +67,7 @@ const importModule: ModuleLoader = (name) => import(name);
 
 /**
  * Opens the backend a `--backend` value names. Throws {@link BackendSetupError} for a value it does not
- * understand or a driver that is not installed, naming the package to install.
+ * understand, a setting the backend refuses, or a driver that is not installed, naming the package to install.
  *
  * @example
  * ```ts
@@ -188,11 +192,15 @@ async function openRedis(
     driver.name === 'ioredis'
       ? await connectIoredis(driver.module, url, report)
       : await connectNodeRedis(driver.module, url, report);
-  const backend = new RedisBackend({
-    redis: client as never,
-    prefix: settings.prefix,
-    notifications: settings.notifications ?? false,
-  });
+  const backend = await made(
+    () =>
+      new RedisBackend({
+        redis: client as never,
+        prefix: settings.prefix,
+        notifications: settings.notifications ?? false,
+      }),
+    quit,
+  );
   return {
     backend,
     name: 'RedisBackend',
@@ -290,13 +298,17 @@ async function openPostgres(
   const pool = new Pool({ connectionString: url.href, connectionTimeoutMillis: CONNECT_TIMEOUT_MS, max: 10 });
   // An idle client's error (the server restarted) is reported on the pool; unheard, it would end the process.
   pool.on('error', (error) => report('pg', error));
+  const backend = await made(
+    () =>
+      new PostgresBackend({
+        pool: pool as never,
+        table: settings.table,
+        notifications: settings.notifications ?? false,
+        createTable: settings.createTable ?? true,
+      }),
+    () => pool.end(),
+  );
   await waitFor(pool.query('SELECT 1').catch((error: Error) => report('pg', error)));
-  const backend = new PostgresBackend({
-    pool: pool as never,
-    table: settings.table,
-    notifications: settings.notifications ?? false,
-    createTable: settings.createTable ?? true,
-  });
   return {
     backend,
     name: 'PostgresBackend',
@@ -319,13 +331,18 @@ async function openMysql(url: URL, settings: BackendSettings, load: ModuleLoader
   // mysql2 reads only mysql:// URLs; a MariaDB server speaks the same protocol.
   const uri = url.protocol === 'mariadb:' ? `mysql:${url.href.slice('mariadb:'.length)}` : url.href;
   const pool = createPool({ uri, connectTimeout: CONNECT_TIMEOUT_MS, connectionLimit: 10 });
+  const backend = await made(
+    () =>
+      new MysqlBackend({
+        pool: pool as never,
+        table: settings.table,
+        createTable: settings.createTable ?? true,
+      }),
+    () => pool.end(),
+  );
   await waitFor(pool.query('SELECT 1').catch(() => {}));
   return {
-    backend: new MysqlBackend({
-      pool: pool as never,
-      table: settings.table,
-      createTable: settings.createTable ?? true,
-    }),
+    backend,
     name: 'MysqlBackend',
     location: redact(url),
     close: async () => {
@@ -349,13 +366,32 @@ async function openSqlite(
   if (!createTable && !existsSync(path)) {
     throw new BackendSetupError(`--backend sqlite:${path}: no such file`);
   }
-  const backend = new SqliteBackend({ database: path, table: settings.table, createTable });
+  const backend = await made(
+    () => new SqliteBackend({ database: path, table: settings.table, createTable }),
+    async () => {},
+  );
   return {
     backend,
     name: 'SqliteBackend',
     location: `sqlite:${path}`,
     close: async () => backend.close(),
   };
+}
+
+/**
+ * The backend `make` builds, before start-up waits for its server: an option it refuses (`--prefix`, `--table`)
+ * is a bad command line, reported as such once the driver's connections are closed.
+ */
+async function made<T>(make: () => T, close: () => Promise<unknown>): Promise<T> {
+  try {
+    return make();
+  } catch (error) {
+    await close().catch(() => {});
+    if (error instanceof IdempotencyError && error.code === 'ERR_IDEMPOTENCY_OPTION') {
+      throw new BackendSetupError(error.message, { cause: error });
+    }
+    throw error;
+  }
 }
 
 /** Waits for `promise`, at most `ms`: start-up goes on without a backend that does not answer yet. */

@@ -88,9 +88,7 @@ export async function main(
   } catch (error) {
     if (!(error instanceof BackendSetupError || error instanceof IdempotencyError)) throw error;
     output.stderr(`idempotency-header: ${error.message}\n`);
-    // An invalid --prefix or --table is a bad command line too.
-    const usage = error instanceof BackendSetupError || error.code === 'ERR_IDEMPOTENCY_OPTION';
-    return usage ? EXIT_USAGE : EXIT_FAILED;
+    return error instanceof BackendSetupError ? EXIT_USAGE : EXIT_FAILED;
   }
 
   let proxy: IdempotencyProxy;

@@ -196,9 +196,7 @@ export async function runOperatorCommand(
   } catch (error) {
     if (!(error instanceof BackendSetupError || error instanceof IdempotencyError)) throw error;
     output.stderr(`idempotency-header: ${error.message}\n`);
-    // An invalid --prefix or --table is a bad command line too.
-    const usage = error instanceof BackendSetupError || error.code === 'ERR_IDEMPOTENCY_OPTION';
-    return usage ? OPERATOR_EXIT.usage : OPERATOR_EXIT.backend;
+    return error instanceof BackendSetupError ? OPERATOR_EXIT.usage : OPERATOR_EXIT.backend;
   }
   const head = {
     key,
