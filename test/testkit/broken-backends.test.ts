@@ -6,6 +6,7 @@
  */
 import { describe, expect, it } from 'vitest';
 import { MemoryBackend } from '../../src/backends/memory.js';
+import type { Backend } from '../../src/core/types.js';
 import { type BackendContractContext, describeBackendContract } from '../../src/testkit/index.js';
 import { collectingRunner, type TestOutcome } from './support/collect.js';
 import { type Flaws, ToyBackend } from './support/toy-backend.js';
@@ -17,6 +18,16 @@ async function runContract(setup: () => BackendContractContext): Promise<TestOut
   const outcomes = await runner.run();
   expect(outcomes).toHaveLength(runner.count());
   return outcomes;
+}
+
+/** The toy backend's four required methods, bound, without its optional `inspect` and `forget`. */
+function requiredMethodsOf(toy: ToyBackend): Backend {
+  return {
+    acquire: toy.acquire.bind(toy),
+    complete: toy.complete.bind(toy),
+    release: toy.release.bind(toy),
+    renew: toy.renew.bind(toy),
+  };
 }
 
 /** `group > test` of every failed test, without the run's own name. */
@@ -163,16 +174,7 @@ describe('the backend contract from the testkit', () => {
   });
 
   it('skips the operator cases for a backend without inspect and forget, and fails them when requires names them', async () => {
-    /** The toy backend without its optional methods. */
-    const bare = () => {
-      const toy = new ToyBackend();
-      return {
-        acquire: toy.acquire.bind(toy),
-        complete: toy.complete.bind(toy),
-        release: toy.release.bind(toy),
-        renew: toy.renew.bind(toy),
-      };
-    };
+    const bare = () => requiredMethodsOf(new ToyBackend());
     const operatorCases = (outcomes: TestOutcome[]) =>
       outcomes.filter((outcome) => outcome.path.includes('(optional operator API)'));
 
@@ -196,13 +198,7 @@ describe('the backend contract from the testkit', () => {
 
   it('fails, rather than skips, a case that checks a required forget() through an inspect() the backend lacks', async () => {
     const toy = new ToyBackend();
-    const forgetOnly = {
-      acquire: toy.acquire.bind(toy),
-      complete: toy.complete.bind(toy),
-      release: toy.release.bind(toy),
-      renew: toy.renew.bind(toy),
-      forget: toy.forget.bind(toy),
-    };
+    const forgetOnly = { ...requiredMethodsOf(toy), forget: toy.forget.bind(toy) };
     const runner = collectingRunner();
     describeBackendContract('forget required', () => ({ backend: forgetOnly }), runner.functions, {
       requires: ['forget'],
@@ -229,11 +225,8 @@ describe('the backend contract from the testkit', () => {
   });
 
   it('names a backend method that never settles, in the cases that call it, and goes on with the others', async () => {
-    const toy = new ToyBackend();
     const hangingRenew = {
-      acquire: toy.acquire.bind(toy),
-      complete: toy.complete.bind(toy),
-      release: toy.release.bind(toy),
+      ...requiredMethodsOf(new ToyBackend()),
       renew: () => new Promise<boolean>(() => {}),
     };
     const runner = collectingRunner();
