@@ -193,6 +193,9 @@ describe('multipart bodies', () => {
   });
 });
 
+/** Half of a surrogate pair, alone: JSON.stringify writes it as an escape. */
+const loneSurrogate = fc.integer({ min: 0xd800, max: 0xdfff }).map((unit) => String.fromCharCode(unit));
+
 describe('canonicalJson', () => {
   it('sorts object keys at every depth', () => {
     expect(canonicalJson({ b: 1, a: { d: 2, c: [{ z: 1, y: 2 }] } })).toBe(
@@ -223,6 +226,7 @@ describe('canonicalJson', () => {
       { a: 'quote " backslash \\ newline \n tab \t', b: '\u0000\u001f', c: '東京 🎉' },
     ],
     ['keys needing escapes', { '\n': 3, '"': 1, '\\': 2 }],
+    ['lone surrogates', { a: '\ud800', b: `x\udfffy${'z'.repeat(70)}`, '\udc00': ['\udbff'] }],
     ['Dates', { at: new Date(Date.UTC(2024, 0, 2, 3, 4, 5, 6)), list: [new Date(0)] }],
     ['an object with toJSON', { a: { toJSON: () => ({ x: 1 }) } }],
     ['an empty object and array', { a: {}, b: [] }],
@@ -266,7 +270,19 @@ describe('canonicalJson', () => {
     const document = fc.letrec((tie) => ({
       value: fc.oneof(
         { depthSize: 'small' },
-        fc.oneof(fc.string(), fc.double(), fc.integer(), fc.boolean(), fc.constant(null)),
+        fc.oneof(
+          fc.string(),
+          // Any code point, lone surrogates and control characters among them, in short and long strings.
+          fc.string({ unit: 'binary', maxLength: 80 }),
+          fc.string({
+            unit: fc.oneof(fc.string({ minLength: 1, maxLength: 1 }), loneSurrogate),
+            maxLength: 8,
+          }),
+          fc.double(),
+          fc.integer(),
+          fc.boolean(),
+          fc.constant(null),
+        ),
         fc.array(tie('value'), { maxLength: 4 }),
         fc.array(fc.tuple(key, tie('value')), { maxLength: 6 }).map(objectFromEntries),
       ),
@@ -358,6 +374,23 @@ describe('the SHA-256 implementations', () => {
     const hex = expected.digest('hex');
     expect(nodeSha256(parts)).toBe(hex);
     expect(await webSha256(parts)).toBe(hex);
+  });
+
+  it('agree with node:crypto on any parts: ASCII, other characters past ASCII ones, lone surrogates, bytes', () => {
+    const text = fc.oneof(
+      fc.string({ maxLength: 300, unit: 'binary' }),
+      fc.string({ maxLength: 300 }).map((ascii) => `${ascii}é`),
+      fc.string({ minLength: 250, maxLength: 300 }),
+    );
+    const part = fc.oneof(text, fc.uint8Array({ maxLength: 300 }));
+    fc.assert(
+      fc.property(fc.array(part, { minLength: 1, maxLength: 4 }), (parts) => {
+        const expected = createHash('sha256');
+        for (const piece of parts) expected.update(piece);
+        expect(nodeSha256(parts)).toBe(expected.digest('hex'));
+      }),
+      { numRuns: 1000 },
+    );
   });
 
   it('hash each input alone when one buffer is reused for the joined parts: nothing of a longer one before it', () => {
