@@ -270,6 +270,7 @@ function readNodeBody(
   return new Promise((resolve, reject) => {
     const chunks: Uint8Array[] = [];
     let size = 0;
+    let settled = false;
     const stop = () => {
       stream.off('data', onData);
       stream.off('end', onEnd);
@@ -280,22 +281,29 @@ function readNodeBody(
       size += chunk.byteLength;
       if (size <= limit) return void chunks.push(chunk);
       // The rest is left to @hono/node-server, which drains a body its app did not read once the 413 is sent.
+      settled = true;
       stop();
       resolve(TOO_LARGE);
     };
+    // Once the body is whole, the listeners stay on the request, left with nothing to do: four removals cost
+    // more than the rest of the reading, and the request is let go with its response.
     const onEnd = () => {
-      stop();
+      settled = true;
       // A Buffer, as `@hono/node-server` takes a `rawBody` only as one. Node.js's own: on `@hono/node-server` only.
       const body = chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks, size);
       stream.rawBody = body;
       resolve(body);
     };
     const onError = (error: Error) => {
+      if (settled) return;
+      settled = true;
       stop();
       reject(error);
     };
-    const onClose = () =>
-      onError(new Error('The client closed the connection before the request body was complete'));
+    const onClose = () => {
+      if (!settled)
+        onError(new Error('The client closed the connection before the request body was complete'));
+    };
     stream.on('data', onData);
     stream.on('end', onEnd);
     stream.on('error', onError);

@@ -3,7 +3,9 @@
  * Hono has (`app.request()`, the body cache, `c.error`, `c.get('idempotency')`).
  */
 import { randomUUID } from 'node:crypto';
+import { once } from 'node:events';
 import { createServer, request as httpRequest } from 'node:http';
+import { connect } from 'node:net';
 import { getRequestListener } from '@hono/node-server';
 import { Hono } from 'hono';
 import { bodyLimit } from 'hono/body-limit';
@@ -150,6 +152,31 @@ describe('Hono middleware specifics', () => {
         ['{"a":', '1}'],
       );
       expect(small).toEqual({ status: 201, text: '{"run":1,"body":{"a":1}}' });
+      expect(runs).toBe(1);
+    });
+  });
+
+  it('on @hono/node-server, runs nothing for a client that leaves mid-body, and the key stays free', async () => {
+    const hono = app();
+    let runs = 0;
+    hono.post('/echo', async (c) => c.json({ run: ++runs, body: await c.req.json() }, 201));
+    await onNodeServer(hono, async (url) => {
+      const key = randomUUID();
+      const { port } = new URL(url);
+      const socket = connect(Number(port), '127.0.0.1');
+      await once(socket, 'connect');
+      socket.write(
+        `POST /echo HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nidempotency-key: ${key}\r\ncontent-length: 100\r\n\r\n{"a":`,
+      );
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      socket.destroy();
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      expect(runs).toBe(0);
+      const headers = { 'content-type': 'application/json', 'idempotency-key': key };
+      const retry = await postRaw(`${url}/echo`, headers, ['{"a":1}']);
+      expect(retry).toEqual({ status: 201, text: '{"run":1,"body":{"a":1}}' });
+      const replay = await postRaw(`${url}/echo`, headers, ['{"a":1}']);
+      expect(replay).toEqual({ status: 201, text: '{"run":1,"body":{"a":1}}' });
       expect(runs).toBe(1);
     });
   });
