@@ -1,5 +1,5 @@
 import type { Context, MiddlewareHandler } from 'hono';
-import type { ContentfulStatusCode } from 'hono/utils/http-status';
+import type { ContentfulStatusCode, StatusCode } from 'hono/utils/http-status';
 import { type ClosingResponse, stopWatchingConnection, watchConnection } from '../core/capture.js';
 import { IdempotencyEngine, isPromise, type RequestIdempotency, type Ticket } from '../core/engine.js';
 import { isHeld, markHeld } from '../core/held.js';
@@ -8,7 +8,7 @@ import type { IdempotencyOptions } from '../core/options.js';
 import { type EngineReply, REMOVED_HEADER } from '../core/responses.js';
 import type { Awaitable } from '../core/types.js';
 import { builtinSha256 } from '../runtime/builtin-sha256.js';
-import { captureResponse, readBody, responseInHand, TOO_LARGE } from './web/response.js';
+import { captureResponse, isNullBodyStatus, readBody, responseInHand, TOO_LARGE } from './web/response.js';
 
 export type { RequestIdempotency } from '../core/engine.js';
 
@@ -222,7 +222,7 @@ function reply(c: Context, answer: EngineReply): Response {
       seen.add(name);
     }
   }
-  if (answer.status === 204 || answer.status === 304) return c.body(null, answer.status);
+  if (isNullBodyStatus(answer.status)) return c.body(null, answer.status as StatusCode);
   c.header('content-length', String(answer.body.byteLength));
   return c.body(answer.body as Uint8Array<ArrayBuffer>, answer.status as ContentfulStatusCode);
 }

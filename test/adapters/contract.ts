@@ -28,7 +28,7 @@ import {
   sendWithNodeHttp,
   type TestServer,
 } from '../support/http.js';
-import { exchange, type RawRequest } from '../support/raw-http.js';
+import { exchange, type RawRequest, type RawResponse } from '../support/raw-http.js';
 
 /** What a contract run needs. */
 export interface AdapterContractConfig {
@@ -138,6 +138,10 @@ export function createContractRoutes(state: RouteState): Routes {
         ],
         chunks: [],
       };
+    },
+    '/reset-content': () => {
+      const run = state.run('/reset-content');
+      return { status: 205, headers: [['x-run', String(run)]], chunks: [] };
     },
     '/orders': () => {
       const run = state.run('/orders');
@@ -515,6 +519,33 @@ export function describeAdapterContract(name: string, config: AdapterContractCon
         }
         expect(replay.headers).toContainEqual(['idempotent-replayed', 'true']);
         expect(app.runs('/no-content')).toBe(1);
+      });
+
+      it('replays a stored 205 framed as the first run went out, with no body', async () => {
+        // A 205 may have no content (RFC 9110 §15.3.6); fetch's `Response` refuses one with any body, even empty.
+        const app = await start({ cacheableContentTypes: '*' });
+        const port = Number(new URL(app.server.url).port);
+        const request: RawRequest = {
+          method: 'POST',
+          path: '/reset-content',
+          headers: [
+            ['idempotency-key', randomUUID()],
+            ['content-type', 'application/json'],
+          ],
+          body: Buffer.from('{}'),
+        };
+        const first = await exchange(port, request, undefined);
+        const replay = await exchange(port, request, undefined);
+        const lengthOf = (response: RawResponse) =>
+          response.headers.find(([name]) => name === 'content-length')?.[1];
+        expect(first.status).toBe(205);
+        expect(replay.status).toBe(205);
+        expect(replay.body.byteLength).toBe(0);
+        expect(replay.framing).toBe(first.framing);
+        expect(lengthOf(replay)).toBe(lengthOf(first));
+        expect(replay.headers).toContainEqual(['x-run', '1']);
+        expect(replay.headers).toContainEqual(['idempotent-replayed', 'true']);
+        expect(app.runs('/reset-content')).toBe(1);
       });
 
       it('replays the status, headers and exact body bytes, and marks only the replay', async () => {

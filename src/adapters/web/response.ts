@@ -13,6 +13,11 @@ import { utf8 } from '../../core/utf8.js';
 
 /** Statuses whose responses have no body; a `Response` with one is refused by its constructor. */
 const NULL_BODY_STATUSES = new Set([101, 103, 204, 205, 304]);
+
+/** Whether a response of this status has no body: a `Response` is refused one, even an empty one. */
+export function isNullBodyStatus(status: number): boolean {
+  return NULL_BODY_STATUSES.has(status);
+}
 const EMPTY = new Uint8Array(0);
 
 /**
@@ -28,7 +33,7 @@ export function replyResponse(reply: EngineReply): Response {
     const previous = headers[name];
     headers[name] = previous === undefined ? value : `${previous}, ${value}`;
   }
-  if (NULL_BODY_STATUSES.has(reply.status)) return new Response(null, { status: reply.status, headers });
+  if (isNullBodyStatus(reply.status)) return new Response(null, { status: reply.status, headers });
   headers['content-length'] = String(reply.body.byteLength);
   return new Response(reply.body as Uint8Array<ArrayBuffer>, { status: reply.status, headers });
 }
@@ -140,7 +145,7 @@ export function captureResponse(
   const [status, body, init] = cache;
   const head = { status, headers: responseHeaders(inHandHeaders(init, body !== null), before) };
   let settled: Awaitable<void>;
-  if (body === null || NULL_BODY_STATUSES.has(status)) settled = finishWithBody(engine, ticket, head, EMPTY);
+  if (body === null || isNullBodyStatus(status)) settled = finishWithBody(engine, ticket, head, EMPTY);
   else if (typeof body === 'string') settled = finishWithBody(engine, ticket, head, utf8(body));
   else if (body instanceof Uint8Array) settled = finishWithBody(engine, ticket, head, body);
   else return captureInHand(engine, ticket, response, head, body, init);
@@ -183,7 +188,7 @@ async function captureStreamed(
 ): Promise<Response> {
   const source = response.body;
   const head = { status: response.status, headers: responseHeaders(response.headers, before) };
-  if (source === null || NULL_BODY_STATUSES.has(response.status)) {
+  if (source === null || isNullBodyStatus(response.status)) {
     await finishWithBody(engine, ticket, head, EMPTY);
     return response;
   }
