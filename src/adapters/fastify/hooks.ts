@@ -16,6 +16,7 @@ import { ownSymbol } from '../../core/own-symbol.js';
 import { type EngineReply, headerValue, REMOVED_HEADER } from '../../core/responses.js';
 import { hasBody, readRequestBody } from '../node-http/body.js';
 import { outHeadersOf } from '../node-http/capture.js';
+import { hasContent } from '../node-http/flow.js';
 
 /**
  * What the Fastify plugin and NestJS on Fastify share: the body a request is fingerprinted by and the start of its
@@ -339,9 +340,9 @@ function captureReply(
   const stored = handlerHeaders(headers, state.before);
   const stream = asStream(payload);
   if (stream === undefined) {
-    // Node.js sends no body with a 204 or a 304, whatever the payload; neither does a replay.
+    // Node.js sends no body with a 1xx, 204 or 304, whatever the payload; neither does a replay.
     const body =
-      status === 204 || status === 304 || payload === null || payload === undefined
+      !hasContent(status) || payload === null || payload === undefined
         ? EMPTY
         : typeof payload === 'string'
           ? Buffer.from(payload)

@@ -148,7 +148,8 @@ export function sendReply(res: ServerResponse, reply: EngineReply): void {
 /**
  * Whether a response with this status has content, and so a `Content-Length`: a 1xx, 204 or 304 has none (RFC 9110
  * §8.6 forbids the header on a 1xx or 204; on a 304 it would describe the representation, which is not stored).
+ * Node.js sends no body with them, whatever it is given.
  */
-function hasContent(status: number): boolean {
+export function hasContent(status: number): boolean {
   return status >= 200 && status !== 204 && status !== 304;
 }
