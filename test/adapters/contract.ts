@@ -494,22 +494,26 @@ export function describeAdapterContract(name: string, config: AdapterContractCon
 
     const body = { item: 'book', quantity: 2 };
 
+    /** The same keyed POST sent twice, the two responses as they came over the wire. */
+    async function sentTwiceOnTheWire(app: ContractApp, path: string): Promise<[RawResponse, RawResponse]> {
+      const port = Number(new URL(app.server.url).port);
+      const request: RawRequest = {
+        method: 'POST',
+        path,
+        headers: [
+          ['idempotency-key', randomUUID()],
+          ['content-type', 'application/json'],
+        ],
+        body: Buffer.from('{}'),
+      };
+      return [await exchange(port, request, undefined), await exchange(port, request, undefined)];
+    }
+
     describe('first run and replay', () => {
       it('replays a stored 204 as the first run went out: no body, no Content-Length', async () => {
         // Every type: Koa drops a 204's Content-Type, as it drops its body.
         const app = await start({ cacheableContentTypes: '*' });
-        const port = Number(new URL(app.server.url).port);
-        const request: RawRequest = {
-          method: 'POST',
-          path: '/no-content',
-          headers: [
-            ['idempotency-key', randomUUID()],
-            ['content-type', 'application/json'],
-          ],
-          body: Buffer.from('{}'),
-        };
-        const first = await exchange(port, request, undefined);
-        const replay = await exchange(port, request, undefined);
+        const [first, replay] = await sentTwiceOnTheWire(app, '/no-content');
         for (const response of [first, replay]) {
           expect(response.status).toBe(204);
           expect(response.framing).toBe('none');
@@ -524,18 +528,7 @@ export function describeAdapterContract(name: string, config: AdapterContractCon
       it('replays a stored 205 framed as the first run went out, with no body', async () => {
         // A 205 may have no content (RFC 9110 §15.3.6); fetch's `Response` refuses one with any body, even empty.
         const app = await start({ cacheableContentTypes: '*' });
-        const port = Number(new URL(app.server.url).port);
-        const request: RawRequest = {
-          method: 'POST',
-          path: '/reset-content',
-          headers: [
-            ['idempotency-key', randomUUID()],
-            ['content-type', 'application/json'],
-          ],
-          body: Buffer.from('{}'),
-        };
-        const first = await exchange(port, request, undefined);
-        const replay = await exchange(port, request, undefined);
+        const [first, replay] = await sentTwiceOnTheWire(app, '/reset-content');
         const lengthOf = (response: RawResponse) =>
           response.headers.find(([name]) => name === 'content-length')?.[1];
         expect(first.status).toBe(205);
