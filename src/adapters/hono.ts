@@ -274,7 +274,6 @@ function readNodeBody(
     const stop = () => {
       stream.off('data', onData);
       stream.off('end', onEnd);
-      stream.off('error', onError);
       stream.off('close', onClose);
     };
     const onData = (chunk: Uint8Array) => {
@@ -285,7 +284,7 @@ function readNodeBody(
       stop();
       resolve(TOO_LARGE);
     };
-    // Once the body is whole, the listeners stay on the request, left with nothing to do: four removals cost
+    // Once the body is whole, the listeners stay on the request, left with nothing to do: three removals cost
     // more than the rest of the reading, and the request is let go with its response.
     const onEnd = () => {
       settled = true;
@@ -294,19 +293,16 @@ function readNodeBody(
       stream.rawBody = body;
       resolve(body);
     };
-    const onError = (error: Error) => {
+    // No `error` listener: Node.js's request emits `error` only to listeners it has, and is then closed, which
+    // tells the same (a client gone, or a broken connection). A listener fewer is a measurable share of the read.
+    const onClose = () => {
       if (settled) return;
       settled = true;
       stop();
-      reject(error);
-    };
-    const onClose = () => {
-      if (!settled)
-        onError(new Error('The client closed the connection before the request body was complete'));
+      reject(new Error('The client closed the connection before the request body was complete'));
     };
     stream.on('data', onData);
     stream.on('end', onEnd);
-    stream.on('error', onError);
     stream.on('close', onClose);
   });
 }

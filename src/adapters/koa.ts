@@ -185,13 +185,13 @@ async function finishResponse(
     // Koa answers with the status message as text.
     const text = ctx.req.httpVersionMajor >= 2 ? String(status) : ctx.message || String(status);
     const head = { status, headers: [...withoutType(headers), TEXT_TYPE] };
-    return finishWithBody(engine, ticket, head, Buffer.from(text));
+    return finishWithBody(engine, ticket, head, text);
   }
   const head = { status, headers };
-  if (typeof body === 'string') return finishWithBody(engine, ticket, head, Buffer.from(body));
+  if (typeof body === 'string') return finishWithBody(engine, ticket, head, body);
   if (Buffer.isBuffer(body)) return finishWithBody(engine, ticket, head, body);
   const stream = bodyStream(ctx, body);
-  if (stream === undefined) return finishWithBody(engine, ticket, head, Buffer.from(JSON.stringify(body)));
+  if (stream === undefined) return finishWithBody(engine, ticket, head, JSON.stringify(body));
   // Koa gives a `Blob` (and a `Response` that has one) a `Content-Length`, and a stream none: chunked.
   const withLength = ctx.res.hasHeader('content-length');
   const captured = await captureWithoutEarlyErrors(ctx, () => captureBody(engine, ticket, head, stream));

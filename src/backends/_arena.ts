@@ -1,4 +1,4 @@
-import type { HeaderPair, IdempotencyRecord } from '../core/types.js';
+import type { HeaderPair, IdempotencyRecord, StoredResponse, TextBodyResponse } from '../core/types.js';
 
 /**
  * Where {@link MemoryBackend} keeps its records: as bytes in a few large buffers rather than as objects.
@@ -145,10 +145,12 @@ export class RecordArena {
     const response = record.response;
     const headers = response === null ? NO_HEADERS : response.headers;
     const fingerprint = record.fingerprint;
-    const text = joinStrings(key, fingerprint, headers);
+    const body = response === null ? EMPTY : bodyOf(response);
+    // A body sent as text goes at the end of the same string, and is encoded with the rest.
+    const text = joinStrings(key, fingerprint, headers, typeof body === 'string' ? body : '');
     const units = text.length;
     const strings = HEAD_BYTES + 4 * (FIRST_HEADER + 2 * headers.length);
-    const handle = this.#allocate(strings + units + (response === null ? 0 : response.body.byteLength));
+    const handle = this.#allocate(strings + units + (typeof body === 'string' ? 0 : body.byteLength));
     const slab = this.#slabs[slabOf(handle)]!;
     const at = cellOf(handle) * slab.cellBytes;
     const bytes = slab.bytes;
@@ -159,7 +161,7 @@ export class RecordArena {
       this.free(handle);
       return undefined;
     }
-    writeHead(slab, at, record, expiresAt);
+    writeHead(slab, at, record, expiresAt, body.length);
     const u32 = slab.u32;
     u32[(at >> 2) + HEADER_COUNT] = headers.length | ASCII;
     const words = (at >> 2) + WORDS;
@@ -170,7 +172,7 @@ export class RecordArena {
       u32[words + FIRST_HEADER + 2 * i] = header[0].length << 1;
       u32[words + FIRST_HEADER + 1 + 2 * i] = header[1].length << 1;
     }
-    if (response !== null) bytes.set(response.body, to);
+    if (typeof body !== 'string') bytes.set(body, to);
     return handle;
   }
 
@@ -181,7 +183,8 @@ export class RecordArena {
     const all = [key, record.fingerprint];
     for (const [name, value] of headers) all.push(name, value);
     const narrow = all.map(isNarrow);
-    let size = HEAD_BYTES + 4 * all.length + (response === null ? 0 : response.body.byteLength);
+    const body = response === null ? EMPTY : asBytes(bodyOf(response));
+    let size = HEAD_BYTES + 4 * all.length + body.byteLength;
     all.forEach((value, i) => {
       size += (narrow[i] ? 1 : 2) * value.length;
     });
@@ -189,7 +192,7 @@ export class RecordArena {
     const slab = this.#slabs[slabOf(handle)]!;
     const { view, bytes } = slab;
     const at = cellOf(handle) * slab.cellBytes;
-    writeHead(slab, at, record, expiresAt);
+    writeHead(slab, at, record, expiresAt, body.byteLength);
     let offset = at + HEAD_BYTES + 4 * all.length;
     all.forEach((value, i) => {
       slab.u32[(at >> 2) + WORDS + i] = (value.length << 1) | (narrow[i] ? 0 : 1);
@@ -199,7 +202,7 @@ export class RecordArena {
           view.setUint16(offset, value.charCodeAt(unit), true);
       }
     });
-    if (response !== null) bytes.set(response.body, offset);
+    bytes.set(body, offset);
     return handle;
   }
 
@@ -379,21 +382,43 @@ function cellOf(handle: number): number {
 
 const encoder = new TextEncoder();
 
-/** A record's strings end to end, as one flat string: the key, the fingerprint, each header's name and value. */
-function joinStrings(key: string, fingerprint: string, headers: readonly HeaderPair[]): string {
-  const parts: string[] = new Array(2 + 2 * headers.length);
+/**
+ * A record's strings end to end, as one flat string: the key, the fingerprint, each header's name and value, and
+ * `body` (the body when it was sent as text, or nothing).
+ */
+function joinStrings(key: string, fingerprint: string, headers: readonly HeaderPair[], body: string): string {
+  const parts: string[] = new Array(3 + 2 * headers.length);
   parts[0] = key;
   parts[1] = fingerprint;
   for (let i = 0; i < headers.length; i++) {
     parts[2 + 2 * i] = headers[i]![0];
     parts[3 + 2 * i] = headers[i]![1];
   }
+  parts[2 + 2 * headers.length] = body;
   return parts.join('');
+}
+
+const EMPTY = new Uint8Array(0);
+
+/** A response's body as the engine handed it over: bytes, or the text it was sent as (see `TEXT_BODIES`). */
+function bodyOf(response: StoredResponse): Uint8Array | string {
+  return (response as TextBodyResponse).body;
+}
+
+/** A body's bytes: a text body's UTF-8, written as Node.js writes a string it sends. */
+function asBytes(body: Uint8Array | string): Uint8Array {
+  return typeof body === 'string' ? encoder.encode(body) : body;
 }
 
 const NO_HEADERS: readonly HeaderPair[] = [];
 
-function writeHead(slab: Slab, at: number, record: IdempotencyRecord, expiresAt: number): void {
+function writeHead(
+  slab: Slab,
+  at: number,
+  record: IdempotencyRecord,
+  expiresAt: number,
+  bodyLength: number,
+): void {
   const response = record.response;
   const { f64, u32 } = slab;
   f64[at >> 3] = expiresAt;
@@ -402,7 +427,7 @@ function writeHead(slab: Slab, at: number, record: IdempotencyRecord, expiresAt:
   // The status plus one: 0 for a record without its response.
   u32[base + STATUS] = response === null ? 0 : response.status + 1;
   u32[base + HEADER_COUNT] = response === null ? 0 : response.headers.length;
-  u32[base + BODY_LENGTH] = response === null ? 0 : response.body.byteLength;
+  u32[base + BODY_LENGTH] = bodyLength;
 }
 
 function statusOf(slab: Slab, at: number): number | null {

@@ -1,5 +1,11 @@
 import { IdempotencyError, invalidOption, rejectUnknownOptions } from '../core/errors.js';
-import type { AcquireResult, Backend, IdempotencyRecord, KeyState } from '../core/types.js';
+import {
+  type AcquireResult,
+  type Backend,
+  type IdempotencyRecord,
+  type KeyState,
+  TEXT_BODIES,
+} from '../core/types.js';
 import { RecordArena } from './_arena.js';
 import { KeyIndex, type KeyOwner } from './_key-index.js';
 import { KeyWatchers } from './_watchers.js';
@@ -88,6 +94,8 @@ const OPTION_NAMES: ReadonlySet<string> = new Set(['maxEntries', 'maxBytes', 'sw
  * ```
  */
 export class MemoryBackend implements Backend {
+  /** A body sent as text is encoded once, into the record's cell: see `TEXT_BODIES`. @internal */
+  readonly [TEXT_BODIES] = true;
   readonly #maxEntries: number;
   readonly #maxBytes: number;
   /**

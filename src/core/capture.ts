@@ -111,7 +111,7 @@ export function finishWithBody(
   engine: IdempotencyEngine<never>,
   ticket: Ticket,
   head: ResponseHead,
-  body: Uint8Array,
+  body: Uint8Array | string,
 ): ReturnType<IdempotencyEngine['finish']> {
   return engine.finish(ticket, { status: head.status, headers: head.headers, body });
 }

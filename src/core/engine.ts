@@ -23,6 +23,8 @@ import type {
   StoredResponse,
   TransactionalBackend,
 } from './types.js';
+import { TEXT_BODIES } from './types.js';
+import { utf8, utf8FitsIn } from './utf8.js';
 
 /** The request passes through untouched: fail-open after a backend error. */
 export interface PassResult {
@@ -126,10 +128,11 @@ export interface FinishedResponse {
   /** The headers the handler (and middleware after this one) set; lower-case names, repeated names repeated. */
   readonly headers: readonly HeaderPair[];
   /**
-   * The whole body, or `undefined` when the adapter did not keep it: {@link IdempotencyEngine.plan} said
-   * `'stream'`, or it grew past {@link IdempotencyEngine.maxResponseBytes}.
+   * The whole body: its bytes, or the string it is sent as (its UTF-8, lone surrogates as U+FFFD, which is what
+   * Node.js and fetch's `Response` send for a string); `undefined` when the adapter did not keep it:
+   * {@link IdempotencyEngine.plan} said `'stream'`, or it grew past {@link IdempotencyEngine.maxResponseBytes}.
    */
-  readonly body: Uint8Array | undefined;
+  readonly body: Uint8Array | string | undefined;
 }
 
 /**
@@ -210,6 +213,8 @@ export class IdempotencyEngine<Req = unknown> {
   readonly needsBody: boolean;
 
   readonly #sha256: Sha256;
+  /** Whether the backend takes a body sent as a string as that string: see {@link TEXT_BODIES}. */
+  readonly #textBodies: boolean;
   /** Whether events are reported, so that backend times are measured (see {@link #clock}). */
   readonly #timed: boolean;
   readonly #missingKey: EngineReply;
@@ -250,6 +255,7 @@ export class IdempotencyEngine<Req = unknown> {
     this.options = resolved;
     this.#sha256 = runtime.sha256 ?? webSha256;
     this.#timed = resolved.onEvent !== undefined;
+    this.#textBodies = (resolved.backend as { [TEXT_BODIES]?: unknown })[TEXT_BODIES] === true;
     const backend = resolved.backend as Partial<TransactionalBackend>;
     this.#transactional =
       backend.transactional === true && typeof backend.openTransaction === 'function'
@@ -431,11 +437,25 @@ export class IdempotencyEngine<Req = unknown> {
       return this.#release(ticket, status);
     }
     this.#learnDuration(ticket);
-    if (body === undefined || body.byteLength > this.options.maxResponseBytes || eventStream) {
+    if (body === undefined || !this.#fits(body) || eventStream) {
       if (!this.options.rememberUnstored) return this.#release(ticket, status);
       return this.#complete(ticket, null, status, 'remembered');
     }
-    return this.#complete(ticket, { status, headers, body }, status, 'executed');
+    return this.#complete(ticket, { status, headers, body: this.#bodyToStore(body) }, status, 'executed');
+  }
+
+  #fits(body: Uint8Array | string): boolean {
+    const limit = this.options.maxResponseBytes;
+    return typeof body === 'string' ? utf8FitsIn(body, limit) : body.byteLength <= limit;
+  }
+
+  /**
+   * A body as the backend takes it: a string as it is for a backend that encodes it itself ({@link TEXT_BODIES}),
+   * its UTF-8 bytes for any other.
+   */
+  #bodyToStore(body: Uint8Array | string): Uint8Array {
+    if (typeof body !== 'string' || this.#textBodies) return body as Uint8Array;
+    return utf8(body);
   }
 
   /**

@@ -14,6 +14,21 @@ export interface StoredResponse {
   body: Uint8Array;
 }
 
+/**
+ * Set to `true` on a backend that takes a stored response's body as the string the handler sent, when it sent
+ * one, instead of its UTF-8 bytes (see {@link TextBodyResponse}): a backend that copies the body into memory of
+ * its own (`MemoryBackend`) encodes it there once, where the bytes would have been made only to be copied.
+ * @internal
+ */
+export const TEXT_BODIES: unique symbol = Symbol.for('idempotency-header.text-bodies');
+
+/**
+ * A {@link StoredResponse} as a backend marked with {@link TEXT_BODIES} may receive it: its body the string the
+ * response was sent as (its bytes are its UTF-8, lone surrogates as U+FFFD), or the bytes.
+ * @internal
+ */
+export type TextBodyResponse = Omit<StoredResponse, 'body'> & { body: Uint8Array | string };
+
 /** A completed request: what a replay needs, and what tells a repeat from a different request. */
 export interface IdempotencyRecord {
   /** SHA-256 (hex) of the request's method, path and body, or `''` when fingerprinting is off. */

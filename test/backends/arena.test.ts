@@ -1,7 +1,12 @@
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { LARGEST_CELL, RecordArena, SLAB_BYTES } from '../../src/backends/_arena.js';
-import type { HeaderPair, IdempotencyRecord } from '../../src/core/types.js';
+import type {
+  HeaderPair,
+  IdempotencyRecord,
+  StoredResponse,
+  TextBodyResponse,
+} from '../../src/core/types.js';
 
 /** A key as the engine makes them: a dash and a UUID. */
 const KEY = '-6f1c7c1e-0c55-4f5e-9f43-2b0d3c9a1b7e';
@@ -97,6 +102,32 @@ describe('RecordArena', () => {
       { numRuns: 500 },
     );
     // Every record was freed: nothing but empty slabs is left, and they are given back.
+    arena.releaseEmptySlabs();
+    expect(arena.slabCount).toBe(0);
+  });
+
+  it.each([
+    ['ASCII', fc.string({ maxLength: 300 }), 300],
+    ['any units, lone surrogates included', fc.string({ unit: 'binary', maxLength: 300 }), 300],
+    [
+      'any units, past a cell',
+      fc.string({ unit: 'binary', minLength: LARGEST_CELL, maxLength: LARGEST_CELL + 50 }),
+      30,
+    ],
+  ])('stores a body sent as text (%s) as the bytes Node.js sends for it', (_name, text, numRuns) => {
+    const arena = new RecordArena();
+    fc.assert(
+      fc.property(text, fc.array(fc.tuple(text, text), { maxLength: 3 }), (body, headers) => {
+        const sent = Buffer.from(body);
+        const handed: TextBodyResponse = { status: 200, headers, body };
+        const stored = { fingerprint: 'f'.repeat(64), createdAt: 7, response: handed as StoredResponse };
+        const handle = arena.store(KEY, stored, 99);
+        expect(arena.bodyLength(handle)).toBe(sent.byteLength);
+        expect(plain(arena.read(handle))).toEqual(plain({ ...stored, response: { ...handed, body: sent } }));
+        arena.free(handle);
+      }),
+      { numRuns },
+    );
     arena.releaseEmptySlabs();
     expect(arena.slabCount).toBe(0);
   });

@@ -9,7 +9,7 @@ import { IdempotencyError } from '../../src/core/errors.js';
 import { computeFingerprint } from '../../src/core/fingerprint.js';
 import type { IdempotencyEvent, IdempotencyOptions } from '../../src/core/options.js';
 import type { EngineReply } from '../../src/core/responses.js';
-import type { Backend, IdempotencyRecord, StoredResponse } from '../../src/core/types.js';
+import type { Backend, HeaderPair, IdempotencyRecord, StoredResponse } from '../../src/core/types.js';
 import { nodeSha256 } from '../../src/runtime/node-sha256.js';
 
 const REPO_ROOT = fileURLToPath(new URL('../..', import.meta.url));
@@ -453,6 +453,24 @@ describe('IdempotencyEngine', () => {
       expect((await beginReply(engine, 'four')).status).toBe(429);
     });
 
+    it.each([
+      ['a backend that encodes it itself (MemoryBackend)', () => memory()],
+      ['any other backend', () => new SpyBackend(memory())],
+    ])('stores a body sent as text as the UTF-8 Node.js sends for it, on %s', async (_name, backend) => {
+      const stores = backend();
+      const engine = new IdempotencyEngine<FakeRequest>({ backend: stores }, { sha256: nodeSha256 });
+      const body = '{"name":"caf\u00e9 \u20ac \ud83d\ude00 \ud800"}';
+      const headers: HeaderPair[] = [['content-type', 'application/json']];
+      await engine.finish(await beginTicket(engine, 'text'), { status: 201, headers, body });
+      const replay = await beginReply(engine, 'text');
+      expect(replay.status).toBe(201);
+      expect([...replay.body]).toEqual([...Buffer.from(body)]);
+      // A backend that does not say it takes text is given the bytes.
+      if (stores instanceof SpyBackend) {
+        expect(stores.completions[0]!.record.response!.body).toBeInstanceOf(Uint8Array);
+      }
+    });
+
     describe('remembers a completed request whose response cannot be stored, so it never runs twice', () => {
       const cases: [
         string,
@@ -461,6 +479,11 @@ describe('IdempotencyEngine', () => {
       ][] = [
         ['a body the adapter did not keep (past maxResponseBytes)', {}, unkept()],
         ['a body over maxResponseBytes', { maxResponseBytes: 4 }, response(201, '{"too":"long"}')],
+        [
+          'a body sent as text, its UTF-8 over maxResponseBytes though its units are not',
+          { maxResponseBytes: 7 },
+          { status: 201, headers: [['content-type', 'application/json']], body: '"\u20ac\u20ac"' },
+        ],
         ['an event stream', {}, unkept(200, 'text/event-stream')],
         [
           'an event stream, with every type cacheable',

@@ -344,9 +344,7 @@ function captureReply(
     const body =
       !hasContent(status) || payload === null || payload === undefined
         ? EMPTY
-        : typeof payload === 'string'
-          ? Buffer.from(payload)
-          : (payload as Uint8Array);
+        : (payload as string | Uint8Array);
     return afterSettling(engine.finish(ticket, { status, headers: stored, body }), payload);
   }
   return captureBody(engine as IdempotencyEngine<never>, ticket, { status, headers: stored }, stream).then(

@@ -3,7 +3,6 @@ import { type IdempotencyEngine, isPromise, type Ticket } from '../../core/engin
 import { ownSymbol } from '../../core/own-symbol.js';
 import { type EngineReply, headerValue, REMOVED_HEADER } from '../../core/responses.js';
 import type { Awaitable, HeaderPair } from '../../core/types.js';
-import { utf8 } from '../../core/utf8.js';
 
 /**
  * Web-standard pieces shared by the adapters whose handlers answer with a `Response` (Hono, fetch): replies as
@@ -146,8 +145,8 @@ export function captureResponse(
   const head = { status, headers: responseHeaders(inHandHeaders(init, body !== null), before) };
   let settled: Awaitable<void>;
   if (body === null || isNullBodyStatus(status)) settled = finishWithBody(engine, ticket, head, EMPTY);
-  else if (typeof body === 'string') settled = finishWithBody(engine, ticket, head, utf8(body));
-  else if (body instanceof Uint8Array) settled = finishWithBody(engine, ticket, head, body);
+  else if (typeof body === 'string' || body instanceof Uint8Array)
+    settled = finishWithBody(engine, ticket, head, body);
   else return captureInHand(engine, ticket, response, head, body, init);
   return isPromise(settled) ? settled.then(() => response) : response;
 }
