@@ -28,7 +28,8 @@ export function computeFingerprint(
   const bytes = rawBytes(body);
   if (bytes === undefined) return sha256([head + canonicalJson(body)]);
   const boundary = multipartBoundary(contentType);
-  if (boundary === undefined) return sha256([head, bytes]);
+  // The head in pieces, each a flat string: `head` is a rope that would be flattened only to be copied.
+  if (boundary === undefined) return sha256([method, ' ', target, '\n', bytes]);
   return sha256([head, ...withBoundary(bytes, boundary, FINGERPRINT_BOUNDARY)]);
 }
 
