@@ -22,15 +22,15 @@ export function computeFingerprint(
   sha256: Sha256,
   contentType?: string,
 ): Awaitable<string> {
-  const head = `${method} ${target}\n`;
-  if (body === undefined) return sha256([head]);
-  if (typeof body === 'string') return sha256([head + body]);
+  if (body === undefined) return sha256([`${method} ${target}\n`]);
+  if (typeof body === 'string') return sha256([`${method} ${target}\n${body}`]);
   const bytes = rawBytes(body);
-  if (bytes === undefined) return sha256([head + canonicalJson(body)]);
+  if (bytes === undefined) return sha256([`${method} ${target}\n${canonicalJson(body)}`]);
   const boundary = multipartBoundary(contentType);
-  // The head in pieces, each a flat string: `head` is a rope that would be flattened only to be copied.
+  // Beside bytes, the head goes in pieces, each a flat string: joined, it would be a rope, flattened only to be
+  // copied.
   if (boundary === undefined) return sha256([method, ' ', target, '\n', bytes]);
-  return sha256([head, ...withBoundary(bytes, boundary, FINGERPRINT_BOUNDARY)]);
+  return sha256([method, ' ', target, '\n', ...withBoundary(bytes, boundary, FINGERPRINT_BOUNDARY)]);
 }
 
 /**
@@ -48,7 +48,11 @@ const BOUNDARY_PARAMETER = /;\s*boundary\s*=\s*(?:"([^"]+)"|([^\s;]+))/i;
  * body leaves its fields, not its files: the fingerprint cannot be taken from what it parsed.
  */
 export function isMultipart(contentType: string | undefined): boolean {
-  return contentType !== undefined && MULTIPART.test(contentType);
+  if (contentType === undefined) return false;
+  // A type that starts with a letter other than `m` is told without the expression: most requests' are.
+  const first = contentType.charCodeAt(0) | 0x20;
+  if (first >= 0x61 && first <= 0x7a && first !== 0x6d) return false;
+  return MULTIPART.test(contentType);
 }
 
 /**

@@ -6,6 +6,7 @@ import {
   canonicalJson,
   canonicalJsonByMember,
   computeFingerprint as fingerprintWith,
+  isMultipart,
   multipartBoundary,
   type RequestBody,
   requestTarget,
@@ -170,6 +171,27 @@ describe('multipart bodies', () => {
     expect(multipartBoundary('multipart/form-data')).toBeUndefined();
     expect(multipartBoundary('application/json; boundary=x')).toBeUndefined();
     expect(multipartBoundary(undefined)).toBeUndefined();
+  });
+
+  it('tells a multipart type as the expression does, whatever the first character, spaces before it included', () => {
+    const lead = fc.constantFrom('', ' ', '\t', '\u00a0', '\u2003', '\ufeff', '\n ');
+    const type = fc.oneof(
+      fc.constantFrom(
+        'multipart/',
+        'MULTIPART/mixed',
+        'Multipart/form-data',
+        'application/json',
+        'text/plain',
+      ),
+      fc.string({ unit: 'binary', maxLength: 12 }),
+    );
+    fc.assert(
+      fc.property(lead, type, (space, value) => {
+        expect(isMultipart(space + value)).toBe(/^\s*multipart\//i.test(space + value));
+      }),
+      { numRuns: 3000 },
+    );
+    expect(isMultipart(undefined)).toBe(false);
   });
 
   it('hashes a form the same whatever its boundary, and its parts byte for byte', () => {
