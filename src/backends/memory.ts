@@ -94,8 +94,13 @@ const OPTION_NAMES: ReadonlySet<string> = new Set(['maxEntries', 'maxBytes', 'sw
  * ```
  */
 export class MemoryBackend implements Backend {
-  /** A body sent as text is encoded once, into the record's cell: see `TEXT_BODIES`. @internal */
-  readonly [TEXT_BODIES] = true;
+  /**
+   * A body sent as text is encoded once, into the record's cell (see `TEXT_BODIES`); not for a subclass that
+   * overrides `complete`, which is handed the bytes its type promises. @internal
+   */
+  get [TEXT_BODIES](): boolean {
+    return this.complete === MemoryBackend.prototype.complete;
+  }
   readonly #maxEntries: number;
   readonly #maxBytes: number;
   /**

@@ -471,6 +471,29 @@ describe('IdempotencyEngine', () => {
       }
     });
 
+    it('hands the bytes of a body sent as text to a MemoryBackend whose complete is overridden', async () => {
+      const handed: unknown[] = [];
+      class Recording extends MemoryBackend {
+        override complete(
+          key: string,
+          token: string,
+          record: IdempotencyRecord,
+          ttlMs: number | null,
+        ): boolean {
+          handed.push(record.response?.body);
+          return super.complete(key, token, record, ttlMs);
+        }
+      }
+      const backend = new Recording();
+      backends.push(backend);
+      const engine = new IdempotencyEngine<FakeRequest>({ backend }, { sha256: nodeSha256 });
+      const headers: HeaderPair[] = [['content-type', 'application/json']];
+      await engine.finish(await beginTicket(engine, 'sub'), { status: 201, headers, body: '{"a":"\u00e9"}' });
+      expect(handed).toHaveLength(1);
+      expect(handed[0]).toBeInstanceOf(Uint8Array);
+      expect([...(await beginReply(engine, 'sub')).body]).toEqual([...Buffer.from('{"a":"\u00e9"}')]);
+    });
+
     describe('remembers a completed request whose response cannot be stored, so it never runs twice', () => {
       const cases: [
         string,
