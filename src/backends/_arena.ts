@@ -1,4 +1,5 @@
 import type { HeaderPair, IdempotencyRecord, StoredResponse, TextBodyResponse } from '../core/types.js';
+import { utf8 } from '../core/utf8.js';
 
 /**
  * Where {@link MemoryBackend} keeps its records: as bytes in a few large buffers rather than as objects.
@@ -183,7 +184,8 @@ export class RecordArena {
     const all = [key, record.fingerprint];
     for (const [name, value] of headers) all.push(name, value);
     const narrow = all.map(isNarrow);
-    const body = response === null ? EMPTY : asBytes(bodyOf(response));
+    const handed = response === null ? EMPTY : bodyOf(response);
+    const body = typeof handed === 'string' ? utf8(handed) : handed;
     let size = HEAD_BYTES + 4 * all.length + body.byteLength;
     all.forEach((value, i) => {
       size += (narrow[i] ? 1 : 2) * value.length;
@@ -403,11 +405,6 @@ const EMPTY = new Uint8Array(0);
 /** A response's body as the engine handed it over: bytes, or the text it was sent as (see `TEXT_BODIES`). */
 function bodyOf(response: StoredResponse): Uint8Array | string {
   return (response as TextBodyResponse).body;
-}
-
-/** A body's bytes: a text body's UTF-8, written as Node.js writes a string it sends. */
-function asBytes(body: Uint8Array | string): Uint8Array {
-  return typeof body === 'string' ? encoder.encode(body) : body;
 }
 
 const NO_HEADERS: readonly HeaderPair[] = [];

@@ -21,6 +21,7 @@ import type {
   IdempotencyRecord,
   KeyState,
   StoredResponse,
+  TextBodyResponse,
   TransactionalBackend,
 } from './types.js';
 import { TEXT_BODIES } from './types.js';
@@ -441,7 +442,9 @@ export class IdempotencyEngine<Req = unknown> {
       if (!this.options.rememberUnstored) return this.#release(ticket, status);
       return this.#complete(ticket, null, status, 'remembered');
     }
-    return this.#complete(ticket, { status, headers, body: this.#bodyToStore(body) }, status, 'executed');
+    // Typed as bytes, as every backend takes them; a text body only reaches a backend marked for it.
+    const stored = { status, headers, body: this.#bodyToStore(body) } as StoredResponse;
+    return this.#complete(ticket, stored, status, 'executed');
   }
 
   #fits(body: Uint8Array | string): boolean {
@@ -453,9 +456,8 @@ export class IdempotencyEngine<Req = unknown> {
    * A body as the backend takes it: a string as it is for a backend that encodes it itself ({@link TEXT_BODIES}),
    * its UTF-8 bytes for any other.
    */
-  #bodyToStore(body: Uint8Array | string): Uint8Array {
-    if (typeof body !== 'string' || this.#textBodies) return body as Uint8Array;
-    return utf8(body);
+  #bodyToStore(body: Uint8Array | string): TextBodyResponse['body'] {
+    return typeof body === 'string' && !this.#textBodies ? utf8(body) : body;
   }
 
   /**

@@ -9,7 +9,13 @@ import { IdempotencyError } from '../../src/core/errors.js';
 import { computeFingerprint } from '../../src/core/fingerprint.js';
 import type { IdempotencyEvent, IdempotencyOptions } from '../../src/core/options.js';
 import type { EngineReply } from '../../src/core/responses.js';
-import type { Backend, HeaderPair, IdempotencyRecord, StoredResponse } from '../../src/core/types.js';
+import {
+  type Backend,
+  type HeaderPair,
+  type IdempotencyRecord,
+  type StoredResponse,
+  TEXT_BODIES,
+} from '../../src/core/types.js';
 import { nodeSha256 } from '../../src/runtime/node-sha256.js';
 
 const REPO_ROOT = fileURLToPath(new URL('../..', import.meta.url));
@@ -53,6 +59,11 @@ class SpyBackend implements Backend {
     this.calls.renew++;
     return (this.overrides.renew ?? this.inner.renew.bind(this.inner))(key, token, leaseMs);
   }
+}
+
+/** A spy on a backend that says it takes a body sent as text as that text (see `TEXT_BODIES`), as MemoryBackend does. */
+class TextSpyBackend extends SpyBackend {
+  readonly [TEXT_BODIES] = true;
 }
 
 const backends: MemoryBackend[] = [];
@@ -454,10 +465,10 @@ describe('IdempotencyEngine', () => {
     });
 
     it.each([
-      ['a backend that encodes it itself (MemoryBackend)', () => memory()],
-      ['any other backend', () => new SpyBackend(memory())],
-    ])('stores a body sent as text as the UTF-8 Node.js sends for it, on %s', async (_name, backend) => {
-      const stores = backend();
+      ['a backend marked to take text (as MemoryBackend is), handed the string', true],
+      ['any other backend, handed the bytes', false],
+    ])('stores a body sent as text as the UTF-8 Node.js sends for it, on %s', async (_name, takesText) => {
+      const stores = takesText ? new TextSpyBackend(memory()) : new SpyBackend(memory());
       const engine = new IdempotencyEngine<FakeRequest>({ backend: stores }, { sha256: nodeSha256 });
       const body = '{"name":"caf\u00e9 \u20ac \ud83d\ude00 \ud800"}';
       const headers: HeaderPair[] = [['content-type', 'application/json']];
@@ -465,10 +476,26 @@ describe('IdempotencyEngine', () => {
       const replay = await beginReply(engine, 'text');
       expect(replay.status).toBe(201);
       expect([...replay.body]).toEqual([...Buffer.from(body)]);
-      // A backend that does not say it takes text is given the bytes.
-      if (stores instanceof SpyBackend) {
-        expect(stores.completions[0]!.record.response!.body).toBeInstanceOf(Uint8Array);
+      const handed: unknown = stores.completions[0]!.record.response!.body;
+      if (takesText) expect(handed).toBe(body);
+      else expect(handed).toBeInstanceOf(Uint8Array);
+    });
+
+    it('marks MemoryBackend as taking text, and not a subclass that overrides complete', () => {
+      expect(memory()[TEXT_BODIES]).toBe(true);
+      class Overriding extends MemoryBackend {
+        override complete(
+          key: string,
+          token: string,
+          record: IdempotencyRecord,
+          ttlMs: number | null,
+        ): boolean {
+          return super.complete(key, token, record, ttlMs);
+        }
       }
+      const overriding = new Overriding();
+      backends.push(overriding);
+      expect(overriding[TEXT_BODIES]).toBe(false);
     });
 
     it('hands the bytes of a body sent as text to a MemoryBackend whose complete is overridden', async () => {

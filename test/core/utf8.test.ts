@@ -8,6 +8,8 @@ describe('utf8FitsIn', () => {
       fc.property(fc.string({ unit: 'binary', maxLength: 60 }), fc.nat({ max: 200 }), (text, limit) => {
         expect(utf8FitsIn(text, limit)).toBe(Buffer.byteLength(text) <= limit);
         expect([...utf8(text)]).toEqual([...Buffer.from(text)]);
+        // Where there is no Buffer, `utf8` is TextEncoder's: the same bytes.
+        expect([...new TextEncoder().encode(text)]).toEqual([...Buffer.from(text)]);
       }),
       { numRuns: 2000 },
     );
