@@ -172,16 +172,17 @@ describe.runIf(redisUp)("RedisBackend with onConflict: 'wait'", () => {
 
   it('wakes 50 waiters in another process by PUBLISH (ioredis), each with the stored response', async () => {
     const { perWaiter, lagMs } = await waitFor(ioredisWaiters, 50);
-    // Woken by the notification, not by polling: three lookups per waiter over the 1.4 s wait (the first, one
-    // once the watch is in place, one when woken; a fourth for those that began before the subscription was),
-    // where polling every 200 ms makes seven or more (nine, measured, in the polling test below).
-    expect(perWaiter).toBeLessThanOrEqual(3.5);
+    // Woken by the notification, not by polling: at most four lookups per waiter over the 1.4 s wait (the
+    // first, one once the watch is in place, one when woken; a fourth for those that began before the
+    // subscription was, which on a loaded machine is about half of them), where polling every 200 ms makes seven
+    // or more (nine, measured, in the polling test below).
+    expect(perWaiter).toBeLessThanOrEqual(4);
     expect(lagMs).toBeLessThan(1_000);
   });
 
   it('wakes 50 waiters by PUBLISH with a node-redis client', async () => {
     const { perWaiter, lagMs } = await waitFor(nodeRedisWaiters, 50);
-    expect(perWaiter).toBeLessThanOrEqual(3.5);
+    expect(perWaiter).toBeLessThanOrEqual(4);
     expect(lagMs).toBeLessThan(1_000);
   });
 

@@ -69,18 +69,30 @@ export function requireRedisServer(suite: string): boolean {
   return false;
 }
 
-/** A port nobody listens on right now (the OS picks it). */
-export function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
+/**
+ * Ports {@link freePort} picks from: below Linux's default ephemeral range (32768–60999), which the OS draws on
+ * for every `listen(0)` and every outgoing connection. A port there that a stopped server leaves free for a while
+ * could be taken by another test's listener, or become the local port of an outgoing connection, and a client
+ * reconnecting to it would reach that instead of the restarted server (or itself, by TCP self-connect). The
+ * range ends low enough that a cluster node's bus port (its port + 10 000) is below the ephemeral range too.
+ */
+const PRIVATE_PORTS = { from: 20_000, to: 22_700 };
+
+/** A port nobody listens on right now, drawn at random from {@link PRIVATE_PORTS}. */
+export async function freePort(): Promise<number> {
+  for (let attempt = 0; attempt < 100; attempt++) {
+    const port = PRIVATE_PORTS.from + Math.floor(Math.random() * (PRIVATE_PORTS.to - PRIVATE_PORTS.from));
+    if (await canListen(port)) return port;
+  }
+  throw new Error(`no free port between ${PRIVATE_PORTS.from} and ${PRIVATE_PORTS.to} after 100 tries`);
+}
+
+/** Whether `port` on 127.0.0.1 can be listened on now (it is closed again before this resolves). */
+function canListen(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
     const server = createServer();
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const address = server.address();
-      server.close(() => {
-        if (typeof address === 'object' && address !== null) resolve(address.port);
-        else reject(new Error('no port assigned'));
-      });
-    });
+    server.once('error', () => resolve(false));
+    server.listen(port, '127.0.0.1', () => server.close(() => resolve(true)));
   });
 }
 
