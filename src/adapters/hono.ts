@@ -269,47 +269,72 @@ function readNodeBody(
   }
   const stream = incoming as NodeRequest & NodeStream;
   return new Promise((resolve, reject) => {
-    const chunks: Uint8Array[] = [];
-    let size = 0;
-    let settled = false;
-    const stop = () => {
-      stream.off('data', onData);
-      stream.off('end', onEnd);
-      stream.off('close', onClose);
-    };
-    const onData = (chunk: Uint8Array) => {
-      size += chunk.byteLength;
-      if (size <= limit) return void chunks.push(chunk);
-      // The rest is left to @hono/node-server, which drains a body its app did not read once the 413 is sent.
-      settled = true;
-      stop();
-      resolve(TOO_LARGE);
-    };
-    // Once the body is whole, the listeners stay on the request, left with nothing to do: three removals cost
-    // more than the rest of the reading, and the request is let go with its response.
-    const onEnd = () => {
-      settled = true;
-      // A Buffer, as `@hono/node-server` takes a `rawBody` only as one. Node.js's own: on `@hono/node-server` only.
-      const body = chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks, size);
-      stream.rawBody = body;
-      resolve(body);
-    };
+    stream[READING] = { chunks: [], size: 0, limit, resolve, reject };
+    stream.on('data', onBodyData);
+    stream.on('end', onBodyEnd);
     // No `error` listener: Node.js's request emits `error` only to listeners it has, and is then closed, which
     // tells the same (a client gone, or a broken connection). A listener fewer is a measurable share of the read.
-    const onClose = () => {
-      if (settled) return;
-      settled = true;
-      stop();
-      reject(new Error('The client closed the connection before the request body was complete'));
-    };
-    stream.on('data', onData);
-    stream.on('end', onEnd);
-    stream.on('close', onClose);
+    stream.on('close', onBodyClose);
   });
+}
+
+/**
+ * Where {@link readNodeBody} keeps a read in progress, on the request itself: its listeners are functions shared
+ * by every request (`this` is the request), where a closure of each for every request cost more than the read.
+ */
+const READING = Symbol('idempotency-header.reading');
+
+/** A body read in progress: the chunks so far and the promise to settle. */
+interface BodyRead {
+  chunks: Uint8Array[];
+  size: number;
+  limit: number;
+  resolve(body: Uint8Array | typeof TOO_LARGE): void;
+  reject(error: Error): void;
+}
+
+function onBodyData(this: NodeRequest & NodeStream, chunk: Uint8Array): void {
+  const read = this[READING];
+  if (read === undefined) return;
+  read.size += chunk.byteLength;
+  if (read.size <= read.limit) return void read.chunks.push(chunk);
+  // The rest is left to @hono/node-server, which drains a body its app did not read once the 413 is sent.
+  stopReading(this);
+  read.resolve(TOO_LARGE);
+}
+
+// Once the body is whole, the listeners stay on the request, left with nothing to do: three removals cost more
+// than the rest of the reading, and the request is let go with its response.
+function onBodyEnd(this: NodeRequest & NodeStream): void {
+  const read = this[READING];
+  if (read === undefined) return;
+  // Set to `undefined` rather than deleted: a deleted property turns the request into a slow dictionary object.
+  this[READING] = undefined;
+  const { chunks, size } = read;
+  // A Buffer, as `@hono/node-server` takes a `rawBody` only as one. Node.js's own: on `@hono/node-server` only.
+  const body = chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks, size);
+  this.rawBody = body;
+  read.resolve(body);
+}
+
+function onBodyClose(this: NodeRequest & NodeStream): void {
+  const read = this[READING];
+  if (read === undefined) return;
+  stopReading(this);
+  read.reject(new Error('The client closed the connection before the request body was complete'));
+}
+
+/** Ends a read before the body's end: its listeners removed, so that the rest of the body is not kept. */
+function stopReading(stream: NodeRequest & NodeStream): void {
+  stream[READING] = undefined;
+  stream.off('data', onBodyData);
+  stream.off('end', onBodyEnd);
+  stream.off('close', onBodyClose);
 }
 
 /** What {@link readNodeBody} uses of a `node:http` request as a stream. */
 interface NodeStream {
+  [READING]?: BodyRead | undefined;
   on(event: string, listener: (...args: never[]) => void): unknown;
   off(event: string, listener: (...args: never[]) => void): unknown;
 }
