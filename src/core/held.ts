@@ -9,6 +9,8 @@
  * registered on `globalThis` under another (see {@link markHeld} for which): either way two copies of the package
  * in one process (its ESM and CommonJS builds, two versions in a dependency tree) see each other's marks.
  */
+import { hasAppPrototype } from './app-prototype.js';
+
 const HELD: unique symbol = Symbol.for('idempotency-header.held') as typeof HELD;
 type Marked = { [HELD]?: true };
 
@@ -45,10 +47,4 @@ export function isHeld(request: object): boolean {
 export function markHeld(request: object): void {
   if (hasAppPrototype(request)) heldAside.add(request);
   else (request as Marked)[HELD] = true;
-}
-
-/** Whether the object's prototype is not a class's (one with a `constructor` of its own), as `app.request`. */
-function hasAppPrototype(request: object): boolean {
-  const prototype: unknown = Object.getPrototypeOf(request);
-  return prototype !== null && !Object.hasOwn(prototype as object, 'constructor');
 }

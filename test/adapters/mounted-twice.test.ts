@@ -71,6 +71,18 @@ const APPS: Readonly<Record<string, StartTwice>> = {
     );
     return listen(createServer(nodeIdempotency(inner, { backend })));
   },
+  // The outer instance marks a request of Node.js's own class, the inner one sees it after Express gave the
+  // request a prototype of its app's: the two ways a request is marked, seen from either side.
+  'node:http wrapping an Express app that mounts its own': (backend, counter) => {
+    const app = express();
+    app.use(express.json());
+    app.use(expressIdempotency({ backend, ...scoped }));
+    app.post('/admin/orders', async (_req, res) => {
+      await pause();
+      res.status(201).json({ run: ++counter.runs });
+    });
+    return listen(createServer(nodeIdempotency<IncomingMessage, ServerResponse>(app, { backend })));
+  },
   'Fastify, registered on the app and in a plugin': async (backend, counter) => {
     const app = Fastify();
     await app.register(fastifyIdempotency, { backend });

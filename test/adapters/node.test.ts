@@ -4,6 +4,7 @@
  */
 import { randomUUID } from 'node:crypto';
 import { createServer, type IncomingMessage, request, type ServerOptions } from 'node:http';
+import express from 'express';
 import { afterEach, describe, expect, it } from 'vitest';
 import { type RequestListener, withIdempotency } from '../../src/adapters/node.js';
 import { MemoryBackend } from '../../src/backends/memory.js';
@@ -227,6 +228,27 @@ describe('withIdempotency', () => {
       expect(JSON.parse(unkeyed.text)).toEqual({ bytes: LIMIT * 8 });
       expect(app.runs()).toBe(3);
     });
+  });
+
+  it('wraps an Express app, which gives each response a prototype of its own, and still stores and replays', async () => {
+    // Express sets `app.response` as the prototype of every response once the wrapper has captured it: a capture
+    // put in front of the old prototype would be dropped, the response never stored and the key left in flight.
+    let runs = 0;
+    const app = express();
+    app.use(express.json());
+    app.post('/orders', (req, res) => {
+      res.status(201).json({ run: ++runs, item: (req.body as { item?: string }).item });
+    });
+    const { url } = await serve(app as unknown as RequestListener);
+    const key = randomUUID();
+    const first = await send(`${url}/orders`, { key, body: { item: 'book' } });
+    expect(first.status).toBe(201);
+    expect(JSON.parse(first.text)).toEqual({ run: 1, item: 'book' });
+    const again = await send(`${url}/orders`, { key, body: { item: 'book' } });
+    expect(again.status).toBe(201);
+    expect(again.headers.get('idempotent-replayed')).toBe('true');
+    expect(again.text).toBe(first.text);
+    expect(runs).toBe(1);
   });
 
   it('refuses a listener that is not a function', () => {
