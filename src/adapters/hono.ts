@@ -2,7 +2,7 @@ import type { Context, MiddlewareHandler } from 'hono';
 import type { ContentfulStatusCode, StatusCode } from 'hono/utils/http-status';
 import { type ClosingResponse, stopWatchingConnection, watchConnection } from '../core/capture.js';
 import { IdempotencyEngine, isPromise, type RequestIdempotency, type Ticket } from '../core/engine.js';
-import { isHeld, markHeld } from '../core/held.js';
+import { isHeld, markHeld, markHeldInPlace } from '../core/held.js';
 import { type NodeRequestHeaders, nodeRequestHeader } from '../core/key.js';
 import type { IdempotencyOptions } from '../core/options.js';
 import { type EngineReply, REMOVED_HEADER } from '../core/responses.js';
@@ -80,8 +80,9 @@ export function idempotencyHeader(options: HonoIdempotencyOptions): MiddlewareHa
     const result = isPromise(begun) ? await begun : begun;
     if (result.kind === 'pass') return next();
     if (result.kind === 'reply') return reply(c, result);
-    // Both, so that a fetch handler wrapped with `withIdempotency` inside the app sees the mark too.
-    markHeld(c.req.raw);
+    // Both, so that a fetch handler wrapped with `withIdempotency` inside the app sees the mark too. Hono's
+    // request is a runtime's `Request` or `@hono/node-server`'s, whose instances share their hidden class.
+    markHeldInPlace(c.req.raw);
     if (incoming !== undefined) markHeld(incoming);
     const before = headersSetBefore(c);
     c.set('idempotency', result);

@@ -46,5 +46,15 @@ export function isHeld(request: object): boolean {
  */
 export function markHeld(request: object): void {
   if (hasAppPrototype(request)) heldAside.add(request);
-  else (request as Marked)[HELD] = true;
+  else markHeldInPlace(request);
+}
+
+/**
+ * Marks the request with the property whatever its prototype: for a request the adapter knows shares its hidden
+ * class with every other, as `@hono/node-server` makes each `Request` by `Object.create` of one prototype. An entry
+ * of the `WeakSet` costs such a request more: every one made for a young object is an ephemeron the garbage
+ * collector processes on each scavenge.
+ */
+export function markHeldInPlace(request: object): void {
+  (request as Marked)[HELD] = true;
 }

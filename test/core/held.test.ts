@@ -7,7 +7,7 @@ import { IncomingMessage } from 'node:http';
 import { Socket } from 'node:net';
 import express from 'express';
 import { describe, expect, it } from 'vitest';
-import { isHeld, markHeld } from '../../src/core/held.js';
+import { isHeld, markHeld, markHeldInPlace } from '../../src/core/held.js';
 
 /** A request as Express hands it on: its prototype is the app's `request`, an `Object.create` of Express's own. */
 function expressRequest(): IncomingMessage {
@@ -37,6 +37,20 @@ describe('held marks', () => {
     expect(isHeld(req)).toBe(true);
     expect(Reflect.ownKeys(req)).toEqual(before);
     expect(isHeld(expressRequest())).toBe(false);
+  });
+
+  it('marks in place a request the adapter knows shares its hidden class, whatever its prototype', () => {
+    // As @hono/node-server makes its requests: Object.create of one prototype shared by all.
+    const prototype = Object.create(Request.prototype) as object;
+    const request = Object.create(prototype) as object;
+    markHeldInPlace(request);
+    expect(isHeld(request)).toBe(true);
+    expect(Object.getOwnPropertySymbols(request).map(String)).toContain('Symbol(idempotency-header.held)');
+    const shared = (globalThis as unknown as Record<symbol, unknown>)[
+      Symbol.for('idempotency-header.held-aside')
+    ] as WeakSet<object>;
+    expect(shared.has(request)).toBe(false);
+    expect(isHeld(Object.create(prototype) as object)).toBe(false);
   });
 
   it('sees the marks another copy of the package made, either way', () => {
