@@ -138,6 +138,85 @@ for (const [version, expressModule] of VERSIONS) {
       expect(runs).toBe(1);
     });
 
+    // A sub-app gives the response its own `app.response` as prototype while it runs, and the parent's back when
+    // it calls next(): the capture must survive both (before, the first run answered and its key stayed in
+    // flight, every retry got 409 and, once the lock lapsed, ran the handler again).
+    it('stores and replays a route of a sub-app mounted after the middleware', async () => {
+      const app = expressModule();
+      app.use(expressModule.json());
+      app.use(idempotencyHeader({ backend: newBackend() }));
+      const sub = expressModule();
+      let runs = 0;
+      sub.post('/orders', (req, res) => {
+        runs++;
+        res.status(201).json({ run: runs, item: (req.body as { item?: string }).item });
+      });
+      app.use('/v1', sub);
+      const { url } = await serve(app);
+      const key = randomUUID();
+      const first = await send(`${url}/v1/orders`, { key, body: { item: 'book' } });
+      expect(first.status).toBe(201);
+      expect(first.headers.get(REPLAYED)).toBeNull();
+      const retries = await Promise.all(
+        [1, 2, 3].map(() => send(`${url}/v1/orders`, { key, body: { item: 'book' } })),
+      );
+      for (const retry of retries) {
+        expect(retry.status).toBe(201);
+        expect(retry.headers.get(REPLAYED)).toBe('true');
+        expect(retry.text).toBe(first.text);
+      }
+      expect(runs).toBe(1);
+    });
+
+    it('stores and replays a response sent after a sub-app with the middleware handed the request back', async () => {
+      const app = expressModule();
+      app.use(expressModule.json());
+      const sub = expressModule();
+      sub.use(idempotencyHeader({ backend: newBackend() }));
+      sub.post('/orders', (_req, _res, next) => next());
+      app.use('/v1', sub);
+      let runs = 0;
+      app.post('/v1/orders', (_req, res) => {
+        runs++;
+        res.status(201).json({ order: runs });
+      });
+      const { url } = await serve(app);
+      const key = randomUUID();
+      const first = await send(`${url}/v1/orders`, { key, body: { item: 'book' } });
+      expect(first.status).toBe(201);
+      const retry = await send(`${url}/v1/orders`, { key, body: { item: 'book' } });
+      expect(retry.status).toBe(201);
+      expect(retry.headers.get(REPLAYED)).toBe('true');
+      expect(retry.text).toBe('{"order":1}');
+      expect(runs).toBe(1);
+    });
+
+    it("captures where the app's own response prototype wraps end, as an instrumentation library may", async () => {
+      const app = expressModule();
+      let wrapped = 0;
+      const end = app.response.end;
+      app.response.end = function endWrapped(this: express.Response, ...args: unknown[]) {
+        wrapped++;
+        return (end as (...a: unknown[]) => unknown).apply(this, args);
+      } as typeof end;
+      app.use(expressModule.json());
+      app.use(idempotencyHeader({ backend: newBackend() }));
+      let runs = 0;
+      app.post('/orders', (_req, res) => {
+        runs++;
+        res.status(201).json({ run: runs });
+      });
+      const { url } = await serve(app);
+      const key = randomUUID();
+      const first = await send(`${url}/orders`, { key, body: {} });
+      const retry = await send(`${url}/orders`, { key, body: {} });
+      expect([first.status, retry.status]).toEqual([201, 201]);
+      expect(retry.headers.get(REPLAYED)).toBe('true');
+      expect(retry.text).toBe(first.text);
+      expect(runs).toBe(1);
+      expect(wrapped).toBe(2);
+    });
+
     it('stores a JSON file sent with res.sendFile and replays its bytes', async () => {
       const app = expressModule();
       app.use(idempotencyHeader({ backend: newBackend() }));

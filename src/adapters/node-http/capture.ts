@@ -85,6 +85,11 @@ class ResponseCapture {
     readonly end: Method,
     readonly writeHead: Method,
     readonly writeRaw: WriteRaw,
+    /**
+     * The capturing methods that act for this response: the prototype that holds them, or the token of those put
+     * on the response itself. Every other capturing method it meets passes its calls straight on.
+     */
+    readonly through: object,
   ) {}
 }
 
@@ -96,29 +101,44 @@ const captures = new WeakMap<ServerResponse, ResponseCapture>();
 
 /**
  * Installs the capture on a response whose request holds the key's lock, in one way whatever came before: the
- * capturing methods (made once per original prototype) go in front of the response's own, and methods that
- * middleware mounted earlier put on the instance (`compression`, `on-headers`) are moved behind them. The handler
- * and middleware mounted later call the capture first; it calls what was there before. On a response an app
- * gave a prototype of its own (Express's), they come as a prototype in front of that one: one swap costs far less
- * than assigning methods to such a response (measured with callgrind: about 10 % fewer instructions per request
- * through Express). On a response of its class's prototype they go on the response itself, where a framework
- * that runs later and gives it an app's prototype cannot drop them.
+ * capturing methods (made once per original prototype) are found before the response's original ones, and
+ * methods that middleware mounted earlier put on the response itself (`compression`, `on-headers`) are called by
+ * them in place of the originals. The handler and middleware mounted later call the capture first; it calls what
+ * was there before.
+ *
+ * Where the capturing methods go depends on the response:
+ *
+ * - One of its class's prototype (`node:http`'s own), or one with such methods of its own: on the response
+ *   itself, where a framework that runs later and gives it an app's prototype (an Express app wrapped by
+ *   `withIdempotency`) cannot drop them.
+ * - One an app gave a prototype of its own (Express gives every response `app.response`): once for all such
+ *   responses, in a prototype spliced into the chain below the app's prototypes ({@link splicedCapturing}). A
+ *   sub-app mounted with `app.use(path, subApp)` gives the response its own `app.response` while it runs, and
+ *   that shares the chain below. Changing each response's prototype instead cost a copy of its hidden class per
+ *   first run (V8 gives each such response one of its own), and a sub-app dropped the capture.
+ * - Where no app prototype lies above the methods the capture wraps: a prototype in front of the response's own.
  */
 export function captureResponse(res: ServerResponse, engine: IdempotencyEngine<never>, ticket: Ticket): void {
-  const capturing = capturingPrototypeFor(Object.getPrototypeOf(res) as object);
+  const top = Object.getPrototypeOf(res) as object;
+  const own = ownMethods(res);
+  // Methods of the response's own are wrappers of middleware mounted earlier, which may have saved this copy's
+  // spliced methods as the ones they wrap: those must find the response captured through others.
+  const onInstance = own !== undefined || !hasAppPrototype(res);
+  const spliced = onInstance ? undefined : splicedCapturing(top);
+  const capturing = spliced ?? capturingPrototypeFor(top);
+  const through = onInstance ? capturing.onInstance : capturing.prototype;
   const capture = new ResponseCapture(
     engine,
     ticket,
     capturing.getHeaders.call(res),
-    takeOwn(res, 'write') ?? capturing.write,
-    takeOwn(res, 'end') ?? capturing.end,
-    takeOwn(res, 'writeHead') ?? capturing.writeHead,
+    own?.write ?? capturing.write,
+    own?.end ?? capturing.end,
+    own?.writeHead ?? capturing.writeHead,
     capturing.writeRaw,
+    through,
   );
-  // A listener wrapped with `withIdempotency` may be an Express app, which gives the response `app.response` as
-  // its prototype after this: a prototype put in front of the old one would be dropped then.
-  if (hasAppPrototype(res)) Object.setPrototypeOf(res, capturing.prototype);
-  else Object.defineProperties(res, capturing.descriptors);
+  if (onInstance) Object.defineProperties(res, capturing.descriptors);
+  else if (spliced === undefined) Object.setPrototypeOf(res, capturing.prototype);
   captures.set(res, capture);
   // One shared listener, nothing per response: a closure over `res` kept by the capture would make the capture,
   // the WeakMap's value, hold its own key, and every response would then outlive a young-generation collection.
@@ -127,25 +147,97 @@ export function captureResponse(res: ServerResponse, engine: IdempotencyEngine<n
   if (socket !== null && !hookedSockets.has(socket)) watchSocket(socket);
 }
 
+/** The capturing prototype spliced into the chain of each app's response prototype; `null`: none could be. */
+const splices = new WeakMap<object, CapturingPrototype | null>();
+
 /**
- * A method middleware mounted earlier put on the response itself, taken off it so that the capturing one on the
- * prototype is found first (and calls it). `undefined` when there is none: the usual case.
+ * The capturing prototype in the chain of an app's response prototype (`top`), spliced there the first time:
+ * right above the first prototype in the chain that is a class's (`ServerResponse.prototype`) or has a method the
+ * capture wraps of its own. For Express that is between its `response` (every app's `app.response` inherits from
+ * it, a sub-app's too) and `ServerResponse.prototype`. Responses the middleware does not capture pass through it
+ * to the methods below. `undefined` where the app's own prototype has such a method: nothing lies above it to
+ * splice into.
  */
-function takeOwn(res: ServerResponse, name: 'write' | 'end' | 'writeHead'): Method | undefined {
-  if (!Object.hasOwn(res, name)) return undefined;
-  const method = res[name] as Method;
-  delete (res as Partial<ServerResponse>)[name];
-  return method;
+function splicedCapturing(top: object): CapturingPrototype | undefined {
+  const known = splices.get(top);
+  if (known === null) return undefined;
+  // Still in the chain, unless something gave a prototype below the app's another prototype since.
+  if (known !== undefined && Object.prototype.isPrototypeOf.call(known.prototype, top)) return known;
+  const spliced = splice(top);
+  splices.set(top, spliced ?? null);
+  return spliced;
+}
+
+function splice(top: object): CapturingPrototype | undefined {
+  let above: object | undefined;
+  for (
+    let proto: object | null = top;
+    proto !== null;
+    proto = Object.getPrototypeOf(proto) as object | null
+  ) {
+    const ours = capturingByPrototype.get(proto);
+    if (ours !== undefined) return ours;
+    if (Object.hasOwn(proto, 'constructor') || CAPTURED_NAMES.some((name) => Object.hasOwn(proto, name))) {
+      if (above === undefined) return undefined;
+      const capturing = capturingPrototypeFor(proto);
+      // A frozen prototype (a hardened realm) keeps its chain: each response's prototype is changed instead.
+      if (!Reflect.setPrototypeOf(above, capturing.prototype)) return undefined;
+      return capturing;
+    }
+    above = proto;
+  }
+  return undefined;
+}
+
+/** The methods and accessors the capturing prototype puts in front of the response's own. */
+const CAPTURED_NAMES = [
+  'writeHead',
+  'write',
+  'end',
+  '_writeRaw',
+  'writableLength',
+  'writableFinished',
+] as const;
+
+/** The methods the capture wraps that middleware mounted earlier put on the response itself. */
+interface OwnMethods {
+  readonly write: Method | undefined;
+  readonly end: Method | undefined;
+  readonly writeHead: Method | undefined;
 }
 
 /**
- * The capturing prototype for responses of one original prototype, and that prototype's own methods: looked up
- * once here, not through a response's long prototype chain on every request.
+ * The methods middleware mounted earlier put on the response itself (`compression`, `on-headers`): the capture
+ * calls them in place of the prototype's, as the capturing methods take their place. `undefined` when there are
+ * none: the usual case.
+ */
+function ownMethods(res: ServerResponse): OwnMethods | undefined {
+  const write = ownMethod(res, 'write');
+  const end = ownMethod(res, 'end');
+  const writeHead = ownMethod(res, 'writeHead');
+  if (write === undefined && end === undefined && writeHead === undefined) return undefined;
+  return { write, end, writeHead };
+}
+
+function ownMethod(res: ServerResponse, name: 'write' | 'end' | 'writeHead'): Method | undefined {
+  return Object.hasOwn(res, name) ? (res[name] as Method) : undefined;
+}
+
+/**
+ * The capturing methods for responses of one original prototype, and that prototype's own methods: looked up
+ * once here, not through a response's long prototype chain on every request. There are two sets of the methods:
+ * those of {@link CapturingPrototype.prototype}, and those put on a response itself
+ * ({@link CapturingPrototype.descriptors}). Each set acts only for the responses captured through it (see
+ * {@link ResponseCapture.through}) and sends every other call straight on to the original methods: a response
+ * the middleware does not capture reaches the prototype's where it is spliced into an app's chain, and a method
+ * that middleware mounted earlier saved from the response (`compression`'s) may be one of them.
  */
 interface CapturingPrototype {
   readonly prototype: object;
-  /** The capturing methods and accessors, as the prototype holds them: to put them on a response itself. */
+  /** The capturing methods and accessors to put on a response itself. */
   readonly descriptors: PropertyDescriptorMap;
+  /** What {@link ResponseCapture.through} is for a response given {@link descriptors}. */
+  readonly onInstance: object;
   /** The parent's `_writeRaw`: where held bytes finally go. */
   readonly writeRaw: WriteRaw;
   readonly write: Method;
@@ -155,19 +247,80 @@ interface CapturingPrototype {
 }
 
 const capturingPrototypes = new WeakMap<object, CapturingPrototype>();
+/** This copy's capturing prototypes, by the prototype itself: found in a chain, it was spliced there already. */
+const capturingByPrototype = new WeakMap<object, CapturingPrototype>();
 
 function capturingPrototypeFor(parent: object): CapturingPrototype {
   let capturing = capturingPrototypes.get(parent);
   if (capturing !== undefined) return capturing;
-  const writeRaw = (parent as { _writeRaw: WriteRaw })._writeRaw;
-  const writableLength = findGetter(parent, 'writableLength');
-  const writableFinished = findGetter(parent, 'writableFinished');
-  const method = (value: unknown): PropertyDescriptor => ({ value, writable: true, configurable: true });
   const methods = parent as ServerResponse;
-  const descriptors: PropertyDescriptorMap = {
-    writeHead: method(captureWriteHead),
-    write: method(captureWrite),
-    end: method(captureEnd),
+  const original: OriginalMethods = {
+    writeRaw: (parent as { _writeRaw: WriteRaw })._writeRaw,
+    write: methods.write as Method,
+    end: methods.end as Method,
+    writeHead: methods.writeHead as Method,
+    writableLength: findGetter(parent, 'writableLength'),
+    writableFinished: findGetter(parent, 'writableFinished'),
+  };
+  const prototype = Object.create(parent) as object;
+  Object.defineProperties(prototype, capturingDescriptors(prototype, original));
+  const onInstance = {};
+  capturing = {
+    writeRaw: original.writeRaw,
+    write: original.write,
+    end: original.end,
+    writeHead: original.writeHead,
+    getHeaders: methods.getHeaders,
+    prototype,
+    descriptors: capturingDescriptors(onInstance, original),
+    onInstance,
+  };
+  capturingPrototypes.set(parent, capturing);
+  capturingByPrototype.set(prototype, capturing);
+  return capturing;
+}
+
+/** The methods and accessors of a response's original prototype that the capture wraps. */
+interface OriginalMethods {
+  readonly writeRaw: WriteRaw;
+  readonly write: Method;
+  readonly end: Method;
+  readonly writeHead: Method;
+  readonly writableLength: (() => unknown) | undefined;
+  readonly writableFinished: (() => unknown) | undefined;
+}
+
+/**
+ * One set of capturing methods and accessors, acting for the responses captured through `through` (the
+ * prototype that holds them, or the token of those put on responses themselves).
+ */
+function capturingDescriptors(through: object, original: OriginalMethods): PropertyDescriptorMap {
+  const { writeRaw, write, end, writeHead, writableLength, writableFinished } = original;
+  const method = (value: unknown): PropertyDescriptor => ({ value, writable: true, configurable: true });
+  const captureOf = (res: ServerResponse): ResponseCapture | undefined => {
+    const capture = captures.get(res);
+    return capture?.through === through ? capture : undefined;
+  };
+  // `write` and `end`: the capture's own for a response captured through this set, the original for any other.
+  const bodyMethod = (original: Method, captured: CapturedBodyMethod) =>
+    function bodyCaptured(
+      this: ServerResponse,
+      chunk: unknown,
+      encoding: unknown,
+      callback: unknown,
+    ): unknown {
+      const capture = captureOf(this);
+      return capture === undefined
+        ? original.call(this, chunk, encoding, callback)
+        : captured(this, capture, chunk, encoding, callback);
+    };
+  return {
+    writeHead: method(function writeHeadCaptured(this: ServerResponse, ...args: unknown[]): unknown {
+      const capture = captureOf(this);
+      return capture === undefined ? writeHead.apply(this, args) : captureWriteHead(this, capture, args);
+    }),
+    write: method(bodyMethod(write, captureWrite)),
+    end: method(bodyMethod(end, captureEnd)),
     _writeRaw: method(function holdWriteRaw(
       this: ServerResponse,
       data: string | Uint8Array,
@@ -175,7 +328,7 @@ function capturingPrototypeFor(parent: object): CapturingPrototype {
       callback: unknown,
       size?: number,
     ): boolean {
-      const capture = captures.get(this);
+      const capture = captureOf(this);
       if (capture === undefined || (capture.state !== HOLDING && capture.state !== SETTLING)) {
         return writeRaw.call(this, data, encoding, callback, size);
       }
@@ -198,28 +351,17 @@ function capturingPrototypeFor(parent: object): CapturingPrototype {
     // 'finish' and hand the connection to the next response before they went out).
     writableLength: {
       get(this: ServerResponse) {
-        return Number(writableLength?.call(this) ?? 0) + (captures.get(this)?.heldBytes ?? 0);
+        return Number(writableLength?.call(this) ?? 0) + (captureOf(this)?.heldBytes ?? 0);
       },
       configurable: true,
     },
     writableFinished: {
       get(this: ServerResponse) {
-        return Boolean(writableFinished?.call(this)) && !(captures.get(this)?.heldBytes ?? 0);
+        return Boolean(writableFinished?.call(this)) && !(captureOf(this)?.heldBytes ?? 0);
       },
       configurable: true,
     },
   };
-  capturing = {
-    writeRaw,
-    write: methods.write as Method,
-    end: methods.end as Method,
-    writeHead: methods.writeHead as Method,
-    getHeaders: methods.getHeaders,
-    prototype: Object.create(parent, descriptors) as object,
-    descriptors,
-  };
-  capturingPrototypes.set(parent, capturing);
-  return capturing;
 }
 
 function findGetter(from: object | null, name: string): (() => unknown) | undefined {
@@ -230,51 +372,57 @@ function findGetter(from: object | null, name: string): (() => unknown) | undefi
   return undefined;
 }
 
-function captureWriteHead(this: ServerResponse, ...args: unknown[]): unknown {
-  const capture = captures.get(this)!;
-  if (capture.state >= SETTLING || capture.head !== undefined || internals(this)._header) {
-    return capture.writeHead.apply(this, args);
+function captureWriteHead(res: ServerResponse, capture: ResponseCapture, args: unknown[]): unknown {
+  if (capture.state >= SETTLING || capture.head !== undefined || internals(res)._header) {
+    return capture.writeHead.apply(res, args);
   }
-  recordHead(this, capture, args[0], args[1], args[2]);
+  recordHead(res, capture, args[0], args[1], args[2]);
   try {
-    return capture.writeHead.apply(this, args);
+    return capture.writeHead.apply(res, args);
   } catch (error) {
     capture.head = undefined;
     throw error;
   } finally {
-    if (capture.head !== undefined) judgeHead(this, capture);
+    if (capture.head !== undefined) judgeHead(res, capture);
   }
 }
 
 // `write` and `end` pass on exactly three arguments, as every `write`/`end` in their chain takes them (`undefined`
 // for those not given): no arguments array per call, on what can be a hot path.
 
-function captureWrite(this: ServerResponse, chunk: unknown, encoding: unknown, callback: unknown): unknown {
-  const capture = captures.get(this)!;
-  if (capture.state >= SETTLING) return capture.write.call(this, chunk, encoding, callback);
-  const recorded = recordImplicitHead(this, capture);
+/** `write` or `end` of a response captured through the set of methods called, with its capture. */
+type CapturedBodyMethod = (
+  res: ServerResponse,
+  capture: ResponseCapture,
+  chunk: unknown,
+  encoding: unknown,
+  callback: unknown,
+) => unknown;
+
+const captureWrite: CapturedBodyMethod = (res, capture, chunk, encoding, callback) => {
+  if (capture.state >= SETTLING) return capture.write.call(res, chunk, encoding, callback);
+  const recorded = recordImplicitHead(res, capture);
   let result: unknown;
   try {
-    result = capture.write.call(this, chunk, encoding, callback);
+    result = capture.write.call(res, chunk, encoding, callback);
   } catch (error) {
     if (recorded) capture.head = undefined;
     throw error;
   }
-  if (recorded) judgeHead(this, capture);
-  if (capture.state === HOLDING) keep(this, capture, chunk, encoding);
+  if (recorded) judgeHead(res, capture);
+  if (capture.state === HOLDING) keep(res, capture, chunk, encoding);
   return result;
-}
+};
 
-function captureEnd(this: ServerResponse, chunk: unknown, encoding: unknown, callback: unknown): unknown {
-  const capture = captures.get(this)!;
-  if (capture.state >= SETTLING) return capture.end.call(this, chunk, encoding, callback);
-  const recorded = recordImplicitHead(this, capture);
+const captureEnd: CapturedBodyMethod = (res, capture, chunk, encoding, callback) => {
+  if (capture.state >= SETTLING) return capture.end.call(res, chunk, encoding, callback);
+  const recorded = recordImplicitHead(res, capture);
   const previous = capture.state;
   // From here every byte the response still produces is held until the engine settled.
   capture.state = SETTLING;
   let result: unknown;
   try {
-    result = capture.end.call(this, chunk, encoding, callback);
+    result = capture.end.call(res, chunk, encoding, callback);
   } catch (error) {
     capture.state = previous;
     if (recorded) capture.head = undefined;
@@ -284,11 +432,11 @@ function captureEnd(this: ServerResponse, chunk: unknown, encoding: unknown, cal
     previous === HOLDING &&
     (!recorded || capture.engine.plan(capture.head!.status, contentType(capture.head!)) === 'store');
   if (keeping && chunk !== undefined && chunk !== null && typeof chunk !== 'function') {
-    keep(this, capture, chunk, typeof encoding === 'string' ? encoding : undefined);
+    keep(res, capture, chunk, typeof encoding === 'string' ? encoding : undefined);
   }
-  settle(this, capture, keeping && capture.size <= capture.engine.maxResponseBytes);
+  settle(res, capture, keeping && capture.size <= capture.engine.maxResponseBytes);
   return result;
-}
+};
 
 /** The internals the capture reads, typed. */
 function internals(res: ServerResponse): ResponseInternals {
