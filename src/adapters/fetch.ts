@@ -1,5 +1,5 @@
 import { IdempotencyEngine, type RequestIdempotency } from '../core/engine.js';
-import { isHeld, markHeld } from '../core/held.js';
+import { isHeld, markHeldInPlace } from '../core/held.js';
 import type { IdempotencyOptions } from '../core/options.js';
 import { builtinSha256 } from '../runtime/builtin-sha256.js';
 import { captureResponse, readBody, replyResponse, TOO_LARGE } from './web/response.js';
@@ -93,7 +93,8 @@ export function withIdempotency<Req extends Request = Request, Rest extends unkn
     if (result.kind === 'pass') return handler(request, ...rest);
     if (result.kind === 'reply') return replyResponse(result);
     running.set(request, result);
-    markHeld(request);
+    // A web `Request`, a runtime's or `@hono/node-server`'s: its instances share their hidden class.
+    markHeldInPlace(request);
     // The client going away changes nothing for the request; the engine only notes when it happened.
     const clientLeft = () => engine.clientLeft(result);
     request.signal?.addEventListener('abort', clientLeft, { once: true });
