@@ -5,6 +5,11 @@
  * object of its class's prototype may still be given such a prototype by a framework that runs later.
  */
 export function hasAppPrototype(value: object): boolean {
-  const prototype: unknown = Object.getPrototypeOf(value);
-  return prototype !== null && !Object.hasOwn(prototype as object, 'constructor');
+  const prototype = Object.getPrototypeOf(value) as object | null;
+  return prototype !== null && !isClassPrototype(prototype);
+}
+
+/** Whether an object is a class's prototype: one with a `constructor` of its own. */
+export function isClassPrototype(prototype: object): boolean {
+  return Object.hasOwn(prototype, 'constructor');
 }

@@ -69,11 +69,20 @@ const NOT_REPLAYED = new Set([
   'idempotent-replayed',
 ]);
 
-type Stack = 'no other middleware' | 'common middleware before' | 'common middleware after';
+/**
+ * The last stack serves the routes from a sub-app (`app.use(subApp)`), which gives each response the sub-app's
+ * prototype while it runs: the capture, taken before, must survive it with compression's methods on the response.
+ */
+type Stack =
+  | 'no other middleware'
+  | 'common middleware before'
+  | 'common middleware after'
+  | 'common middleware before, routes in a sub-app';
 const STACKS: readonly Stack[] = [
   'no other middleware',
   'common middleware before',
   'common middleware after',
+  'common middleware before, routes in a sub-app',
 ];
 
 const discard = new Writable({ write: (_chunk, _encoding, callback) => callback() });
@@ -102,12 +111,16 @@ function expressApp(framework: ExpressModule, stack: Stack, idempotency?: expres
   // Error pages without stack traces: the frames differ between the two apps, the pages must not.
   app.set('env', 'production');
   app.use(framework.json());
-  if (stack === 'common middleware before') app.use(...commonMiddleware());
+  const inSubApp = stack === 'common middleware before, routes in a sub-app';
+  if (stack === 'common middleware before' || inSubApp) app.use(...commonMiddleware());
   if (idempotency !== undefined) app.use(idempotency);
   if (stack === 'common middleware after') app.use(...commonMiddleware());
+  const routes = inSubApp ? framework() : app;
+  routes.set('env', 'production');
   CORPUS.forEach((corpusCase, i) => {
-    app.post(`/case/${i}`, expressRoute(corpusCase));
+    routes.post(`/case/${i}`, expressRoute(corpusCase));
   });
+  if (routes !== app) app.use(routes);
   app.get('/ping', (_req, res) => {
     res.json({ pong: true });
   });

@@ -1,6 +1,6 @@
 import type { OutgoingHttpHeader, OutgoingHttpHeaders, ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
-import { hasAppPrototype } from '../../core/app-prototype.js';
+import { hasAppPrototype, isClassPrototype } from '../../core/app-prototype.js';
 import { handlerHeaders } from '../../core/capture.js';
 import { type IdempotencyEngine, isPromise, type Ticket } from '../../core/engine.js';
 import { ownSymbol } from '../../core/own-symbol.js';
@@ -126,15 +126,16 @@ export function captureResponse(res: ServerResponse, engine: IdempotencyEngine<n
   const onInstance = own !== undefined || !hasAppPrototype(res);
   const spliced = onInstance ? undefined : splicedCapturing(top);
   const capturing = spliced ?? capturingPrototypeFor(top);
+  const { original } = capturing;
   const through = onInstance ? capturing.onInstance : capturing.prototype;
   const capture = new ResponseCapture(
     engine,
     ticket,
-    capturing.getHeaders.call(res),
-    own?.write ?? capturing.write,
-    own?.end ?? capturing.end,
-    own?.writeHead ?? capturing.writeHead,
-    capturing.writeRaw,
+    original.getHeaders.call(res),
+    own?.write ?? original.write,
+    own?.end ?? original.end,
+    own?.writeHead ?? original.writeHead,
+    original.writeRaw,
     through,
   );
   if (onInstance) Object.defineProperties(res, capturing.descriptors);
@@ -177,7 +178,7 @@ function splice(top: object): CapturingPrototype | undefined {
   ) {
     const ours = capturingByPrototype.get(proto);
     if (ours !== undefined) return ours;
-    if (Object.hasOwn(proto, 'constructor') || CAPTURED_NAMES.some((name) => Object.hasOwn(proto, name))) {
+    if (isClassPrototype(proto) || CAPTURED_NAMES.some((name) => Object.hasOwn(proto, name))) {
       if (above === undefined) return undefined;
       const capturing = capturingPrototypeFor(proto);
       // A frozen prototype (a hardened realm) keeps its chain: each response's prototype is changed instead.
@@ -238,12 +239,8 @@ interface CapturingPrototype {
   readonly descriptors: PropertyDescriptorMap;
   /** What {@link ResponseCapture.through} is for a response given {@link descriptors}. */
   readonly onInstance: object;
-  /** The parent's `_writeRaw`: where held bytes finally go. */
-  readonly writeRaw: WriteRaw;
-  readonly write: Method;
-  readonly end: Method;
-  readonly writeHead: Method;
-  readonly getHeaders: (this: ServerResponse) => OutgoingHttpHeaders;
+  /** The parent's methods the capturing ones call. */
+  readonly original: OriginalMethods;
 }
 
 const capturingPrototypes = new WeakMap<object, CapturingPrototype>();
@@ -255,6 +252,7 @@ function capturingPrototypeFor(parent: object): CapturingPrototype {
   if (capturing !== undefined) return capturing;
   const methods = parent as ServerResponse;
   const original: OriginalMethods = {
+    getHeaders: methods.getHeaders,
     writeRaw: (parent as { _writeRaw: WriteRaw })._writeRaw,
     write: methods.write as Method,
     end: methods.end as Method,
@@ -265,16 +263,7 @@ function capturingPrototypeFor(parent: object): CapturingPrototype {
   const prototype = Object.create(parent) as object;
   Object.defineProperties(prototype, capturingDescriptors(prototype, original));
   const onInstance = {};
-  capturing = {
-    writeRaw: original.writeRaw,
-    write: original.write,
-    end: original.end,
-    writeHead: original.writeHead,
-    getHeaders: methods.getHeaders,
-    prototype,
-    descriptors: capturingDescriptors(onInstance, original),
-    onInstance,
-  };
+  capturing = { prototype, descriptors: capturingDescriptors(onInstance, original), onInstance, original };
   capturingPrototypes.set(parent, capturing);
   capturingByPrototype.set(prototype, capturing);
   return capturing;
@@ -282,6 +271,8 @@ function capturingPrototypeFor(parent: object): CapturingPrototype {
 
 /** The methods and accessors of a response's original prototype that the capture wraps. */
 interface OriginalMethods {
+  readonly getHeaders: (this: ServerResponse) => OutgoingHttpHeaders;
+  /** Where held bytes finally go. */
   readonly writeRaw: WriteRaw;
   readonly write: Method;
   readonly end: Method;
