@@ -165,6 +165,7 @@ const VARIANTS: Variant[] = [
   // nothing, and a backend that only keeps each key in a Map (what every in-memory store must at least do).
   ...(
     [
+      ['express-shared', 'Express + a middleware giving req and res a shared hidden class'],
       ['fastify-noop', 'Fastify + an empty hook'],
       ['hono-noop', 'Hono + an empty middleware'],
       ['express-nostore', 'ours, Express + a backend keeping nothing'],

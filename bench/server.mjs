@@ -226,6 +226,20 @@ async function expressApp(middleware) {
   return app;
 }
 
+/**
+ * Only the first step ours takes on Express: the request and response given a hidden class shared with every
+ * other request's and response's, as `shareHiddenClass` in src/adapters/node-http/dictionary-mode.ts does (a
+ * property added and deleted again). It shows how much of ours on Express is that step alone.
+ */
+const PROBE = Symbol('probe');
+function shareHiddenClasses(req, res, next) {
+  req[PROBE] = undefined;
+  delete req[PROBE];
+  res[PROBE] = undefined;
+  delete res[PROBE];
+  next();
+}
+
 async function fastifyApp(backend) {
   const { default: Fastify } = await import('fastify');
   let listener;
@@ -445,6 +459,7 @@ const VARIANTS = {
   'express-idempotency-memory': () => expressIdempotency('memory'),
   'express-idempotency-redis': () => expressIdempotency('redis'),
   'powertools-redis': () => powertools(),
+  'express-shared': () => expressApp(shareHiddenClasses),
   'fastify-noop': () => fastifyApp('noop'),
   'hono-noop': () => honoApp('noop'),
   'express-nostore': async () => {
