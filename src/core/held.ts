@@ -51,9 +51,10 @@ export function markHeld(request: object): void {
 
 /**
  * Marks the request with the property whatever its prototype: for a request the adapter knows shares its hidden
- * class with every other, as `@hono/node-server` makes each `Request` by `Object.create` of one prototype. An entry
- * of the `WeakSet` costs such a request more: every one made for a young object is an ephemeron the garbage
- * collector processes on each scavenge.
+ * class with every other, as `@hono/node-server` makes each `Request` by `Object.create` of one prototype, and as
+ * the `node:http` flow gives Express's requests one (`shareHiddenClass`). An entry of the `WeakSet` costs such a
+ * request more: every one made for a young object is an ephemeron the garbage collector processes on each
+ * scavenge.
  */
 export function markHeldInPlace(request: object): void {
   (request as Marked)[HELD] = true;
