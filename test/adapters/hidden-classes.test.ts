@@ -42,36 +42,53 @@ describe('shareHiddenClass', () => {
   });
 });
 
+/** What the fixture reports for each setup, of its 8 pairs of requests after warm-up. */
+type Seen = Record<string, { sameRequestClass: number; sameResponseClass: number; fastResponse: number }>;
+
+async function seenInV8(): Promise<Seen> {
+  const { stdout } = await run(process.execPath, ['--allow-natives-syntax', '--import', 'tsx', FIXTURE], {
+    timeout: 60_000,
+  });
+  return JSON.parse(stdout.trim().split('\n').at(-1)!) as Seen;
+}
+
+/** Pairs of 8 that must share a class: a single pair may miss V8's cache of dictionary-mode classes. */
+const MOST = 5;
+/** Processes tried at most: see the test's note on a process where the two classes push each other out. */
+const PROCESSES = 3;
+
 describe('hidden classes of requests and responses, in V8', () => {
   it('shares one among Express 4 and 5 requests (and responses) of the methods the middleware handles, as bare Express does not', async () => {
-    const { stdout } = await run(process.execPath, ['--allow-natives-syntax', '--import', 'tsx', FIXTURE], {
-      timeout: 60_000,
-    });
-    const seen = JSON.parse(stdout.trim().split('\n').at(-1)!) as Record<
-      string,
-      { sameRequestClass: boolean; sameResponseClass: boolean; fastResponse: boolean }
-    >;
-    // The state of affairs the middleware mends: with it alone two requests' classes match.
-    for (const framework of ['Express 4', 'Express 5']) {
-      expect(seen[`${framework}, bare`]).toMatchObject({ sameRequestClass: false, sameResponseClass: false });
-      expect(seen[`${framework}, with the middleware`]).toEqual({
-        sameRequestClass: true,
-        sameResponseClass: true,
-        // Dictionary mode: the one hidden class all such responses share.
-        fastResponse: false,
+    // V8 finds a dictionary-mode object's shared class in a small cache. In about one process in 40 here, the
+    // request's class and the response's take the same place in it and push each other out at every request:
+    // there the two stay in dictionary mode without sharing. So sharing is asked of one process of up to three;
+    // everything else of every one.
+    const shared = new Set<string>();
+    for (let attempt = 0; attempt < PROCESSES && shared.size < 2; attempt++) {
+      const seen = await seenInV8();
+      for (const framework of ['Express 4', 'Express 5']) {
+        expect(seen[`${framework}, bare`]).toMatchObject({ sameRequestClass: 0, sameResponseClass: 0 });
+        const withMiddleware = seen[`${framework}, with the middleware`]!;
+        // Dictionary mode, in every process: the class all such responses share.
+        expect(withMiddleware.fastResponse).toBe(0);
+        if (withMiddleware.sameRequestClass >= MOST && withMiddleware.sameResponseClass >= MOST) {
+          shared.add(framework);
+        }
+      }
+      // A request of a method the middleware does not handle is left as Express made it.
+      expect(seen['Express 4, with the middleware, GET']).toEqual({
+        sameRequestClass: 0,
+        sameResponseClass: 0,
+        fastResponse: 8,
+      });
+      // A node:http response already shares its class, through V8's tree of transitions: every pair, and it
+      // keeps its fast properties.
+      expect(seen['node:http, with the middleware']).toEqual({
+        sameRequestClass: 8,
+        sameResponseClass: 8,
+        fastResponse: 8,
       });
     }
-    // A request of a method the middleware does not handle is left as Express made it.
-    expect(seen['Express 4, with the middleware, GET']).toEqual({
-      sameRequestClass: false,
-      sameResponseClass: false,
-      fastResponse: true,
-    });
-    // A node:http response already shares its class: it keeps its fast properties.
-    expect(seen['node:http, with the middleware']).toEqual({
-      sameRequestClass: true,
-      sameResponseClass: true,
-      fastResponse: true,
-    });
+    expect([...shared].sort()).toEqual(['Express 4', 'Express 5']);
   });
 });
